@@ -1,0 +1,125 @@
+"""Build a RAM-boot image from a plan: rootfs → configure → minimise → pack → manifest.
+
+The build happens in hidden directories beside `--out` and is renamed into place at the end,
+so `--out` holds either the previous complete image or the new one, never a partial one. No
+step mounts anything in this process (mmdebstrap unmounts its own), so an interrupted build
+leaves nothing mounted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from amnesiac.build import configure, manifest, minimise, pack, rootfs
+from amnesiac.build.plan import BuildPlan
+from amnesiac.progress import Progress
+from amnesiac.run import require_root, require_tools
+
+HOST_TOOLS = ("mmdebstrap", "tar", "zstd", "chroot", "dpkg-query")
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    out: Path
+    manifest: dict[str, Any]
+    rootfs_cached: bool
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _sweep_stale(out: Path) -> None:
+    """Remove work directories that a killed build (SIGKILL, power loss) left behind."""
+    for stale in out.parent.glob(f".{out.name}.*-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def build(plan: BuildPlan, out: Path, cache: Path, progress: Progress, *, refresh: bool = False) -> BuildResult:
+    require_root("amnesiac build")
+    require_tools(*HOST_TOOLS)
+    out = out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _sweep_stale(out)
+    pid = os.getpid()
+    work = out.parent / f".{out.name}.work-{pid}"
+    staging = out.parent / f".{out.name}.new-{pid}"
+    log = out.parent / f"{out.name}.ansible.log"
+    try:
+        work.mkdir()
+        staging.mkdir()
+        root = work / "root"
+        with progress.stage("rootfs", f"Root filesystem (Debian {plan.suite}, mmdebstrap)") as stage:
+            cached = rootfs.ensure(plan, cache, refresh=refresh)
+            stage.note = f"cached {cached.key}" if cached.cached else f"new {cached.key}"
+            progress.detail("unpacking")
+            rootfs.extract(cached, root)
+        sde = plan.source_date_epoch if plan.source_date_epoch is not None else cached.source_date_epoch
+
+        with progress.stage("configure", f"Configure: {len(plan.roles)} roles over the chroot connection") as stage:
+            extravars = {"amnesiac_roles": list(plan.roles), **plan.role_vars, **plan.extra_vars}
+            result = configure.run_playbook(root, work, extravars, on_task=progress.detail, log=log)
+            stage.note = f"{result.tasks} tasks, {result.changed} changed"
+
+        with progress.stage("minimise", "Minimise: docs, caches, kernel modules") as stage:
+            mini = minimise.minimise(root, staging / "vmlinuz")
+            stage.note = f"{mini.modules_kept} modules kept, {mini.modules_removed} removed"
+
+        with progress.stage("pack", "Pack: initrd.img (zstd), boot.ipxe") as stage:
+            packed = pack.pack(
+                root,
+                staging,
+                work,
+                clamp=sde,
+                policy_id=plan.policy.id,
+                policy_sha256=plan.policy.sha256,
+                kernel_release=mini.kernel_release,
+            )
+            stage.note = f"{packed.root_unpacked_bytes // 1024**2} MiB unpacked"
+
+        with progress.stage("manifest", "Manifest") as stage:
+            data = manifest.write(
+                staging,
+                plan=plan,
+                root=root,
+                kernel_release=mini.kernel_release,
+                cmdline=packed.cmdline,
+                source_date_epoch=sde,
+                release_date=cached.release_date,
+                root_unpacked_bytes=packed.root_unpacked_bytes,
+                root_entries=packed.root_entries,
+                tmpfs_size_bytes=packed.tmpfs_size_bytes,
+            )
+            stage.note = data["image"]["sha256"][:16]
+        _replace(staging, out)
+        return BuildResult(out, data, cached.cached)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _replace(staging: Path, out: Path) -> None:
+    """Put the new build at `out`: two renames, the old build removed only after the swap."""
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        out.rename(old)
+    try:
+        staging.rename(out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,96 @@
+"""A deterministic newc cpio writer (the format the kernel's initramfs unpacker reads).
+
+Entries are written in sorted path order, owners as numbers, mtimes clamped to
+SOURCE_DATE_EPOCH and inode numbers counted from 1, so the same tree always gives the same
+bytes. Hard links are written as separate files: the archive stays simple and zstd folds the
+repeated data.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+TRAILER = "TRAILER!!!"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One archive member. `source` is read for regular files; `data` is used otherwise."""
+
+    name: str  # relative, no leading slash
+    mode: int
+    uid: int = 0
+    gid: int = 0
+    mtime: int = 0
+    data: bytes = b""
+    source: Path | None = None
+    rdev: int = 0
+
+
+class CpioWriter:
+    def __init__(self, out: BinaryIO) -> None:
+        self.out = out
+        self.ino = 0
+        self.bytes_unpacked = 0  # what the tree will take in a tmpfs, in whole pages
+        self.entries = 0
+
+    def add(self, entry: Entry) -> None:
+        self.ino += 1
+        self.entries += 1
+        size = entry.source.stat().st_size if entry.source else len(entry.data)
+        self._header(entry.name, entry.mode, entry.uid, entry.gid, entry.mtime, size, entry.rdev)
+        if entry.source:
+            with entry.source.open("rb") as f:
+                while chunk := f.read(1 << 20):
+                    self.out.write(chunk)
+        else:
+            self.out.write(entry.data)
+        self._pad(size)
+        self.bytes_unpacked += -(-size // 4096) * 4096
+
+    def close(self) -> None:
+        self.ino = 0
+        self._header(TRAILER, 0, 0, 0, 0, 0, 0, nlink=1)
+        pos = self.out.tell()
+        self.out.write(b"\0" * (-pos % 512))
+
+    def _header(self, name: str, mode: int, uid: int, gid: int, mtime: int, size: int, rdev: int, nlink: int | None = None) -> None:
+        raw = name.encode() + b"\0"
+        links = nlink if nlink is not None else (2 if stat.S_ISDIR(mode) else 1)
+        fields = (self.ino, mode, uid, gid, links, mtime, size, 0, 0, os.major(rdev), os.minor(rdev), len(raw), 0)
+        self.out.write(b"070701" + b"".join(b"%08X" % v for v in fields))
+        self.out.write(raw)
+        self._pad(110 + len(raw))
+
+    def _pad(self, length: int) -> None:
+        self.out.write(b"\0" * (-length % 4))
+
+
+def tree_entries(root: Path, clamp: int) -> Iterator[Entry]:
+    """Every file, directory, link and device under `root`, sorted, as archive entries."""
+    paths = sorted(_walk(root))
+    for rel in paths:
+        full = root / rel
+        st = full.lstat()
+        mtime = min(int(st.st_mtime), clamp)
+        mode = st.st_mode
+        if stat.S_ISLNK(mode):
+            yield Entry(rel, mode, st.st_uid, st.st_gid, mtime, data=os.readlink(full).encode())
+        elif stat.S_ISREG(mode):
+            yield Entry(rel, mode, st.st_uid, st.st_gid, mtime, source=full)
+        elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            yield Entry(rel, mode, st.st_uid, st.st_gid, mtime, rdev=st.st_rdev)
+        else:  # directories, fifos, sockets
+            yield Entry(rel, mode, st.st_uid, st.st_gid, mtime)
+
+
+def _walk(root: Path) -> Iterator[str]:
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = os.path.relpath(dirpath, root)
+        for name in dirnames + filenames:
+            yield name if rel == "." else f"{rel}/{name}"

@@ -1,0 +1,164 @@
+"""Stage 4: pack the root directory into initrd.img, and write boot.ipxe.
+
+initrd.img is one uncompressed newc cpio holding the early init (image/init), the busybox and
+zstd it runs, and root.cpio.zst: the whole root filesystem, zstd-compressed. The kernel unpacks
+the outer archive; the early init unpacks the inner one into a size-limited tmpfs.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+
+from amnesiac import paths
+from amnesiac.build.cpio import CpioWriter, Entry, tree_entries
+from amnesiac.build.plan import read_list
+from amnesiac.errors import BuildError
+from amnesiac.run import run
+
+IPXE_LIMIT = 2 * 1024**3 - 1  # iPXE loads images up to about 2 GiB
+ZSTD_LEVEL = 15  # -19 saves about 3 % more and takes four times as long on two cores
+EARLY_BINARIES = ("usr/bin/busybox", "usr/bin/zstd")
+RUNTIME_HEADROOM = 32 * 1024**2  # room for /etc, /var and /root writes at run time
+
+
+@dataclass(frozen=True)
+class PackResult:
+    cmdline: str
+    root_unpacked_bytes: int
+    root_entries: int
+    tmpfs_size_bytes: int
+
+
+def kernel_cmdline(root: Path) -> str:
+    """The words roles ask for in /etc/amnesiac/cmdline.d/*.conf, in file-name order."""
+    words: list[str] = ["initrd=initrd.img"]
+    conf_dir = root / "etc/amnesiac/cmdline.d"
+    for conf in sorted(conf_dir.glob("*.conf")) if conf_dir.is_dir() else []:
+        for line in read_list(conf):
+            words += [w for w in line.split() if w not in words]
+    return " ".join(words)
+
+
+def tmpfs_size(cmdline: str, ram_bytes: int | None = None) -> int | None:
+    """The root tmpfs size the early init will mount, from `amnesiac.root_size=`."""
+    for word in cmdline.split():
+        if word.startswith("amnesiac.root_size="):
+            value = word.split("=", 1)[1]
+            units = {"k": 1024, "m": 1024**2, "g": 1024**3}
+            if value.endswith("%"):
+                return None if ram_bytes is None else ram_bytes * int(value[:-1]) // 100
+            if value[-1].lower() in units:
+                return int(value[:-1]) * units[value[-1].lower()]
+            return int(value)
+    return None
+
+
+def pack(root: Path, out: Path, work: Path, *, clamp: int, policy_id: str, policy_sha256: str, kernel_release: str) -> PackResult:
+    cmdline = kernel_cmdline(root)
+    inner = work / "root.cpio.zst"
+    raw = work / "root.cpio"
+    with raw.open("wb") as f:
+        writer = CpioWriter(f)
+        for entry in tree_entries(root, clamp):
+            writer.add(entry)
+        writer.close()
+    unpacked, entries = writer.bytes_unpacked, writer.entries
+
+    size = tmpfs_size(cmdline)
+    if size is not None and unpacked + RUNTIME_HEADROOM > size:
+        need = (unpacked + RUNTIME_HEADROOM) // 1024**2 + 1
+        raise BuildError(
+            f"the root filesystem needs {unpacked // 1024**2} MiB (+{RUNTIME_HEADROOM // 1024**2} MiB to run) "
+            f"but its tmpfs is {size // 1024**2} MiB",
+            hint=f"set ram_root_tmpfs_size_mib to at least {need} in the policy, or make the image smaller",
+        )
+    run(["zstd", "-q", f"-{ZSTD_LEVEL}", "-T0", "--no-progress", "-f", "-o", inner, raw], capture=True)
+    raw.unlink()
+
+    initrd = out / "initrd.img"
+    with initrd.open("wb") as f:
+        writer = CpioWriter(f)
+        for entry in _early_entries(root, inner, clamp):
+            writer.add(entry)
+        writer.close()
+    inner.unlink()
+    if initrd.stat().st_size > IPXE_LIMIT:
+        raise BuildError(
+            f"initrd.img is {initrd.stat().st_size // 1024**2} MiB; iPXE cannot load more than 2 GiB",
+            hint="remove packages or modules from the image",
+        )
+
+    template = jinja2.Template((paths.image_dir() / "boot.ipxe.j2").read_text(), keep_trailing_newline=True)
+    (out / "boot.ipxe").write_text(
+        template.render(cmdline=cmdline, policy_id=policy_id, policy_sha256=policy_sha256, kernel_release=kernel_release)
+    )
+    return PackResult(cmdline, unpacked, entries, size or 0)
+
+
+def _early_entries(root: Path, inner: Path, clamp: int) -> list[Entry]:
+    """The outer archive: directories, /dev/console, the init script, its tools, the root."""
+    d, x, r = stat.S_IFDIR | 0o755, stat.S_IFREG | 0o755, stat.S_IFREG | 0o644
+    entries = [Entry(name, d, mtime=clamp) for name in ("dev", "newroot", "proc", "sys", "usr", "usr/bin", "usr/lib", "usr/lib64")]
+    # The kernel opens /dev/console for init's output before devtmpfs is mounted.
+    entries.append(Entry("dev/console", stat.S_IFCHR | 0o600, mtime=clamp, rdev=os.makedev(5, 1)))
+    entries += [Entry(name, stat.S_IFLNK | 0o777, mtime=clamp, data=target.encode()) for name, target in
+                (("bin", "usr/bin"), ("lib", "usr/lib"), ("lib64", "usr/lib64"), ("sbin", "usr/bin"))]
+    entries.append(Entry("init", x, mtime=clamp, source=paths.image_dir() / "init"))
+    files: dict[str, Path] = {}
+    for binary in EARLY_BINARIES:
+        files[binary] = _resolve(root, "/" + binary)
+        for lib in _libraries(root, binary):
+            files[_canonical(root, lib)] = _resolve(root, lib)
+    dirs = {str(Path(name).parent) for name in files} - {"usr/bin", "usr/lib", "usr/lib64", "."}
+    entries += [Entry(name, d, mtime=clamp) for name in sorted(dirs)]
+    entries += [Entry(name, x if "bin/" in name else r, mtime=clamp, source=src) for name, src in sorted(files.items())]
+    entries.append(Entry("root.cpio.zst", stat.S_IFREG | 0o600, mtime=clamp, source=inner))
+    return entries
+
+
+def _libraries(root: Path, binary: str) -> list[str]:
+    """Shared libraries of a binary in the image, as absolute paths inside the image."""
+    out = run(["chroot", root, "/usr/bin/ldd", "/" + binary], capture=True, check=False)
+    if out.returncode != 0 and b"not a dynamic executable" in out.stdout + out.stderr:
+        return []
+    libs = []
+    for line in out.stdout.decode().splitlines():
+        parts = line.split()
+        if "=>" in parts and len(parts) >= 3 and parts[2].startswith("/"):
+            libs.append(parts[2])
+        elif parts and parts[0].startswith("/"):
+            libs.append(parts[0])  # the dynamic loader
+    if not libs and out.returncode != 0:
+        raise BuildError(f"cannot list the libraries of {binary} in the image")
+    return libs
+
+
+def _resolve(root: Path, path: str) -> Path:
+    """Follow symlinks inside the image (absolute links point into the image, not the host)."""
+    current = Path("/")
+    parts = list(Path(path).parts[1:])
+    hops = 0
+    while parts:
+        candidate = current / parts.pop(0)
+        host = root / candidate.relative_to("/")
+        if host.is_symlink():
+            hops += 1
+            if hops > 40:
+                raise BuildError(f"symlink loop at {path} in the image")
+            target = Path(os.readlink(host))
+            parts = list(target.parts[1:] if target.is_absolute() else target.parts) + parts
+            current = Path("/") if target.is_absolute() else current
+            continue
+        current = Path(os.path.normpath(candidate))
+    return root / current.relative_to("/")
+
+
+def _canonical(root: Path, path: str) -> str:
+    """Where a library is stored in the early archive: its real directory, its asked-for name."""
+    directory = _resolve(root, str(Path(path).parent)).relative_to(root)
+    return str(directory / Path(path).name)

@@ -1,0 +1,93 @@
+"""From a policy to a build plan: suite, packages, roles and their variables."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from amnesiac import paths
+from amnesiac.policy import Policy
+from amnesiac.roles import Role, catalog
+
+# mmdebstrap variant: Essential plus apt, which the roles' package tasks (and molecule) use.
+VARIANT = "apt"
+
+
+def read_list(path: Path) -> list[str]:
+    """A plain list file: one item per line, '#' comments and blank lines ignored."""
+    items = []
+    for line in path.read_text().splitlines():
+        item = line.split("#", 1)[0].strip()
+        if item:
+            items.append(item)
+    return items
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    policy: Policy
+    suite: str
+    mirror: str
+    roles: tuple[str, ...]
+    role_vars: Mapping[str, Any]  # what the policy sets; role defaults apply to the rest
+    packages: tuple[str, ...]
+    source_date_epoch: int | None = None
+    extra_vars: Mapping[str, Any] = field(default_factory=dict)
+
+    def effective_vars(self, roles: Mapping[str, Role] | None = None) -> dict[str, dict[str, Any]]:
+        """Each applied role with every variable's value: its default unless the policy sets it."""
+        cat = roles or catalog()
+        merged = {**self.role_vars, **self.extra_vars}
+        return {
+            name: {var: merged.get(var, spec.default) for var, spec in sorted(cat[name].variables.items())}
+            for name in self.roles
+        }
+
+    def var(self, name: str) -> Any:
+        merged = {**self.role_vars, **self.extra_vars}
+        if name in merged:
+            return merged[name]
+        for role in catalog().values():
+            if name in role.variables:
+                return role.variables[name].default
+        raise KeyError(f"no role declares {name}")
+
+    def rootfs_key(self, mmdebstrap_version: str) -> str:
+        """The rootfs cache key: everything that changes what mmdebstrap produces."""
+        inputs = {
+            "format": 1,
+            "suite": self.suite,
+            "mirror": self.mirror,
+            "variant": VARIANT,
+            "packages": sorted(self.packages),
+            "mmdebstrap": mmdebstrap_version,
+        }
+        return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def make_plan(
+    policy: Policy,
+    *,
+    source_date_epoch: int | None = None,
+    extra_vars: Mapping[str, Any] | None = None,
+    suite: str | None = None,
+) -> BuildPlan:
+    cat = catalog()
+    roles = tuple(policy.roles())
+    packages = set(read_list(paths.image_dir() / "packages.txt"))
+    for name in roles:
+        packages.update(cat[name].packages)
+    return BuildPlan(
+        policy=policy,
+        suite=suite or policy.image.suite,
+        mirror=policy.image.mirror,
+        roles=roles,
+        role_vars=policy.role_vars(),
+        packages=tuple(sorted(packages)),
+        source_date_epoch=source_date_epoch,
+        extra_vars=dict(extra_vars or {}),
+    )

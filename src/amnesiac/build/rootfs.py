@@ -1,0 +1,82 @@
+"""Stage 1: the root filesystem, made by mmdebstrap and cached as a tarball by input hash."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from amnesiac.build.plan import VARIANT, BuildPlan
+from amnesiac.run import run
+
+
+@dataclass(frozen=True)
+class CachedRootfs:
+    tarball: Path
+    key: str
+    source_date_epoch: int
+    release_date: str  # the Date: of the suite's Release file when the cache was made
+    cached: bool  # True when this build reused it
+
+
+def mmdebstrap_version() -> str:
+    out = run(["mmdebstrap", "--version"], capture=True).stdout.decode().strip()
+    return out.split()[-1]
+
+
+def ensure(plan: BuildPlan, cache: Path, *, refresh: bool = False) -> CachedRootfs:
+    """Return the cached rootfs tarball for this plan, making it first if needed.
+
+    The tarball and its metadata appear only complete: both are written under temporary names
+    and renamed, metadata last, so an interrupted run leaves the cache as it was.
+    """
+    key = plan.rootfs_key(mmdebstrap_version())
+    tarball = cache / f"rootfs-{plan.suite}-{key}.tar"
+    meta_file = tarball.with_suffix(".json")
+    if not refresh and tarball.is_file() and meta_file.is_file():
+        meta = json.loads(meta_file.read_text())
+        return CachedRootfs(tarball, key, meta["source_date_epoch"], meta["release_date"], cached=True)
+
+    cache.mkdir(parents=True, exist_ok=True)
+    sde = plan.source_date_epoch if plan.source_date_epoch is not None else int(time.time())
+    tmp_tar = cache / f".{tarball.name}.{os.getpid()}.partial"
+    release = cache / f".{tarball.name}.{os.getpid()}.release"
+    try:
+        run(
+            [
+                "mmdebstrap",
+                f"--variant={VARIANT}",
+                "--mode=root",
+                "--format=tar",
+                f"--include={','.join(plan.packages)}",
+                "--aptopt=Acquire::Languages \"none\"",
+                # The Release file's date says which state of the archive this root comes from.
+                f"--customize-hook=grep -h '^Date:' \"$1\"/var/lib/apt/lists/*Release > {release} || true",
+                plan.suite,
+                tmp_tar,
+                plan.mirror,
+            ],
+            capture=True,
+            env={**os.environ, "SOURCE_DATE_EPOCH": str(sde)},
+        )
+        release_date = release.read_text().splitlines()[0].removeprefix("Date:").strip() if release.exists() else ""
+        tmp_tar.rename(tarball)
+        meta = {"key": key, "source_date_epoch": sde, "release_date": release_date, "packages": list(plan.packages)}
+        tmp_meta = meta_file.with_name(f".{meta_file.name}.partial")
+        tmp_meta.write_text(json.dumps(meta, indent=2) + "\n")
+        tmp_meta.rename(meta_file)
+    finally:
+        tmp_tar.unlink(missing_ok=True)
+        release.unlink(missing_ok=True)
+    return CachedRootfs(tarball, key, sde, release_date, cached=False)
+
+
+def extract(rootfs: CachedRootfs, dest: Path) -> None:
+    """Unpack the cached root into `dest` (owners, modes, capabilities and xattrs preserved)."""
+    dest.mkdir(parents=True)
+    run(
+        ["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "-C", dest, "-xpf", rootfs.tarball],
+        capture=True,
+    )

@@ -1,0 +1,55 @@
+"""`amnesiac policy show`: the claim → control → check table, for people and for machines."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from amnesiac.policy import Policy
+
+
+def as_data(policy: Policy) -> dict[str, Any]:
+    return {
+        "policy": {"id": policy.id, "provider": policy.policy.provider, "file": str(policy.path), "sha256": policy.sha256},
+        "roles": policy.roles(),
+        "claims": [
+            {
+                "id": c.id,
+                "kind": c.kind.value,
+                "title": c.title,
+                "text": c.text,
+                "controls": [{"role": ctl.role, "vars": ctl.vars} for ctl in c.controls],
+                "checks": c.checks,
+                "permits": c.permits.model_dump(mode="json") if c.permits else None,
+            }
+            for c in policy.claims
+        ],
+    }
+
+
+def render(policy: Policy, console: Console) -> None:
+    technical = policy.technical_claims()
+    console.print(
+        f"[bold]{policy.policy.title}[/] ({policy.id}, {policy.path}): {len(policy.claims)} claims, "
+        f"{len(technical)} technical, {len(policy.claims) - len(technical)} organisational; "
+        f"languages: {', '.join(policy.policy.sources)}"
+    )
+    table = Table(show_lines=True)
+    table.add_column("claim", style="bold", no_wrap=True)
+    table.add_column("kind")
+    table.add_column("controls (role: variables)")
+    table.add_column("checks")
+    for claim in policy.claims:
+        controls = "\n".join(
+            f"{c.role}" + (": " + ", ".join(f"{k}={v}" for k, v in c.vars.items()) if c.vars else "")
+            for c in claim.controls
+        )
+        kind = claim.kind.value
+        if claim.permits:
+            kind += f"\npermits {', '.join(claim.permits.records)}"
+        if not claim.technical:
+            controls = "[dim]not verifiable by software[/]"
+        table.add_row(f"{claim.id}\n[dim]{claim.title}[/]", kind, controls, "\n".join(claim.checks))
+    console.print(table)
