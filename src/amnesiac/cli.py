@@ -47,7 +47,9 @@ def _parser() -> argparse.ArgumentParser:
         "and print which roles enforce each claim and which checks verify it. Exit 2 on a malformed "
         "policy, with the file and line.",
     )
-    show.add_argument("file", type=Path, nargs="?", default=None, help="policy file (default: policies/ovpn.yml)")
+    show.add_argument(
+        "file", type=Path, nargs="?", default=None, help="policy file (default: policies/ovpn.yml)"
+    )
     show.add_argument("--json", action="store_true", help="print the table as JSON")
 
     build = sub.add_parser(
@@ -59,12 +61,19 @@ def _parser() -> argparse.ArgumentParser:
         "replaced only when the build has succeeded.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  amnesiac build --policy policies/ovpn.yml --out build/ovpn\n"
-        "  amnesiac build --var input_lockdown_usb=false --out build/no-usb-lockdown   # a negative test image",
+        "  amnesiac build --var input_lockdown_usb=false --out build/no-usb  # an image without one control",
     )
     build.add_argument("--policy", type=Path, default=None, help="policy file (default: policies/ovpn.yml)")
     build.add_argument("--out", type=Path, default=None, help="output directory (default: build/<policy id>)")
-    build.add_argument("--cache", type=Path, default=None, help="rootfs cache directory (default: ~/.cache/amnesiac, or $AMNESIAC_CACHE)")
-    build.add_argument("--refresh", action="store_true", help="rebuild the root filesystem even if it is cached")
+    build.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        help="rootfs cache directory (default: ~/.cache/amnesiac, or $AMNESIAC_CACHE)",
+    )
+    build.add_argument(
+        "--refresh", action="store_true", help="rebuild the root filesystem even if it is cached"
+    )
     build.add_argument("--suite", default=None, help="Debian suite (default: the policy's, else trixie)")
     build.add_argument(
         "--source-date-epoch",
@@ -161,7 +170,9 @@ def _build(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     console = Console(stderr=True, highlight=False)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING, format="%(name)s: %(message)s"
+    )
     signals.install()
     try:
         if args.command == "policy":
@@ -173,6 +184,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         console.print(f"[red]amnesiac:[/] {exc}", soft_wrap=True)
         return exc.exit_code
+    except Exception as exc:  # a bug, not bad input: still one line, the traceback on --debug
+        if args.debug:
+            raise
+        console.print(f"[red]amnesiac: internal error:[/] {type(exc).__name__}: {exc} (rerun with --debug)")
+        return 70
     return 2
 
 

@@ -11,7 +11,7 @@ import hashlib
 from collections.abc import Iterator, Mapping
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NoReturn
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
@@ -162,8 +162,8 @@ def _construct(node: yaml.Node, path: Path_, table: _LineTable, file: Path) -> A
         result: dict[Any, Any] = {}
         for key_node, value_node in node.value:
             key = _scalar(key_node)
-            if not isinstance(key, str | int | bool | float) and key is not None:
-                raise PolicyError(file, key_node.start_mark.line + 1, "mapping keys must be plain scalars")
+            if not isinstance(key, str | int):
+                raise PolicyError(file, key_node.start_mark.line + 1, "mapping keys must be strings")
             if key in result:
                 raise PolicyError(file, key_node.start_mark.line + 1, f"duplicate key '{key}'")
             table.lines[(*path, key)] = key_node.start_mark.line + 1
@@ -198,7 +198,9 @@ def _read_yaml(path: Path) -> tuple[Any, _LineTable]:
 def _pydantic_message(err: Mapping[str, Any]) -> str:
     loc = ".".join(str(p) for p in err["loc"])
     if err["type"] == "extra_forbidden":
-        return f"unknown key '{err['loc'][-1]}'" + (f" in {'.'.join(map(str, err['loc'][:-1]))}" if len(err["loc"]) > 1 else "")
+        return f"unknown key '{err['loc'][-1]}'" + (
+            f" in {'.'.join(map(str, err['loc'][:-1]))}" if len(err["loc"]) > 1 else ""
+        )
     if err["type"] == "missing":
         return f"missing required key '{loc}'"
     return f"{loc}: {err['msg']}"
@@ -213,7 +215,8 @@ def load(path: Path | str, roles: Mapping[str, Role] | None = None) -> Policy:
     try:
         policy = Policy.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
+        # A misspelt key shows up twice: as unknown and as a required key missing. Name the typo.
+        err = min(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
         loc = tuple(p for p in err["loc"] if isinstance(p, str | int))
         raise PolicyError(path, table.line_of(loc), _pydantic_message(err)) from None
     policy._path = path
@@ -223,73 +226,102 @@ def load(path: Path | str, roles: Mapping[str, Role] | None = None) -> Policy:
 
 
 def _validate(policy: Policy, table: _LineTable, roles: Mapping[str, Role]) -> None:
-    def fail(where: Path_, message: str) -> None:
-        raise PolicyError(policy.path, table.line_of(where), message)
+    _Validator(policy, table, roles).run()
 
-    sources = {lang: _source_text(policy, lang, fail) for lang in policy.policy.sources}
-    seen: dict[str, int] = {}
-    set_by: dict[str, tuple[Any, str]] = {}
-    for i, claim in enumerate(policy.claims):
-        at: Path_ = ("claims", i)
-        if claim.id in seen:
-            fail((*at, "id"), f"duplicate claim id '{claim.id}' (first at claim {seen[claim.id] + 1})")
-        seen[claim.id] = i
-        for lang in policy.policy.sources:
+
+class _Validator:
+    """The rules a schema cannot say: verbatim quotes, known roles and variables, no conflicts."""
+
+    def __init__(self, policy: Policy, table: _LineTable, roles: Mapping[str, Role]) -> None:
+        self.policy = policy
+        self.table = table
+        self.roles = roles
+        self.set_by: dict[str, tuple[Any, str]] = {}
+
+    def fail(self, where: Path_, message: str) -> NoReturn:
+        raise PolicyError(self.policy.path, self.table.line_of(where), message)
+
+    def run(self) -> None:
+        if BASE_ROLE not in self.roles:
+            self.fail((), f"the base role '{BASE_ROLE}' is missing from roles/")
+        sources = {lang: self.source_text(lang) for lang in self.policy.policy.sources}
+        seen: dict[str, int] = {}
+        for i, claim in enumerate(self.policy.claims):
+            at: Path_ = ("claims", i)
+            if claim.id in seen:
+                self.fail(
+                    (*at, "id"), f"duplicate claim id '{claim.id}' (first at claim {seen[claim.id] + 1})"
+                )
+            seen[claim.id] = i
+            self.texts(claim, at, sources)
+            self.kind(claim, at)
+            for j, control in enumerate(claim.controls):
+                self.control(claim, control, (*at, "controls", j))
+            for k, check in enumerate(claim.checks):
+                if check.split(".", 1)[0] not in CHECK_MODULES:
+                    modules = ", ".join(sorted(CHECK_MODULES))
+                    self.fail((*at, "checks", k), f"unknown check module in '{check}' (modules: {modules})")
+
+    def source_text(self, lang: str) -> str:
+        name = self.policy.policy.sources[lang]
+        source = self.policy.path.parent / "sources" / name
+        if "/" in name or not source.is_file():
+            self.fail(("policy", "sources", lang), f"source '{name}' not found in {source.parent}")
+        return _fold(source.read_text(encoding="utf-8", errors="replace"))
+
+    def texts(self, claim: Claim, at: Path_, sources: Mapping[str, str]) -> None:
+        for lang in self.policy.policy.sources:
             if lang not in claim.text:
-                fail((*at, "text"), f"claim '{claim.id}' has no '{lang}' text (the policy is published in {lang})")
+                self.fail(
+                    (*at, "text"),
+                    f"claim '{claim.id}' has no '{lang}' text (the policy is published in {lang})",
+                )
         for lang, quotes in claim.text.items():
             if lang not in sources:
-                fail((*at, "text", lang), f"claim '{claim.id}': language '{lang}' is not in policy.sources")
+                self.fail(
+                    (*at, "text", lang), f"claim '{claim.id}': language '{lang}' is not in policy.sources"
+                )
             for q, quote in enumerate(quotes):
                 if _fold(quote) not in sources[lang]:
-                    fail(
+                    self.fail(
                         (*at, "text", lang, q),
                         f"claim '{claim.id}': the {lang} text is not a verbatim quote of "
-                        f"{policy.policy.sources[lang]}: {quote[:60]!r}",
+                        f"{self.policy.policy.sources[lang]}: {quote[:60]!r}",
                     )
+
+    def kind(self, claim: Claim, at: Path_) -> None:
         if claim.technical:
             if not claim.controls:
-                fail(at, f"technical claim '{claim.id}' names no control (a role that enforces it)")
+                self.fail(at, f"technical claim '{claim.id}' names no control (a role that enforces it)")
             if not claim.checks:
-                fail(at, f"technical claim '{claim.id}' names no check that verifies it")
+                self.fail(at, f"technical claim '{claim.id}' names no check that verifies it")
         elif claim.controls or claim.checks:
-            fail(at, f"organisational claim '{claim.id}' cannot have controls or checks (software cannot verify it)")
-        for j, control in enumerate(claim.controls):
-            cat: Path_ = (*at, "controls", j)
-            role = roles.get(control.role)
-            if role is None:
-                fail((*cat, "role"), f"unknown role '{control.role}' (roles: {', '.join(sorted(roles))})")
-                continue
-            for name, value in control.vars.items():
-                var = role.variables.get(name)
-                if var is None:
-                    fail((*cat, "vars", name), f"role '{role.name}' has no variable '{name}'")
-                    continue
-                if problem := var.problem_with(value):
-                    fail((*cat, "vars", name), problem)
-                if name in set_by and set_by[name][0] != value:
-                    fail(
-                        (*cat, "vars", name),
-                        f"{name} is {value!r} here but {set_by[name][0]!r} in claim '{set_by[name][1]}'",
-                    )
-                set_by[name] = (value, claim.id)
-        for k, check in enumerate(claim.checks):
-            if check.split(".", 1)[0] not in CHECK_MODULES:
-                fail((*at, "checks", k), f"unknown check module in '{check}' (modules: {', '.join(sorted(CHECK_MODULES))})")
-    if BASE_ROLE not in roles:
-        fail((), f"the base role '{BASE_ROLE}' is missing from roles/")
+            self.fail(
+                at,
+                f"organisational claim '{claim.id}' cannot have controls or checks "
+                "(software cannot verify it)",
+            )
+
+    def control(self, claim: Claim, control: Control, at: Path_) -> None:
+        role = self.roles.get(control.role)
+        if role is None:
+            self.fail(
+                (*at, "role"), f"unknown role '{control.role}' (roles: {', '.join(sorted(self.roles))})"
+            )
+        for name, value in control.vars.items():
+            var = role.variables.get(name)
+            if var is None:
+                self.fail((*at, "vars", name), f"role '{role.name}' has no variable '{name}'")
+            if problem := var.problem_with(value):
+                self.fail((*at, "vars", name), problem)
+            if name in self.set_by and self.set_by[name][0] != value:
+                first, where = self.set_by[name]
+                self.fail((*at, "vars", name), f"{name} is {value!r} here but {first!r} in claim '{where}'")
+            self.set_by[name] = (value, claim.id)
 
 
 def _fold(text: str) -> str:
     return " ".join(text.split())
-
-
-def _source_text(policy: Policy, lang: str, fail: Any) -> str:
-    name = policy.policy.sources[lang]
-    source = policy.path.parent / "sources" / name
-    if "/" in name or not source.is_file():
-        fail(("policy", "sources", lang), f"source '{name}' not found in {source.parent}")
-    return _fold(source.read_text(encoding="utf-8", errors="replace"))
 
 
 def iter_checks(policy: Policy) -> Iterator[tuple[str, list[str]]]:
@@ -299,4 +331,3 @@ def iter_checks(policy: Policy) -> Iterator[tuple[str, list[str]]]:
         for check in claim.checks:
             seen.setdefault(check, []).append(claim.id)
     yield from seen.items()
-

@@ -73,7 +73,8 @@ def load_role(path: Path) -> Role:
             name=name,
             type=str(opt.get("type", "str")),
             default=opt.get("default"),
-            description=" ".join(opt.get("description", "")) if isinstance(opt.get("description"), list)
+            description=" ".join(opt.get("description", ""))
+            if isinstance(opt.get("description"), list)
             else str(opt.get("description", "")),
             choices=tuple(opt.get("choices", ())),
         )
@@ -90,8 +91,4 @@ def load_role(path: Path) -> Role:
 @cache
 def catalog(roles_dir: Path | None = None) -> Mapping[str, Role]:
     root = roles_dir or paths.roles_dir()
-    return {
-        p.name: load_role(p)
-        for p in sorted(root.iterdir())
-        if p.is_dir() and (p / "tasks").is_dir()
-    }
+    return {p.name: load_role(p) for p in sorted(root.iterdir()) if p.is_dir() and (p / "tasks").is_dir()}

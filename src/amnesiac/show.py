@@ -12,7 +12,12 @@ from amnesiac.policy import Policy
 
 def as_data(policy: Policy) -> dict[str, Any]:
     return {
-        "policy": {"id": policy.id, "provider": policy.policy.provider, "file": str(policy.path), "sha256": policy.sha256},
+        "policy": {
+            "id": policy.id,
+            "provider": policy.policy.provider,
+            "file": str(policy.path),
+            "sha256": policy.sha256,
+        },
         "roles": policy.roles(),
         "claims": [
             {

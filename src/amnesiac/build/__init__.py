@@ -48,7 +48,9 @@ def _sweep_stale(out: Path) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
-def build(plan: BuildPlan, out: Path, cache: Path, progress: Progress, *, refresh: bool = False) -> BuildResult:
+def build(
+    plan: BuildPlan, out: Path, cache: Path, progress: Progress, *, refresh: bool = False
+) -> BuildResult:
     require_root("amnesiac build")
     require_tools(*HOST_TOOLS)
     out = out.resolve()
@@ -69,7 +71,9 @@ def build(plan: BuildPlan, out: Path, cache: Path, progress: Progress, *, refres
             rootfs.extract(cached, root)
         sde = plan.source_date_epoch if plan.source_date_epoch is not None else cached.source_date_epoch
 
-        with progress.stage("configure", f"Configure: {len(plan.roles)} roles over the chroot connection") as stage:
+        with progress.stage(
+            "configure", f"Configure: {len(plan.roles)} roles over the chroot connection"
+        ) as stage:
             extravars = {"amnesiac_roles": list(plan.roles), **plan.role_vars, **plan.extra_vars}
             result = configure.run_playbook(root, work, extravars, on_task=progress.detail, log=log)
             stage.note = f"{result.tasks} tasks, {result.changed} changed"

@@ -68,7 +68,7 @@ def run_playbook(
         "ANSIBLE_ROLES_PATH": os.fspath(data / "roles"),
         "ANSIBLE_HOME": os.fspath(work / "ansible-home"),
         "ANSIBLE_LOCAL_TEMP": os.fspath(work / "ansible-tmp"),
-        "ANSIBLE_REMOTE_TEMP": "/tmp/.ansible",  # inside the chroot; removed by minimise
+        "ANSIBLE_REMOTE_TEMP": "/tmp/.ansible",  # noqa: S108 (inside the chroot; minimise empties /tmp)
         "ANSIBLE_NOCOLOR": "1",
     }
     inventory = {
@@ -81,6 +81,7 @@ def run_playbook(
             }
         }
     }
+    (work / "ansible").mkdir(parents=True, exist_ok=True)
     with signals.deferred() as cancelled:
         runner = ansible_runner.run(
             private_data_dir=os.fspath(work / "ansible"),
@@ -102,5 +103,7 @@ def run_playbook(
         raise BuildError(f"Ansible failed: {result.failures[0]}", hint=hint)
     if runner.rc != 0 or runner.status != "successful":
         tail = " ".join(output.split()[-40:])
-        raise BuildError(f"Ansible ended with status {runner.status} (rc {runner.rc}): {tail[-300:]}", hint=hint)
+        raise BuildError(
+            f"Ansible ended with status {runner.status} (rc {runner.rc}): {tail[-300:]}", hint=hint
+        )
     return result

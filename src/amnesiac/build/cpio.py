@@ -43,7 +43,9 @@ class CpioWriter:
         self.ino += 1
         self.entries += 1
         size = entry.source.stat().st_size if entry.source else len(entry.data)
-        self._header(entry.name, entry.mode, entry.uid, entry.gid, entry.mtime, size, entry.rdev)
+        self._header(
+            entry.name, entry.mode, size, uid=entry.uid, gid=entry.gid, mtime=entry.mtime, rdev=entry.rdev
+        )
         if entry.source:
             with entry.source.open("rb") as f:
                 while chunk := f.read(1 << 20):
@@ -55,14 +57,39 @@ class CpioWriter:
 
     def close(self) -> None:
         self.ino = 0
-        self._header(TRAILER, 0, 0, 0, 0, 0, 0, nlink=1)
+        self._header(TRAILER, 0, 0, nlink=1)
         pos = self.out.tell()
         self.out.write(b"\0" * (-pos % 512))
 
-    def _header(self, name: str, mode: int, uid: int, gid: int, mtime: int, size: int, rdev: int, nlink: int | None = None) -> None:
+    def _header(
+        self,
+        name: str,
+        mode: int,
+        size: int,
+        *,
+        uid: int = 0,
+        gid: int = 0,
+        mtime: int = 0,
+        rdev: int = 0,
+        nlink: int | None = None,
+    ) -> None:
         raw = name.encode() + b"\0"
         links = nlink if nlink is not None else (2 if stat.S_ISDIR(mode) else 1)
-        fields = (self.ino, mode, uid, gid, links, mtime, size, 0, 0, os.major(rdev), os.minor(rdev), len(raw), 0)
+        fields = (
+            self.ino,
+            mode,
+            uid,
+            gid,
+            links,
+            mtime,
+            size,
+            0,
+            0,
+            os.major(rdev),
+            os.minor(rdev),
+            len(raw),
+            0,
+        )
         self.out.write(b"070701" + b"".join(b"%08X" % v for v in fields))
         self.out.write(raw)
         self._pad(110 + len(raw))
@@ -80,7 +107,7 @@ def tree_entries(root: Path, clamp: int) -> Iterator[Entry]:
         mtime = min(int(st.st_mtime), clamp)
         mode = st.st_mode
         if stat.S_ISLNK(mode):
-            yield Entry(rel, mode, st.st_uid, st.st_gid, mtime, data=os.readlink(full).encode())
+            yield Entry(rel, mode, st.st_uid, st.st_gid, mtime, data=full.readlink().as_posix().encode())
         elif stat.S_ISREG(mode):
             yield Entry(rel, mode, st.st_uid, st.st_gid, mtime, source=full)
         elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):

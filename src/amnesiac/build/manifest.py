@@ -29,7 +29,13 @@ def sha256_file(path: Path) -> str:
 
 def installed_packages(root: Path) -> list[dict[str, str]]:
     out = run(
-        ["dpkg-query", f"--admindir={root / 'var/lib/dpkg'}", "-W", "-f", "${Package}\t${Version}\t${Architecture}\n"],
+        [
+            "dpkg-query",
+            f"--admindir={root / 'var/lib/dpkg'}",
+            "-W",
+            "-f",
+            "${Package}\t${Version}\t${Architecture}\n",
+        ],
         capture=True,
     )
     rows = [line.split("\t") for line in out.stdout.decode().splitlines() if line]
@@ -38,7 +44,7 @@ def installed_packages(root: Path) -> list[dict[str, str]]:
 
 def _version(cmd: list[str]) -> str:
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, check=False).stdout.strip()  # noqa: S603
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False).stdout.strip()
     except FileNotFoundError:
         return "missing"
     return out.splitlines()[0] if out else "unknown"
@@ -87,7 +93,8 @@ def write(
             "root_entries": root_entries,
         },
         "artifacts": {
-            name: {"sha256": sha256_file(out / name), "size": (out / name).stat().st_size} for name in ARTIFACTS
+            name: {"sha256": sha256_file(out / name), "size": (out / name).stat().st_size}
+            for name in ARTIFACTS
         },
         "policy": {
             "id": plan.policy.id,

@@ -86,7 +86,7 @@ def _remove_docs(root: Path) -> None:
     if not doc.is_dir():
         return
     for path in sorted(doc.rglob("*"), reverse=True):
-        if path.name == "copyright" or path.is_symlink() and path.parent == doc:
+        if path.name == "copyright" or (path.is_symlink() and path.parent == doc):
             continue
         if path.is_dir() and not path.is_symlink():
             if not any(path.iterdir()):
@@ -132,7 +132,11 @@ def _prune_modules(root: Path, release: str) -> tuple[int, int]:
     def denied(name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, p) for p in deny_patterns)
 
-    todo = [m for n, m in by_name.items() if not denied(n) and any(fnmatch.fnmatchcase(n, p) for p in keep_patterns)]
+    todo = [
+        m
+        for n, m in by_name.items()
+        if not denied(n) and any(fnmatch.fnmatchcase(n, p) for p in keep_patterns)
+    ]
     keep: set[str] = set()
     while todo:
         module = todo.pop()

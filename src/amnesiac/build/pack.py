@@ -58,7 +58,9 @@ def tmpfs_size(cmdline: str, ram_bytes: int | None = None) -> int | None:
     return None
 
 
-def pack(root: Path, out: Path, work: Path, *, clamp: int, policy_id: str, policy_sha256: str, kernel_release: str) -> PackResult:
+def pack(
+    root: Path, out: Path, work: Path, *, clamp: int, policy_id: str, policy_sha256: str, kernel_release: str
+) -> PackResult:
     cmdline = kernel_cmdline(root)
     inner = work / "root.cpio.zst"
     raw = work / "root.cpio"
@@ -73,7 +75,8 @@ def pack(root: Path, out: Path, work: Path, *, clamp: int, policy_id: str, polic
     if size is not None and unpacked + RUNTIME_HEADROOM > size:
         need = (unpacked + RUNTIME_HEADROOM) // 1024**2 + 1
         raise BuildError(
-            f"the root filesystem needs {unpacked // 1024**2} MiB (+{RUNTIME_HEADROOM // 1024**2} MiB to run) "
+            f"the root filesystem needs {unpacked // 1024**2} MiB "
+            f"(+{RUNTIME_HEADROOM // 1024**2} MiB to run) "
             f"but its tmpfs is {size // 1024**2} MiB",
             hint=f"set ram_root_tmpfs_size_mib to at least {need} in the policy, or make the image smaller",
         )
@@ -95,19 +98,31 @@ def pack(root: Path, out: Path, work: Path, *, clamp: int, policy_id: str, polic
 
     template = jinja2.Template((paths.image_dir() / "boot.ipxe.j2").read_text(), keep_trailing_newline=True)
     (out / "boot.ipxe").write_text(
-        template.render(cmdline=cmdline, policy_id=policy_id, policy_sha256=policy_sha256, kernel_release=kernel_release)
+        template.render(
+            cmdline=cmdline, policy_id=policy_id, policy_sha256=policy_sha256, kernel_release=kernel_release
+        )
     )
     return PackResult(cmdline, unpacked, entries, size or 0)
 
 
 def _early_entries(root: Path, inner: Path, clamp: int) -> list[Entry]:
     """The outer archive: directories, /dev/console, the init script, its tools, the root."""
-    d, x, r = stat.S_IFDIR | 0o755, stat.S_IFREG | 0o755, stat.S_IFREG | 0o644
-    entries = [Entry(name, d, mtime=clamp) for name in ("dev", "newroot", "proc", "sys", "usr", "usr/bin", "usr/lib", "usr/lib64")]
+    d, x = stat.S_IFDIR | 0o755, stat.S_IFREG | 0o755
+    entries = [
+        Entry(name, d, mtime=clamp)
+        for name in ("dev", "newroot", "proc", "sys", "usr", "usr/bin", "usr/lib", "usr/lib64")
+    ]
     # The kernel opens /dev/console for init's output before devtmpfs is mounted.
     entries.append(Entry("dev/console", stat.S_IFCHR | 0o600, mtime=clamp, rdev=os.makedev(5, 1)))
-    entries += [Entry(name, stat.S_IFLNK | 0o777, mtime=clamp, data=target.encode()) for name, target in
-                (("bin", "usr/bin"), ("lib", "usr/lib"), ("lib64", "usr/lib64"), ("sbin", "usr/bin"))]
+    entries += [
+        Entry(name, stat.S_IFLNK | 0o777, mtime=clamp, data=target.encode())
+        for name, target in (
+            ("bin", "usr/bin"),
+            ("lib", "usr/lib"),
+            ("lib64", "usr/lib64"),
+            ("sbin", "usr/bin"),
+        )
+    ]
     entries.append(Entry("init", x, mtime=clamp, source=paths.image_dir() / "init"))
     files: dict[str, Path] = {}
     for binary in EARLY_BINARIES:
@@ -116,7 +131,8 @@ def _early_entries(root: Path, inner: Path, clamp: int) -> list[Entry]:
             files[_canonical(root, lib)] = _resolve(root, lib)
     dirs = {str(Path(name).parent) for name in files} - {"usr/bin", "usr/lib", "usr/lib64", "."}
     entries += [Entry(name, d, mtime=clamp) for name in sorted(dirs)]
-    entries += [Entry(name, x if "bin/" in name else r, mtime=clamp, source=src) for name, src in sorted(files.items())]
+    # Modes as in the image: the dynamic loader, like the binaries, must be executable.
+    entries += [Entry(name, src.stat().st_mode, mtime=clamp, source=src) for name, src in sorted(files.items())]
     entries.append(Entry("root.cpio.zst", stat.S_IFREG | 0o600, mtime=clamp, source=inner))
     return entries
 
@@ -150,7 +166,7 @@ def _resolve(root: Path, path: str) -> Path:
             hops += 1
             if hops > 40:
                 raise BuildError(f"symlink loop at {path} in the image")
-            target = Path(os.readlink(host))
+            target = host.readlink()
             parts = list(target.parts[1:] if target.is_absolute() else target.parts) + parts
             current = Path("/") if target.is_absolute() else current
             continue

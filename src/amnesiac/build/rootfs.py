@@ -51,7 +51,7 @@ def ensure(plan: BuildPlan, cache: Path, *, refresh: bool = False) -> CachedRoot
                 "--mode=root",
                 "--format=tar",
                 f"--include={','.join(plan.packages)}",
-                "--aptopt=Acquire::Languages \"none\"",
+                '--aptopt=Acquire::Languages "none"',
                 # The Release file's date says which state of the archive this root comes from.
                 f"--customize-hook=grep -h '^Date:' \"$1\"/var/lib/apt/lists/*Release > {release} || true",
                 plan.suite,
@@ -61,9 +61,16 @@ def ensure(plan: BuildPlan, cache: Path, *, refresh: bool = False) -> CachedRoot
             capture=True,
             env={**os.environ, "SOURCE_DATE_EPOCH": str(sde)},
         )
-        release_date = release.read_text().splitlines()[0].removeprefix("Date:").strip() if release.exists() else ""
+        release_date = (
+            release.read_text().splitlines()[0].removeprefix("Date:").strip() if release.exists() else ""
+        )
         tmp_tar.rename(tarball)
-        meta = {"key": key, "source_date_epoch": sde, "release_date": release_date, "packages": list(plan.packages)}
+        meta = {
+            "key": key,
+            "source_date_epoch": sde,
+            "release_date": release_date,
+            "packages": list(plan.packages),
+        }
         tmp_meta = meta_file.with_name(f".{meta_file.name}.partial")
         tmp_meta.write_text(json.dumps(meta, indent=2) + "\n")
         tmp_meta.rename(meta_file)

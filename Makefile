@@ -1,0 +1,54 @@
+# The two commands of the README, for a fresh Debian machine as root:
+#   make build   installs everything and builds the default image into build/ovpn
+#   make test    installs everything and runs every test tier
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+POLICY ?= policies/ovpn.yml
+OUT ?= build/ovpn
+# One rootfs cache for `make build`, `make test` and the benchmarks.
+export AMNESIAC_CACHE ?= $(CURDIR)/build/cache
+
+# Debian packages the tool runs: command -> package.
+HOST_TOOLS := mmdebstrap:mmdebstrap zstd:zstd cpio:cpio chroot:coreutils dpkg-query:dpkg \
+	qemu-system-x86_64:qemu-system-x86 podman:podman runc:runc busybox:busybox-static
+HOST_FILES := /usr/lib/ipxe/qemu/efi-virtio.rom:ipxe-qemu /usr/share/doc/python3-venv:python3-venv
+
+.PHONY: setup host-packages venv build test test-fast lint clean
+
+setup: host-packages venv
+
+host-packages:
+	@missing=""; \
+	for pair in $(HOST_TOOLS); do command -v "$${pair%%:*}" >/dev/null || missing="$$missing $${pair##*:}"; done; \
+	for pair in $(HOST_FILES); do [ -e "$${pair%%:*}" ] || missing="$$missing $${pair##*:}"; done; \
+	if [ -n "$$missing" ]; then \
+		[ "$$(id -u)" = 0 ] || { echo "make: need root to install:$$missing" >&2; exit 1; }; \
+		echo "installing Debian packages:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+venv: $(BIN)/.installed
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+build: setup
+	$(BIN)/amnesiac build --policy $(POLICY) --out $(OUT)
+
+# Every tier: fast (unit, lint) and build (real images). Later tiers join here as they land.
+test: setup
+	$(BIN)/pytest -m 'not boot and not molecule' -p no:cacheprovider
+
+test-fast: venv
+	$(BIN)/pytest
+
+lint: venv
+	$(BIN)/pytest tests/test_lint.py
+
+clean:
+	rm -rf build

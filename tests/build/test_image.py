@@ -1,0 +1,173 @@
+"""The default (OVPN) image, built for real: artifacts, manifest, and what the root holds."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.build.conftest import REPO, SDE, Built, amnesiac, build
+
+pytestmark = pytest.mark.build
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_artifacts_match_manifest(ovpn: Built) -> None:
+    assert sorted(p.name for p in ovpn.out.iterdir()) == [
+        "boot.ipxe",
+        "initrd.img",
+        "manifest.json",
+        "vmlinuz",
+    ]
+    for name, meta in ovpn.manifest["artifacts"].items():
+        assert sha256(ovpn.out / name) == meta["sha256"], name
+        assert (ovpn.out / name).stat().st_size == meta["size"], name
+    assert ovpn.manifest["image"]["sha256"] == ovpn.manifest["artifacts"]["initrd.img"]["sha256"]
+    assert ovpn.summary["image_sha256"] == ovpn.manifest["image"]["sha256"]
+
+
+def test_manifest_records_provenance(ovpn: Built) -> None:
+    m = ovpn.manifest
+    assert m["policy"]["id"] == "ovpn"
+    assert m["policy"]["sha256"] == sha256(REPO / "policies/ovpn.yml")
+    assert m["debian"]["suite"] == "trixie"
+    assert m["source_date_epoch"] == SDE
+    assert {"ansible-core", "mmdebstrap", "zstd", "amnesiac"} <= set(m["tools"])
+    packages = {p["name"]: p["version"] for p in m["packages"]}
+    assert "openvpn" in packages and "linux-image-amd64" in packages
+    roles = [r["name"] for r in m["roles"]]
+    assert roles[0] == "server_base"
+    assert {"ram_root", "no_logs", "openvpn_server", "input_lockdown", "ssh_admin", "firewall"} <= set(roles)
+    ram_root = next(r for r in m["roles"] if r["name"] == "ram_root")
+    assert ram_root["vars"]["ram_root_tmpfs_size_mib"] * 1024**2 == m["image"]["root_tmpfs_size_bytes"]
+
+
+def test_boot_script_and_cmdline(ovpn: Built) -> None:
+    script = (ovpn.out / "boot.ipxe").read_text()
+    assert script.startswith("#!ipxe\n")
+    cmdline = ovpn.manifest["image"]["cmdline"]
+    assert f"kernel vmlinuz {cmdline}\n" in script  # relative URLs: boots from any HTTP/TFTP root
+    assert "initrd initrd.img\n" in script
+    words = cmdline.split()
+    size = ovpn.manifest["image"]["root_tmpfs_size_bytes"] // 1024**2
+    assert f"amnesiac.root_size={size}M" in words
+    assert "usbcore.nousb" in words
+    assert "i8042.nokbd" in words
+
+
+def test_early_init_archive(ovpn: Built) -> None:
+    names = {str(p.relative_to(ovpn.early)) for p in ovpn.early.rglob("*")}
+    assert {"init", "usr/bin/busybox", "usr/bin/zstd", "root.cpio.zst", "dev/console"} <= names
+    assert (ovpn.early / "init").read_text().startswith("#!/bin/busybox sh")
+
+
+def test_root_fits_its_tmpfs_and_ipxe(ovpn: Built) -> None:
+    image = ovpn.manifest["image"]
+    assert image["root_unpacked_bytes"] < image["root_tmpfs_size_bytes"]
+    assert ovpn.manifest["artifacts"]["initrd.img"]["size"] < 2 * 1024**3
+
+
+def test_no_syslog_daemon_and_no_log_files(ovpn: Built) -> None:
+    packages = {p["name"] for p in ovpn.manifest["packages"]}
+    assert not packages & {
+        "rsyslog",
+        "syslog-ng",
+        "syslog-ng-core",
+        "busybox-syslogd",
+        "inetutils-syslogd",
+        "auditd",
+    }
+    for daemon in ("usr/sbin/rsyslogd", "usr/sbin/syslog-ng", "sbin/auditd", "usr/sbin/auditd"):
+        assert not (ovpn.root / daemon).exists(), daemon
+    files = [p for p in (ovpn.root / "var/log").rglob("*") if p.is_file() and not p.is_symlink()]
+    assert files == [], files
+
+
+def test_no_keys_or_ids_baked_in(ovpn: Built) -> None:
+    assert list((ovpn.root / "etc/ssh").glob("ssh_host_*")) == []
+    assert not (ovpn.root / "root/.ssh/authorized_keys").exists(), "the production image carries no key"
+    assert (ovpn.root / "root/.ssh").is_dir(), "a boot-time overlay drops test keys here"
+    assert (ovpn.root / "etc/machine-id").read_text() == ""
+    assert not (ovpn.root / "var/lib/systemd/random-seed").exists()
+
+
+def test_no_usb_or_storage_drivers(ovpn: Built) -> None:
+    modules = {
+        p.name.split(".ko")[0].replace("-", "_") for p in (ovpn.root / "usr/lib/modules").rglob("*.ko*")
+    }
+    assert modules, "the network and firewall modules are kept"
+    assert {"tun", "nf_tables", "virtio_net"} <= modules
+    forbidden = {"usbcore", "xhci_hcd", "ehci_hcd", "usbhid", "usb_storage", "uas", "ahci", "nvme", "sd_mod",
+                 "virtio_blk", "virtio_scsi", "nft_log", "nf_log_syslog"}  # fmt: skip
+    assert not modules & forbidden
+
+
+def test_fstab_has_no_entries(ovpn: Built) -> None:
+    fstab = (ovpn.root / "etc/fstab").read_text()
+    entries = [line for line in fstab.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    assert entries == []
+
+
+def test_rebuild_is_reproducible(ovpn: Built, tmp_path: Path) -> None:
+    """Same inputs and SOURCE_DATE_EPOCH: the same initrd, byte for byte (rootfs from the cache)."""
+    summary = build(tmp_path / "again", "--policy", "policies/ovpn.yml")
+    assert summary["rootfs_cached"] is True
+    assert summary["image_sha256"] == ovpn.manifest["image"]["sha256"]
+    for name in ("vmlinuz", "initrd.img", "boot.ipxe", "manifest.json"):
+        assert sha256(tmp_path / "again" / name) == sha256(ovpn.out / name), name
+
+
+def test_tmpfs_too_small_is_refused(ovpn: Built, tmp_path: Path) -> None:
+    out = tmp_path / "tiny"
+    result = amnesiac("build", "--var", "ram_root_tmpfs_size_mib=64", "--out", str(out), check=False)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert "does not fit" in last or "needs" in last, result.stderr
+    assert "ram_root_tmpfs_size_mib" in last
+    assert not out.exists()
+    assert list(tmp_path.glob(".tiny.*")) == []
+
+
+def test_interrupted_build_leaves_nothing(ovpn: Built, tmp_path: Path) -> None:
+    """SIGTERM during the Ansible stage: exit 130, no --out, no work directory, no mount."""
+    out = tmp_path / "interrupted"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "amnesiac.cli", "build", "--out", str(out)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    work = None
+    while time.monotonic() < deadline and work is None:  # wait until the configure stage runs
+        ansible = list(tmp_path.glob(".interrupted.work-*/ansible/artifacts"))
+        work = ansible[0] if ansible else None
+        time.sleep(0.5)
+    assert work is not None, "the build never reached the configure stage"
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr.strip().splitlines()[-1]
+    assert not out.exists()
+    assert list(tmp_path.glob(".interrupted.*")) == []
+    mounts = Path("/proc/mounts").read_text()
+    assert str(tmp_path) not in mounts
+    # nothing of the build goes on in the background
+    assert subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, check=False).returncode == 1
+
+
+def test_json_summary_lists_stages(ovpn: Built) -> None:
+    stages = [s["name"] for s in ovpn.summary["stages"]]
+    assert stages == ["rootfs", "configure", "minimise", "pack", "manifest"]
+    json.dumps(ovpn.summary)
+    assert Path(ovpn.summary["out"]).is_absolute()
