@@ -78,3 +78,17 @@ def test_device_node_entry() -> None:
     # rdevmajor and rdevminor are the 10th and 11th 8-digit hex fields
     assert header[6 + 9 * 8 : 6 + 10 * 8] == b"00000005"
     assert header[6 + 10 * 8 : 6 + 11 * 8] == b"00000001"
+
+
+@pytest.mark.skipif(shutil.which("cpio") is None, reason="GNU cpio not installed")
+def test_hard_links_stay_one_file(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    make_tree(src, mtime=1_800_000_000)
+    (src / "usr/bin/tool2").hardlink_to(src / "usr/bin/tool")
+    data = archive(src, clamp=1_700_000_000)
+    assert data.count(b"\x7fELF") == 1, "the shared data is stored once"
+    (tmp_path / "out").mkdir()
+    subprocess.run(["cpio", "-idm", "--quiet"], input=data, cwd=tmp_path / "out", check=True)
+    one, two = tmp_path / "out/usr/bin/tool", tmp_path / "out/usr/bin/tool2"
+    assert one.read_bytes() == two.read_bytes() == (src / "usr/bin/tool").read_bytes()
+    assert one.stat().st_ino == two.stat().st_ino

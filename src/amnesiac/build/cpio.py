@@ -2,8 +2,8 @@
 
 Entries are written in sorted path order, owners as numbers, mtimes clamped to
 SOURCE_DATE_EPOCH and inode numbers counted from 1, so the same tree always gives the same
-bytes. Hard links are written as separate files: the archive stays simple and zstd folds the
-repeated data.
+bytes. Hard links keep one inode: every name but the last is written empty and the last one
+carries the data, the convention of GNU cpio that the kernel and busybox both read.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ class Entry:
     data: bytes = b""
     source: Path | None = None
     rdev: int = 0
+    link_key: tuple[int, int] | None = None  # (st_dev, st_ino) of a hard-linked file
+    last_link: bool = True  # for hard links: this name carries the data
 
 
 class CpioWriter:
@@ -38,15 +40,36 @@ class CpioWriter:
         self.ino = 0
         self.bytes_unpacked = 0  # what the tree will take in a tmpfs, in whole pages
         self.entries = 0
+        self._links: dict[tuple[int, int], tuple[int, int]] = {}  # link key -> (ino, nlink)
 
     def add(self, entry: Entry) -> None:
-        self.ino += 1
         self.entries += 1
-        size = entry.source.stat().st_size if entry.source else len(entry.data)
+        nlink = None
+        if entry.link_key is not None:
+            if entry.link_key not in self._links:
+                self.ino += 1
+                count = entry.source.stat().st_nlink if entry.source else 1
+                self._links[entry.link_key] = (self.ino, count)
+            ino, nlink = self._links[entry.link_key]
+        else:
+            self.ino += 1
+            ino = self.ino
+        has_data = entry.link_key is None or entry.last_link
+        size = (entry.source.stat().st_size if entry.source else len(entry.data)) if has_data else 0
         self._header(
-            entry.name, entry.mode, size, uid=entry.uid, gid=entry.gid, mtime=entry.mtime, rdev=entry.rdev
+            entry.name,
+            entry.mode,
+            size,
+            uid=entry.uid,
+            gid=entry.gid,
+            mtime=entry.mtime,
+            rdev=entry.rdev,
+            nlink=nlink,
+            ino=ino,
         )
-        if entry.source:
+        if not has_data:
+            return
+        if entry.source and size:
             with entry.source.open("rb") as f:
                 while chunk := f.read(1 << 20):
                     self.out.write(chunk)
@@ -72,11 +95,12 @@ class CpioWriter:
         mtime: int = 0,
         rdev: int = 0,
         nlink: int | None = None,
+        ino: int | None = None,
     ) -> None:
         raw = name.encode() + b"\0"
         links = nlink if nlink is not None else (2 if stat.S_ISDIR(mode) else 1)
         fields = (
-            self.ino,
+            self.ino if ino is None else ino,
             mode,
             uid,
             gid,
@@ -101,15 +125,23 @@ class CpioWriter:
 def tree_entries(root: Path, clamp: int) -> Iterator[Entry]:
     """Every file, directory, link and device under `root`, sorted, as archive entries."""
     paths = sorted(_walk(root))
+    stats = {rel: (root / rel).lstat() for rel in paths}
+    # Hard links inside the tree: the last name (in archive order) of each inode carries the data.
+    last_name: dict[tuple[int, int], str] = {}
+    for rel, st in stats.items():
+        if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+            last_name[(st.st_dev, st.st_ino)] = rel
     for rel in paths:
         full = root / rel
-        st = full.lstat()
+        st = stats[rel]
         mtime = min(int(st.st_mtime), clamp)
         mode = st.st_mode
         if stat.S_ISLNK(mode):
             yield Entry(rel, mode, st.st_uid, st.st_gid, mtime, data=full.readlink().as_posix().encode())
         elif stat.S_ISREG(mode):
-            yield Entry(rel, mode, st.st_uid, st.st_gid, mtime, source=full)
+            key = (st.st_dev, st.st_ino) if st.st_nlink > 1 else None
+            last = key is None or last_name[key] == rel
+            yield Entry(rel, mode, st.st_uid, st.st_gid, mtime, source=full, link_key=key, last_link=last)
         elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
             yield Entry(rel, mode, st.st_uid, st.st_gid, mtime, rdev=st.st_rdev)
         else:  # directories, fifos, sockets

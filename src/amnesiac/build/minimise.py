@@ -38,6 +38,12 @@ REMOVE = [
     "var/tmp/*",
     "boot/*",
     "usr/lib/firmware",
+    # udev's hardware database names vendors and models for desktops; a server boots without it.
+    "usr/lib/udev/hwdb.d",
+    "usr/lib/udev/hwdb.bin",
+    "etc/udev/hwdb.bin",
+    # glibc's converters for legacy character sets; UTF-8 is built in.
+    "usr/lib/x86_64-linux-gnu/gconv",
     "etc/initrd-release",  # systemd would try to switch root and end in emergency mode
 ]
 
@@ -64,6 +70,7 @@ def minimise(root: Path, vmlinuz_out: Path) -> MinimiseResult:
         raise BuildError(f"no kernel at {kernel}")
     shutil.copy2(kernel, vmlinuz_out)
 
+    _purge_build_only(root)
     _remove_docs(root)
     for pattern in REMOVE:
         for path in root.glob(pattern):
@@ -72,6 +79,43 @@ def minimise(root: Path, vmlinuz_out: Path) -> MinimiseResult:
     (root / "etc/machine-id").write_text("")  # systemd makes a fresh one at every boot
     kept, removed = _prune_modules(root, release)
     return MinimiseResult(release, vmlinuz_out, kept, removed)
+
+
+def _purge_build_only(root: Path) -> None:
+    """Purge image/build-only.txt (Python, apt) and whatever only they pulled in."""
+    packages = read_list(paths.image_dir() / "build-only.txt")
+    # apt counts itself as essential; exit codes are unreliable without /dev/pts: check dpkg.
+    run(
+        [
+            "chroot",
+            root,
+            "apt-get",
+            "purge",
+            "-y",
+            "-q",
+            "--autoremove",
+            "--allow-remove-essential",
+            *packages,
+        ],
+        capture=True,
+        check=False,
+        env={"PATH": "/usr/sbin:/usr/bin", "DEBIAN_FRONTEND": "noninteractive", "LC_ALL": "C"},
+    )
+    left = run(
+        [
+            "dpkg-query",
+            f"--admindir={root / 'var/lib/dpkg'}",
+            "-W",
+            "-f",
+            "${Package} ${db:Status-Status}\n",
+            *packages,
+        ],
+        capture=True,
+        check=False,
+    ).stdout.decode()
+    installed = [line.split()[0] for line in left.splitlines() if line.endswith(" installed")]
+    if installed:
+        raise BuildError(f"could not purge build-only packages from the image: {', '.join(installed)}")
 
 
 def _remove(path: Path) -> None:

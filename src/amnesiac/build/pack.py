@@ -132,7 +132,9 @@ def _early_entries(root: Path, inner: Path, clamp: int) -> list[Entry]:
     dirs = {str(Path(name).parent) for name in files} - {"usr/bin", "usr/lib", "usr/lib64", "."}
     entries += [Entry(name, d, mtime=clamp) for name in sorted(dirs)]
     # Modes as in the image: the dynamic loader, like the binaries, must be executable.
-    entries += [Entry(name, src.stat().st_mode, mtime=clamp, source=src) for name, src in sorted(files.items())]
+    entries += [
+        Entry(name, src.stat().st_mode, mtime=clamp, source=src) for name, src in sorted(files.items())
+    ]
     entries.append(Entry("root.cpio.zst", stat.S_IFREG | 0o600, mtime=clamp, source=inner))
     return entries
 
