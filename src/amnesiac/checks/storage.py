@@ -1,0 +1,112 @@
+"""No disk: the root filesystem is a size-limited tmpfs, nothing is mounted from a block device.
+
+The QEMU harness attaches a virtio disk and a USB stick, so "no block device" is observed with
+devices that are really there.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from amnesiac.checks.meta import KERNEL, check
+from amnesiac.checks.probe import Probe
+
+STORAGE_MODULES = (
+    "ahci", "libata", "ata_piix", "sd_mod", "sr_mod", "nvme", "nvme_core", "virtio_blk", "virtio_scsi",
+    "scsi_mod", "usb_storage", "uas", "mmc_block", "sdhci", "floppy", "xen_blkfront", "megaraid_sas",
+    "mpt3sas", "hpsa", "aacraid", "smartpqi", "vmw_pvscsi", "hv_storvsc",
+)  # fmt: skip
+# PCI class 0x01xxxx: mass storage controllers (virtio-blk, AHCI, NVMe, SCSI HBAs).
+PCI_STORAGE_CLASS = "0x01"
+
+
+def _mounts(probe: Probe) -> list[list[str]]:
+    out = probe.run("cat /proc/self/mounts").stdout
+    return [line.split() for line in out.splitlines() if line.strip()]
+
+
+@check(
+    claims=["no-disk-storage", "no-pii-on-server"],
+    rationale="/ is a tmpfs (RAM) whose size is the reviewed limit, so nothing the server keeps "
+    "survives a power cut and the whole root cannot outgrow what the policy set.",
+    targets=KERNEL,
+    not_applicable="an unpacked root or a container shares the host's mounts",
+)
+def root_is_size_limited_tmpfs(probe: Probe, expected: dict[str, Any]) -> None:
+    root = [m for m in _mounts(probe) if m[1] == "/"]
+    assert root, "no / in /proc/self/mounts"
+    source, _, fstype, options = root[-1][:4]  # the last mount on / is the visible one
+    assert fstype == "tmpfs", f"/ is {fstype} from {source}, not tmpfs"
+    size = probe.run("stat -f -c '%S %b' /").stdout.split()
+    size_bytes = int(size[0]) * int(size[1])
+    want = expected.get("root_tmpfs_size_bytes")
+    assert want, "the expected root tmpfs size is unknown (no manifest or policy value)"
+    assert size_bytes == want, f"/ is a tmpfs of {size_bytes} bytes ({options}), the policy sets {want}"
+
+
+@check(
+    claims=["no-disk-storage", "no-pii-on-server"],
+    rationale="Nothing is mounted from a block device, and the disk and USB stick attached to "
+    "the machine have no driver: there is nowhere to write that outlives RAM.",
+    targets=KERNEL,
+    not_applicable="an unpacked root or a container shares the host's devices and mounts",
+)
+def no_block_device_mounted(probe: Probe) -> None:
+    from_devices = [m for m in _mounts(probe) if m[0].startswith("/dev/")]
+    assert from_devices == [], f"mounted from block devices: {from_devices}"
+    blocks = probe.run("ls -1 /sys/block").stdout.split()
+    real = [b for b in blocks if not b.startswith(("loop", "ram", "zram"))]
+    assert real == [], f"block devices exist: {real}"
+    # The controllers are on the bus (the harness attached them) but no driver claims them.
+    claimed = probe.run(
+        "for d in /sys/bus/pci/devices/*; do "
+        "case $(cat $d/class) in " + PCI_STORAGE_CLASS + "*) "
+        'echo "$(basename $d) $(cat $d/vendor):$(cat $d/device) '
+        'driver=$(basename "$(readlink $d/driver)" 2>/dev/null)";; '
+        "esac; done"
+    ).stdout.splitlines()
+    bound = [line for line in claimed if not line.endswith("driver=")]
+    assert bound == [], f"storage controllers with a driver: {bound}"
+
+
+@check(
+    claims=["no-disk-storage"],
+    rationale="No swap: memory pages, which may hold client data, are never written to a device.",
+    targets=KERNEL,
+    not_applicable="swap is the host's in a container, and nothing runs in an unpacked root",
+)
+def no_swap(probe: Probe) -> None:
+    swaps = probe.run("cat /proc/swaps").stdout.strip().splitlines()[1:]
+    assert swaps == [], f"swap in use: {swaps}"
+
+
+@check(
+    claims=["no-disk-storage"],
+    rationale="/etc/fstab has no entry, so no boot and no later `mount -a` mounts a disk.",
+)
+def fstab_empty(probe: Probe) -> None:
+    result = probe.run("cat /etc/fstab")
+    entries = [
+        line for line in result.stdout.splitlines() if line.strip() and not line.lstrip().startswith("#")
+    ]
+    assert entries == [], f"/etc/fstab has entries: {entries}"
+    units = probe.run(
+        "find /etc/systemd/system /usr/lib/systemd/system \\( -name '*.swap' -o -name '*.mount' \\) "
+        "-exec grep -l '^What=/dev/' {} + 2>/dev/null"
+    ).stdout.split()
+    assert units == [], f"mount or swap units for devices: {units}"
+
+
+@check(
+    claims=["no-disk-storage"],
+    rationale="The image carries no driver for disks, SCSI, NVMe or USB storage, so an attached "
+    "disk cannot even be seen, and no such driver is loaded.",
+)
+def no_storage_drivers(probe: Probe, kind: Any) -> None:
+    names = "\\|".join(m.replace("_", "[-_]") for m in STORAGE_MODULES)
+    files = probe.run(f"find /usr/lib/modules -regex '.*/\\({names}\\)\\.ko\\(\\.[a-z]+\\)?' 2>/dev/null")
+    assert files.stdout.strip() == "", f"storage driver modules in the image: {files.stdout.split()}"
+    if kind.value == "booted":
+        loaded = probe.run("cat /proc/modules").stdout.split("\n")
+        found = [line.split()[0] for line in loaded if line and line.split()[0] in STORAGE_MODULES]
+        assert found == [], f"storage drivers loaded: {found}"
