@@ -62,6 +62,8 @@ def test_boot_script_and_cmdline(ovpn: Built) -> None:
     assert f"amnesiac.root_size={size}M" in words
     assert "usbcore.nousb" in words
     assert "i8042.nokbd" in words
+    # The image names itself, so a live server's /proc/cmdline says which initrd it booted.
+    assert f"amnesiac.image={ovpn.manifest['image']['sha256']}" in words
 
 
 def test_early_init_archive(ovpn: Built) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import subprocess
@@ -12,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from amnesiac import __version__
+from amnesiac.build.hashing import sha256_file
 from amnesiac.build.plan import BuildPlan
 from amnesiac.run import run
 
@@ -19,12 +19,6 @@ ARTIFACTS = ("vmlinuz", "initrd.img", "boot.ipxe")
 FORMAT = 1
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def installed_packages(root: Path) -> list[dict[str, str]]:

@@ -16,6 +16,7 @@ import jinja2
 
 from amnesiac import paths
 from amnesiac.build.cpio import CpioWriter, Entry, tree_entries
+from amnesiac.build.hashing import sha256_file
 from amnesiac.build.plan import read_list
 from amnesiac.errors import BuildError
 from amnesiac.run import run
@@ -24,6 +25,7 @@ IPXE_LIMIT = 2 * 1024**3 - 1  # iPXE loads images up to about 2 GiB
 ZSTD_LEVEL = 15  # -19 saves about 3 % more and takes four times as long on two cores
 EARLY_BINARIES = ("usr/bin/busybox", "usr/bin/zstd")
 RUNTIME_HEADROOM = 32 * 1024**2  # room for /etc, /var and /root writes at run time
+IMAGE_WORD = "amnesiac.image"  # kernel command-line word carrying the initrd's sha256
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,9 @@ def pack(
             hint="remove packages or modules from the image",
         )
 
+    # The image names itself on the command line, so a booted server shows in /proc/cmdline
+    # which initrd it came from (the command line is not in the initrd: no circularity).
+    cmdline += f" {IMAGE_WORD}={sha256_file(initrd)}"
     template = jinja2.Template((paths.image_dir() / "boot.ipxe.j2").read_text(), keep_trailing_newline=True)
     (out / "boot.ipxe").write_text(
         template.render(
