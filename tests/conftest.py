@@ -18,6 +18,7 @@ def fake_roles() -> dict[str, Role]:
     """A small role catalogue so policy tests do not depend on the real roles' contents."""
     return {
         "server_base": Role("server_base", Path("/nonexistent"), "", {}),
+        "ssh_admin": Role("ssh_admin", Path("/nonexistent"), "", {}),
         "ram_root": Role(
             "ram_root",
             Path("/nonexistent"),

@@ -32,7 +32,7 @@ def test_policy_show_json() -> None:
     claim = next(c for c in data["claims"] if c["id"] == "vpn-no-write")
     assert claim["kind"] == "technical"
     assert {c["role"] for c in claim["controls"]} >= {"openvpn_server"}
-    assert data["roles"][0] == "server_base"
+    assert data["roles"][:2] == ["server_base", "ssh_admin"]
 
 
 def test_malformed_policy_is_one_line_exit_2(tmp_path: Path) -> None:

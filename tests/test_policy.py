@@ -66,7 +66,7 @@ def write_policy(tmp_path: Path, text: str) -> Path:
 def test_valid_policy_loads(tmp_path: Path, fake_roles: dict[str, Role]) -> None:
     loaded = policy.load(write_policy(tmp_path, VALID), fake_roles)
     assert [c.id for c in loaded.claims] == ["no-disk-storage", "no-traffic-logging", "owns-servers"]
-    assert loaded.roles() == ["server_base", "ram_root", "no_logs"]
+    assert loaded.roles() == ["server_base", "ssh_admin", "ram_root", "no_logs"]
     assert loaded.role_vars() == {"ram_root_tmpfs_size_mib": 256}
     assert loaded.claims[1].text["en"] == ["no logging of traffic"]
     assert len(loaded.sha256) == 64

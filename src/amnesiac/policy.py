@@ -23,7 +23,9 @@ from amnesiac.roles import Role, catalog
 CHECK_MODULES = frozenset(
     {"storage", "logging", "vpn_confinement", "input", "dns", "ssh", "firewall", "session_records"}
 )
-BASE_ROLE = "server_base"  # applied to every image, before the roles the claims name
+# Applied to every image, before the roles the claims name: the system itself, and the key-only
+# management access that `amnesiac verify` and operators reach a server through.
+BASE_ROLES = ("server_base", "ssh_admin")
 
 Identifier = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]*$")]
 CheckId = Annotated[str, Field(pattern=r"^[a-z_]+\.[a-z0-9_]+$")]
@@ -116,8 +118,8 @@ class Policy(_Strict):
         return [c for c in self.claims if c.technical]
 
     def roles(self) -> list[str]:
-        """The roles the image applies: the base role, then each role in order of first mention."""
-        ordered = [BASE_ROLE]
+        """The roles the image applies: the base roles, then each role in order of first mention."""
+        ordered = list(BASE_ROLES)
         for claim in self.technical_claims():
             for control in claim.controls:
                 if control.role not in ordered:
@@ -242,8 +244,9 @@ class _Validator:
         raise PolicyError(self.policy.path, self.table.line_of(where), message)
 
     def run(self) -> None:
-        if BASE_ROLE not in self.roles:
-            self.fail((), f"the base role '{BASE_ROLE}' is missing from roles/")
+        for base in BASE_ROLES:
+            if base not in self.roles:
+                self.fail((), f"the base role '{base}' is missing from roles/")
         sources = {lang: self.source_text(lang) for lang in self.policy.policy.sources}
         seen: dict[str, int] = {}
         for i, claim in enumerate(self.policy.claims):

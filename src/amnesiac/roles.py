@@ -40,8 +40,12 @@ class RoleVariable:
         # bool is an int in Python; an `int` variable must not accept `true`.
         if (isinstance(value, bool) and bool not in allowed) or not isinstance(value, allowed):
             return f"{self.name} must be of type {self.type}, got {type(value).__name__} {value!r}"
-        if self.choices and value not in self.choices:
-            return f"{self.name} must be one of {', '.join(map(str, self.choices))}, got {value!r}"
+        # For a list, `choices` constrain its elements (as in Ansible's argument_specs).
+        items = value if isinstance(value, list) else [value]
+        bad = [item for item in items if self.choices and item not in self.choices]
+        if bad:
+            what = " (each element)" if isinstance(value, list) else ""
+            return f"{self.name}{what} must be one of {', '.join(map(str, self.choices))}, got {bad[0]!r}"
         return None
 
 

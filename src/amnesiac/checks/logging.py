@@ -59,7 +59,7 @@ def _installed(probe: Probe, packages: tuple[str, ...]) -> list[str]:
 
 
 @check(
-    claims=["no-syslog"],
+    claims=["no-syslog", "no-activity-logging"],
     rationale="No syslog daemon is installed or running, so nothing turns log messages into files.",
 )
 def no_syslog_daemon(probe: Probe, kind: Any) -> None:
@@ -74,7 +74,15 @@ def no_syslog_daemon(probe: Probe, kind: Any) -> None:
 
 
 @check(
-    claims=["no-syslog", "no-activity-logging", "no-timestamp-logging", "no-ip-logging"],
+    claims=[
+        "no-syslog",
+        "no-activity-logging",
+        "no-timestamp-logging",
+        "no-ip-logging",
+        "no-mac-logging",
+        "no-pii-on-server",
+        "no-visited-resources",
+    ],
     rationale="journald runs (programs may log) but is set to store nothing, not even in RAM: "
     "a message sent to it cannot be read back and no journal file exists.",
     targets=RUNNING,
@@ -108,7 +116,7 @@ def logger_canary_not_kept(probe: Probe) -> None:
 
 
 @check(
-    claims=["no-syslog", "no-activity-logging"],
+    claims=["no-syslog", "no-activity-logging", "no-mac-logging", "no-visited-resources"],
     rationale="A line a program writes to the kernel log (/dev/kmsg) is not kept in the kernel's "
     "ring buffer, the journal or any file; the kernel's own boot messages prove dmesg can be read.",
     targets=KERNEL,
@@ -147,7 +155,7 @@ def no_login_records(probe: Probe, kind: Any) -> None:
 
 
 @check(
-    claims=["no-syslog", "no-activity-logging"],
+    claims=["no-syslog", "no-activity-logging", "no-pii-on-server"],
     rationale="/var/log holds no file; on a booted server it is read-only, so no program can "
     "start a log file there.",
 )

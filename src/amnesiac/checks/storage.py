@@ -70,7 +70,7 @@ def no_block_device_mounted(probe: Probe) -> None:
 
 
 @check(
-    claims=["no-disk-storage"],
+    claims=["no-disk-storage", "no-pii-on-server"],
     rationale="No swap: memory pages, which may hold client data, are never written to a device.",
     targets=KERNEL,
     not_applicable="swap is the host's in a container, and nothing runs in an unpacked root",
@@ -81,7 +81,7 @@ def no_swap(probe: Probe) -> None:
 
 
 @check(
-    claims=["no-disk-storage"],
+    claims=["no-disk-storage", "no-pii-on-server"],
     rationale="/etc/fstab has no entry, so no boot and no later `mount -a` mounts a disk.",
 )
 def fstab_empty(probe: Probe) -> None:
