@@ -19,8 +19,6 @@ ARTIFACTS = ("vmlinuz", "initrd.img", "boot.ipxe")
 FORMAT = 1
 
 
-
-
 def installed_packages(root: Path) -> list[dict[str, str]]:
     out = run(
         [
