@@ -41,11 +41,13 @@ def render(policy: Policy, console: Console) -> None:
         f"{len(technical)} technical, {len(policy.claims) - len(technical)} organisational; "
         f"languages: {', '.join(policy.policy.sources)}"
     )
+    # Ids never wrap (they are what a reader greps for); titles and variables do.
     table = Table(show_lines=True)
-    table.add_column("claim", style="bold", no_wrap=True)
-    table.add_column("kind")
-    table.add_column("controls (role: variables)")
-    table.add_column("checks")
+    table.add_column("claim", style="bold", ratio=3, min_width=max(len(c.id) for c in policy.claims))
+    table.add_column("kind", no_wrap=True)
+    table.add_column("controls (role: variables)", ratio=2)
+    width = max((len(c) for claim in policy.claims for c in claim.checks), default=6)
+    table.add_column("checks", no_wrap=True, min_width=width)
     for claim in policy.claims:
         controls = "\n".join(
             f"{c.role}" + (": " + ", ".join(f"{k}={v}" for k, v in c.vars.items()) if c.vars else "")

@@ -1,0 +1,400 @@
+"""The results model: what a verification run found, claim by claim, and the verdict it adds up to.
+
+A report is built from the policy and the checks' results by `build_report`, which is pure: the
+same policy, target and results always give the same report. The models validate their own
+consistency (a claim's status follows from its checks, the totals and the verdict from the
+claims), so a report read back from report.json cannot contradict itself either.
+
+Silence is never a pass: a check a claim names that did not run counts as an error, and a
+technical claim is verified only when at least one of its checks passed and none failed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
+
+from amnesiac.policy import Claim, ClaimKind, Control, Permits, Policy
+
+FORMAT: Literal[1] = 1
+TOOL_NAME = "amnesiac"
+
+OUTPUT_LIMIT = 4000  # characters of command output kept per piece of evidence
+REASON_LIMIT = 2000  # characters of an assertion message kept as a check's reason
+_MARKER_ROOM = 48  # room for the "[… N bytes omitted …]" line, so a bounded text stays in its limit
+
+MISSING_CHECK_REASON = "no such check in the suite"
+NO_CHECKS_REASON = "no check verifies this claim"
+
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+CheckId = Annotated[str, Field(pattern=r"^[a-z_]+\.[a-z0-9_]+$")]
+
+
+class CheckOutcome(StrEnum):
+    PASSED = "passed"
+    FAILED = "failed"
+    NOT_APPLICABLE = "not-applicable"
+    ERROR = "error"
+
+
+class ClaimStatus(StrEnum):
+    VERIFIED = "verified"
+    FAILED = "failed"
+    NOT_APPLICABLE = "not-applicable"
+    ORGANISATIONAL = "organisational"
+
+
+class Verdict(StrEnum):
+    PASS = "pass"  # noqa: S105 (a verdict, not a password)
+    FAIL = "fail"
+
+
+class TargetKind(StrEnum):
+    QEMU = "qemu"
+    SSH = "ssh"
+    CHROOT = "chroot"
+    PODMAN = "podman"
+
+
+# --- text hygiene -------------------------------------------------------------------------------
+
+# Colour and style escapes carry no evidence; other control characters are shown, not dropped.
+_SGR = re.compile(r"\x1b\[[0-9;]*m")
+# What XML 1.0 cannot carry (and HTML shows as garbage): C0 controls but tab/LF/CR, DEL, lone
+# surrogates and the two non-characters.
+_UNPRINTABLE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff\ufffe\uffff]")
+
+
+def printable(text: str) -> str:
+    """`text` with colour escapes removed and other control characters spelt out (``\\x1b``)."""
+    text = _SGR.sub("", text).replace("\r\n", "\n")
+    return _UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def bound_output(text: str, limit: int = OUTPUT_LIMIT) -> str:
+    """At most `limit` characters of `text`: its head and tail around an omission marker.
+
+    The cut falls on line boundaries where one is near, and the marker counts the UTF-8 bytes
+    left out, so a reader knows how much is missing. Bounding a bounded text changes nothing.
+    """
+    if len(text) <= limit:
+        return text
+    budget = max(limit - _MARKER_ROOM, 2)
+    head_len = budget // 2
+    tail_len = budget - head_len
+    head, tail = text[:head_len], text[len(text) - tail_len :]
+    if (cut := head.rfind("\n")) >= head_len // 2:
+        head = head[: cut + 1]
+    if 0 <= (cut := tail.find("\n")) < tail_len // 2:
+        tail = tail[cut + 1 :]
+    omitted = text[len(head) : len(text) - len(tail)]
+    size = len(omitted.encode("utf-8", errors="surrogatepass"))
+    marker = f"[… {size} bytes omitted …]"
+    return f"{head}{'' if head.endswith(chr(10)) else chr(10)}{marker}\n{tail}"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+# --- the model ----------------------------------------------------------------------------------
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Evidence(_Model):
+    """What a check ran or read on the target and what came back."""
+
+    command: str
+    exit_code: int | None = None
+    output: str = ""
+    note: str | None = None
+
+    @field_validator("command", "note")
+    @classmethod
+    def _printable(cls, value: str | None) -> str | None:
+        return None if value is None else printable(value)
+
+    @field_validator("output")
+    @classmethod
+    def _bounded(cls, value: str) -> str:
+        return bound_output(printable(value))
+
+
+class CheckResult(_Model):
+    """One check's outcome on the target; a failure or error carries its assertion message."""
+
+    id: CheckId
+    title: str = Field(min_length=1)
+    rationale: str | None = None
+    outcome: CheckOutcome
+    reason: str | None = None
+    duration_s: float = Field(default=0.0, ge=0)
+    evidence: list[Evidence] = Field(default_factory=list)
+
+    @field_validator("title", "rationale")
+    @classmethod
+    def _fold(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not (folded := _one_line(printable(value))):
+            raise ValueError("must not be blank")
+        return folded
+
+    @field_validator("reason")
+    @classmethod
+    def _bounded(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        return bound_output(printable(value.strip()), REASON_LIMIT)
+
+    @model_validator(mode="after")
+    def _reason_given(self) -> CheckResult:
+        if self.outcome is not CheckOutcome.PASSED and self.reason is None:
+            raise ValueError(f"check '{self.id}' is {self.outcome} but gives no reason")
+        return self
+
+    @classmethod
+    def missing(cls, check_id: str) -> CheckResult:
+        """The result of a check the policy names but the suite does not have: an error."""
+        return cls(id=check_id, title=check_id, outcome=CheckOutcome.ERROR, reason=MISSING_CHECK_REASON)
+
+
+def claim_status(kind: ClaimKind, checks: Sequence[CheckResult]) -> tuple[ClaimStatus, str | None]:
+    """A claim's status and, unless verified or organisational, why: derived from its checks alone.
+
+    organisational → organisational; any check failed or in error → failed; every check not
+    applicable → not-applicable; otherwise (at least one passed, none failed) → verified.
+    """
+    if kind is ClaimKind.ORGANISATIONAL:
+        return ClaimStatus.ORGANISATIONAL, None
+    if not checks:
+        return ClaimStatus.FAILED, NO_CHECKS_REASON
+    bad = [c for c in checks if c.outcome in {CheckOutcome.FAILED, CheckOutcome.ERROR}]
+    if bad:
+        return ClaimStatus.FAILED, "; ".join(
+            _unique(f"{c.id} {c.outcome}: {first_line(c.reason)}" for c in bad)
+        )
+    if all(c.outcome is CheckOutcome.NOT_APPLICABLE for c in checks):
+        return ClaimStatus.NOT_APPLICABLE, "; ".join(_unique(c.reason or "" for c in checks))
+    return ClaimStatus.VERIFIED, None
+
+
+def first_line(text: str | None) -> str:
+    """The first non-empty line of an assertion message: what a summary can show of it."""
+    lines = (text or "").strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def _unique(items: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(i for i in items if i))
+
+
+class ClaimResult(_Model):
+    """One claim of the policy, quoted in every language, with what enforces and what proves it."""
+
+    id: str
+    title: str
+    kind: ClaimKind
+    status: ClaimStatus
+    reason: str | None = None
+    text: dict[str, list[str]]
+    sources: dict[str, str]
+    rationale: str | None = None
+    controls: list[Control] = Field(default_factory=list)
+    permits: Permits | None = None
+    checks: list[CheckResult] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ClaimResult:
+        status, _ = claim_status(self.kind, self.checks)
+        if self.status is not status:
+            raise ValueError(f"claim '{self.id}' is marked {self.status} but its checks make it {status}")
+        if status in {ClaimStatus.FAILED, ClaimStatus.NOT_APPLICABLE} and not self.reason:
+            raise ValueError(f"claim '{self.id}' is {status} but gives no reason")
+        return self
+
+    @classmethod
+    def of(cls, claim: Claim, sources: Mapping[str, str], checks: Sequence[CheckResult]) -> ClaimResult:
+        status, reason = claim_status(claim.kind, checks)
+        return cls(
+            id=claim.id,
+            title=claim.title,
+            kind=claim.kind,
+            status=status,
+            reason=reason,
+            text=claim.text,
+            sources={lang: sources[lang] for lang in claim.text if lang in sources},
+            rationale=claim.rationale,
+            controls=claim.controls,
+            permits=claim.permits,
+            checks=list(checks),
+        )
+
+
+class Identity(_Model):
+    """What the target says it is, read before any check runs; anything unread stays None."""
+
+    image_sha256: Sha256 | None = None
+    kernel_release: str | None = None
+    cmdline: str | None = None
+    boot_id: str | None = None
+    hostname: str | None = None
+    artifacts: dict[str, Sha256] = Field(default_factory=dict)  # served file name -> sha256
+    manifest_sha256_matches: bool | None = None  # the served artifacts match manifest.json
+
+
+class Target(_Model):
+    kind: TargetKind
+    address: str
+    identity: Identity = Field(default_factory=Identity)
+
+    @property
+    def spec(self) -> str:
+        """The target as the command line names it: qemu:build/ovpn, ssh://host, podman://name."""
+        separator = "://" if self.kind in {TargetKind.SSH, TargetKind.PODMAN} else ":"
+        return f"{self.kind}{separator}{self.address}"
+
+
+class Tool(_Model):
+    name: str = TOOL_NAME
+    version: str
+
+
+class PolicyInfo(_Model):
+    id: str
+    title: str
+    provider: str
+    file: str
+    sha256: Sha256
+    sources: dict[str, str]  # language -> source file name
+
+    @classmethod
+    def of(cls, policy: Policy) -> PolicyInfo:
+        header = policy.policy
+        return cls(
+            id=header.id,
+            title=header.title,
+            provider=header.provider,
+            file=str(policy.path),
+            sha256=policy.sha256,
+            sources=header.sources,
+        )
+
+
+def count_statuses(claims: Iterable[ClaimResult]) -> dict[ClaimStatus, int]:
+    totals = dict.fromkeys(ClaimStatus, 0)
+    for claim in claims:
+        totals[claim.status] += 1
+    return totals
+
+
+def verdict_of(claims: Iterable[ClaimResult]) -> Verdict:
+    """pass when every technical claim that applies to the target is verified: none failed."""
+    return Verdict.FAIL if any(c.status is ClaimStatus.FAILED for c in claims) else Verdict.PASS
+
+
+class Report(_Model):
+    format: Literal[1] = FORMAT
+    tool: Tool
+    generated: datetime
+    policy: PolicyInfo
+    target: Target
+    totals: dict[ClaimStatus, int]
+    verdict: Verdict
+    claims: list[ClaimResult] = Field(min_length=1)
+
+    @field_validator("generated")
+    @classmethod
+    def _utc(cls, value: datetime) -> datetime:
+        if value.tzinfo is None:
+            raise ValueError("the generation time must carry a time zone")
+        return value.astimezone(UTC).replace(microsecond=0)
+
+    @field_serializer("generated")
+    def _iso(self, value: datetime) -> str:
+        return value.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Report:
+        if self.totals != count_statuses(self.claims):
+            raise ValueError("the totals do not match the claims")
+        if self.verdict is not verdict_of(self.claims):
+            raise ValueError(f"the verdict '{self.verdict}' does not follow from the claims")
+        ids = [c.id for c in self.claims]
+        if len(set(ids)) != len(ids):
+            raise ValueError("claim ids are not unique")
+        return self
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict is Verdict.PASS
+
+    @property
+    def technical_claims(self) -> list[ClaimResult]:
+        return [c for c in self.claims if c.kind is ClaimKind.TECHNICAL]
+
+    def check_totals(self) -> dict[CheckOutcome, int]:
+        """How many (claim, check) pairs ended each way: a shared check counts once per claim."""
+        totals = dict.fromkeys(CheckOutcome, 0)
+        for claim in self.claims:
+            for check in claim.checks:
+                totals[check.outcome] += 1
+        return totals
+
+
+def result_for(check_id: str, results: Mapping[str, CheckResult]) -> CheckResult:
+    """The result of `check_id`, or an error result when the suite did not run it."""
+    result = results.get(check_id)
+    if result is None:
+        return CheckResult.missing(check_id)
+    if result.id != check_id:
+        raise ValueError(f"the result filed under '{check_id}' is for check '{result.id}'")
+    return result
+
+
+def build_report(
+    policy: Policy,
+    target: Target,
+    results: Mapping[str, CheckResult],
+    *,
+    generated: datetime,
+    tool_version: str,
+) -> Report:
+    """The report of `results` (check id -> result) against `policy`'s claims, in policy order.
+
+    Each claim carries the results of the checks it names, so a check shared by two claims
+    appears under both; a named check missing from `results` is an error. Results of checks no
+    claim names are not part of any claim and are left out.
+    """
+    sources = policy.policy.sources
+    claims = [
+        ClaimResult.of(claim, sources, [result_for(c, results) for c in dict.fromkeys(claim.checks)])
+        for claim in policy.claims
+    ]
+    return Report(
+        tool=Tool(version=tool_version),
+        generated=generated,
+        policy=PolicyInfo.of(policy),
+        target=target,
+        totals=count_statuses(claims),
+        verdict=verdict_of(claims),
+        claims=claims,
+    )
+
+
+def exit_code(report: Report) -> int:
+    """The process exit code for a verification run: 0 only when the verdict is pass."""
+    return 0 if report.verdict is Verdict.PASS else 1
+
+
+def load(data: str | bytes) -> Report:
+    """A report read back from its report.json, validated (and so consistent) as when written."""
+    return Report.model_validate_json(data)
