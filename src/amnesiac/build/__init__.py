@@ -9,6 +9,7 @@ leaves nothing mounted.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 from dataclasses import dataclass
@@ -79,7 +80,7 @@ def build(
             stage.note = f"{result.tasks} tasks, {result.changed} changed"
 
         with progress.stage("minimise", "Minimise: docs, caches, kernel modules") as stage:
-            mini = minimise.minimise(root, staging / "vmlinuz")
+            mini = minimise.minimise(root, staging / "vmlinuz", wanted=plan.packages)
             stage.note = f"{mini.modules_kept} modules kept, {mini.modules_removed} removed"
 
         with progress.stage("pack", "Pack: initrd.img (zstd), boot.ipxe") as stage:
@@ -106,6 +107,7 @@ def build(
                 root_unpacked_bytes=packed.root_unpacked_bytes,
                 root_entries=packed.root_entries,
                 tmpfs_size_bytes=packed.tmpfs_size_bytes,
+                initrd_pieces=[dataclasses.asdict(p) for p in packed.pieces],
             )
             stage.note = data["image"]["sha256"][:16]
         _replace(staging, out)

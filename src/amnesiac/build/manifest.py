@@ -72,6 +72,7 @@ def write(
     root_unpacked_bytes: int,
     root_entries: int,
     tmpfs_size_bytes: int,
+    initrd_pieces: list[dict[str, Any]],
 ) -> dict[str, Any]:
     manifest: dict[str, Any] = {
         "format": FORMAT,
@@ -83,6 +84,8 @@ def write(
             "root_tmpfs_size_bytes": tmpfs_size_bytes,
             "root_unpacked_bytes": root_unpacked_bytes,
             "root_entries": root_entries,
+            # Where the early init and the root archive lie in initrd.img (pack.unpack_initrd).
+            "initrd_pieces": initrd_pieces,
         },
         "artifacts": {
             name: {"sha256": sha256_file(out / name), "size": (out / name).stat().st_size}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,14 +64,15 @@ def kernel_release(root: Path) -> str:
     return releases[0]
 
 
-def minimise(root: Path, vmlinuz_out: Path) -> MinimiseResult:
+def minimise(root: Path, vmlinuz_out: Path, wanted: Iterable[str] = ()) -> MinimiseResult:
     release = kernel_release(root)
     kernel = root / "boot" / f"vmlinuz-{release}"
     if not kernel.is_file():
         raise BuildError(f"no kernel at {kernel}")
     shutil.copy2(kernel, vmlinuz_out)
 
-    _purge_build_only(root)
+    _purge_build_only(root, wanted)
+    _remove_orphaned_python(root)
     _remove_docs(root)
     for pattern in REMOVE:
         for path in root.glob(pattern):
@@ -81,9 +83,22 @@ def minimise(root: Path, vmlinuz_out: Path) -> MinimiseResult:
     return MinimiseResult(release, vmlinuz_out, kept, removed)
 
 
-def _purge_build_only(root: Path) -> None:
-    """Purge image/build-only.txt (Python, apt) and whatever only they pulled in."""
+def _purge_build_only(root: Path, wanted: Iterable[str]) -> None:
+    """Purge image/build-only.txt (Python, apt) and everything the plan did not ask for.
+
+    mmdebstrap marks its whole base set as installed by hand, so autoremove alone would keep
+    apt's own dependencies (libapt-pkg, sqv, keyrings) for ever. Everything is marked automatic
+    except the packages the plan asks for; autoremove then leaves those, what they depend on,
+    and the Essential set.
+    """
     packages = read_list(paths.image_dir() / "build-only.txt")
+    keep = sorted(set(wanted) - set(packages))
+    env = {"PATH": "/usr/sbin:/usr/bin", "DEBIAN_FRONTEND": "noninteractive", "LC_ALL": "C"}
+    manual = run(["chroot", root, "apt-mark", "showmanual"], capture=True, env=env).stdout.decode().split()
+    if manual:
+        run(["chroot", root, "apt-mark", "auto", *manual], capture=True, env=env)
+    if keep:
+        run(["chroot", root, "apt-mark", "manual", *keep], capture=True, env=env)
     # apt counts itself as essential; exit codes are unreliable without /dev/pts: check dpkg.
     run(
         [
@@ -99,7 +114,7 @@ def _purge_build_only(root: Path) -> None:
         ],
         capture=True,
         check=False,
-        env={"PATH": "/usr/sbin:/usr/bin", "DEBIAN_FRONTEND": "noninteractive", "LC_ALL": "C"},
+        env=env,
     )
     left = run(
         [
@@ -116,6 +131,18 @@ def _purge_build_only(root: Path) -> None:
     installed = [line.split()[0] for line in left.splitlines() if line.endswith(" installed")]
     if installed:
         raise BuildError(f"could not purge build-only packages from the image: {', '.join(installed)}")
+
+
+def _remove_orphaned_python(root: Path) -> None:
+    """Python's standard library, once no interpreter is left to run it.
+
+    Debian's unbound links libpython for its optional Python module (off here), so the shared
+    library stays; the 20 MB of modules only an interpreter would import go.
+    """
+    if any((root / "usr/bin").glob("python3*")):
+        return
+    for stdlib in (root / "usr/lib").glob("python3*"):
+        _remove(stdlib)
 
 
 def _remove(path: Path) -> None:
@@ -144,9 +171,8 @@ def _empty_logs(root: Path) -> None:
     log = root / "var/log"
     if not log.is_dir():
         return
-    for path in log.rglob("*"):
-        if path.is_file() and not path.is_symlink():
-            path.unlink()
+    for path in sorted(log.iterdir()):  # files and the directories packages made (apt/, private/)
+        _remove(path)
 
 
 def _module_name(path: str) -> str:

@@ -78,9 +78,12 @@ def make_plan(
 ) -> BuildPlan:
     cat = catalog()
     roles = tuple(policy.roles())
+    merged = {**policy.role_vars(), **(extra_vars or {})}
     packages = set(read_list(paths.image_dir() / "packages.txt"))
     for name in roles:
-        packages.update(cat[name].packages)
+        # `<role>_packages` as the policy or --var sets it: mmdebstrap installs them all up
+        # front, so the roles' package tasks need no network inside the chroot.
+        packages.update(merged.get(f"{name}_packages", cat[name].packages))
     return BuildPlan(
         policy=policy,
         suite=suite or policy.image.suite,
