@@ -1,0 +1,140 @@
+"""A real netboot in QEMU: iPXE over HTTP from 127.0.0.1, the test key through the overlay.
+
+The image is $AMNESIAC_BOOT_BUILD (a build to reuse while developing), else the session's OVPN image.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from amnesiac import boot
+from tests.images import Built
+
+pytestmark = pytest.mark.boot
+
+REPO = Path(__file__).resolve().parents[2]
+SSH_TIMEOUT = 600.0
+
+
+@pytest.fixture(scope="module")
+def image(request: pytest.FixtureRequest) -> Path:
+    """$AMNESIAC_BOOT_BUILD (a build to reuse while developing), else the session's OVPN image."""
+    if os.geteuid() != 0:
+        pytest.skip("booting needs root (and building an image does too)")
+    if shutil.which("qemu-system-x86_64") is None or shutil.which("ssh") is None:
+        pytest.fail("qemu-system-x86_64 and ssh are needed: run `make setup`")
+    if env := os.environ.get("AMNESIAC_BOOT_BUILD"):
+        return Path(env)
+    built: Built = request.getfixturevalue("ovpn")
+    return built.out
+
+
+@pytest.fixture(scope="module")
+def key(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("key") / "id_ed25519"
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "amnesiac-boot-test", "-f", str(path)],
+        check=True,
+    )
+    return path
+
+
+def ssh(machine: boot.BootedMachine, key: Path, command: str) -> str:
+    result = subprocess.run(
+        [
+            "ssh", "-i", str(key), "-p", str(machine.ssh_port),
+            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+            "-o", "BatchMode=yes", "-o", "ConnectTimeout=30", "-o", "LogLevel=ERROR",
+            "root@127.0.0.1", command,
+        ],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, f"ssh {command!r}: {result.stderr}\nconsole:\n{machine.console(20)}"
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def machine(image: Path, key: Path) -> Iterator[boot.BootedMachine]:
+    options = boot.BootOptions(ssh_key=key.with_suffix(".pub"))
+    with boot.running(image, options) as booted:
+        booted.wait_ssh(SSH_TIMEOUT)
+        print(f"\nSSH up {booted.ssh_ready_seconds} s after QEMU started ({booted.accel.reason})")
+        yield booted
+    assert booted.process.poll() is not None, "QEMU still running after running()"
+    assert not booted.serial_log.exists(), "temporary files left behind"
+
+
+def test_ssh_with_the_overlay_key(machine: boot.BootedMachine, key: Path) -> None:
+    assert machine.ssh_banner.startswith("SSH-2.0-")
+    assert ssh(machine, key, "id -u").strip() == "0"
+
+
+def test_served_image_matches_manifest(machine: boot.BootedMachine) -> None:
+    manifest = machine.image.manifest
+    served = {r.name: r for r in machine.served() if r.status == 200}
+    assert (
+        served["initrd.img"].sha256
+        == manifest["artifacts"]["initrd.img"]["sha256"]
+        == manifest["image"]["sha256"]
+    )
+    assert served["vmlinuz"].sha256 == manifest["artifacts"]["vmlinuz"]["sha256"]
+    assert served["boot.ipxe"].sha256 == manifest["artifacts"]["boot.ipxe"]["sha256"], (
+        "boot.ipxe served unmodified"
+    )
+    assert all(r.complete for r in served.values())
+    assert served["overlay.cpio"].sha256 == machine.overlay_sha256
+
+
+def test_booted_the_manifest_cmdline_on_a_tmpfs_root(machine: boot.BootedMachine, key: Path) -> None:
+    cmdline = ssh(machine, key, "cat /proc/cmdline").split()
+    assert set(machine.image.cmdline.split()) <= set(cmdline)
+    assert ssh(machine, key, "findmnt -n -o FSTYPE /").strip() == "tmpfs"
+
+
+def test_test_devices_are_attached(machine: boot.BootedMachine) -> None:
+    attached = {d["name"] for d in machine.qmp("qom-list", path="/machine/peripheral")}
+    assert {"xhci", "kbd0", "stick0", "disk0"} <= attached
+    assert all(d.is_blank() for d in machine.devices), "the image wrote to a disk"
+
+
+def test_cli_ready_json_then_sigterm_leaves_nothing(image: Path, key: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "amnesiac.cli", "boot", str(image), "--ssh-key", f"{key}.pub", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
+    try:
+        assert proc.stdout is not None
+        lines = []
+        while not (lines and lines[-1] == "}\n"):
+            line = proc.stdout.readline()
+            if not line:
+                pytest.fail(f"amnesiac boot ended before ready: {proc.stderr.read() if proc.stderr else ''}")
+            lines.append(line)
+        ready = json.loads("".join(lines))
+        assert ready["ssh_ready_seconds"] > 0
+        assert ready["ssh"]["host"] == "127.0.0.1"
+        qemu_pid = ready["qemu_pid"]
+        os.kill(qemu_pid, 0)  # running
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    time.sleep(0.5)
+    with pytest.raises(ProcessLookupError):
+        os.kill(qemu_pid, 0)
+    assert list(tmp_path.iterdir()) == [], "temporary files left behind"

@@ -1,0 +1,395 @@
+"""The boot harness without QEMU: overlay archive, memory, scripts, hashes, HTTP, argv, CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from amnesiac import boot
+from amnesiac.errors import UsageError
+from amnesiac.http_serve import FileServer, Served, Source
+
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeFakeFakeFakeFakeFakeFakeFakeFakeFakeFake test@amnesiac"
+
+
+def fake_build(root: Path, cmdline: str = "initrd=initrd.img console=ttyS0 panic=10") -> Path:
+    out = root / "build"
+    out.mkdir()
+    (out / "vmlinuz").write_bytes(b"MZ fake kernel" * 100)
+    (out / "initrd.img").write_bytes(b"070701 fake initrd" * 1000)
+    (out / "boot.ipxe").write_text(f"#!ipxe\nkernel vmlinuz {cmdline}\ninitrd initrd.img\nboot\n")
+    artifacts = {
+        name: {
+            "sha256": hashlib.sha256((out / name).read_bytes()).hexdigest(),
+            "size": (out / name).stat().st_size,
+        }
+        for name in ("vmlinuz", "initrd.img", "boot.ipxe")
+    }
+    manifest = {
+        "format": 1,
+        "image": {
+            "sha256": artifacts["initrd.img"]["sha256"],
+            "cmdline": cmdline,
+            "root_tmpfs_size_bytes": 384 * 1024**2,
+            "root_unpacked_bytes": 200 * 1024**2,
+        },
+        "artifacts": artifacts,
+        "source_date_epoch": 1_700_000_000,
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+# --- overlay ------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("cpio") is None, reason="GNU cpio not installed")
+def test_overlay_cpio_unpacks_with_modes(tmp_path: Path) -> None:
+    pub = tmp_path / "id.pub"
+    pub.write_text(KEY + "\n")
+    data = boot.overlay_cpio([boot.authorized_key(pub)], mtime=1_700_000_000)
+    assert len(data) % 512 == 0, "the next initrd must start aligned"
+    out = tmp_path / "out"
+    out.mkdir()
+    subprocess.run(["cpio", "-idm", "--quiet", "--no-absolute-filenames"], input=data, cwd=out, check=True)
+    names = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    assert names == ["overlay", "overlay/root", "overlay/root/.ssh", "overlay/root/.ssh/authorized_keys"]
+    modes = {name: stat.S_IMODE((out / name).stat().st_mode) for name in names}
+    assert modes == {
+        "overlay": 0o755,
+        "overlay/root": 0o700,  # cp -a copies it over /root: must stay private
+        "overlay/root/.ssh": 0o700,
+        "overlay/root/.ssh/authorized_keys": 0o600,
+    }
+    assert (out / "overlay/root/.ssh/authorized_keys").read_text() == KEY + "\n"
+    listing = subprocess.run(["cpio", "-tv", "--quiet"], input=data, capture_output=True, check=True).stdout
+    assert all(line.split()[2:4] == [b"root", b"root"] for line in listing.splitlines()), listing
+
+
+def test_overlay_cpio_is_deterministic_and_parents_first() -> None:
+    files = [boot.OverlayFile("etc/openvpn/server/id.key", b"secret", 0o600)]
+    one, two = boot.overlay_cpio(files, 5), boot.overlay_cpio(files, 5)
+    assert one == two
+    names = [n.decode() for n in _cpio_names(one)]
+    assert names == [
+        "overlay",
+        "overlay/etc",
+        "overlay/etc/openvpn",
+        "overlay/etc/openvpn/server",
+        *["overlay/etc/openvpn/server/id.key"],
+        "TRAILER!!!",
+    ]
+
+
+def _cpio_names(data: bytes) -> list[bytes]:
+    names, pos = [], 0
+    while True:
+        header = data[pos : pos + 110]
+        namesize, filesize = int(header[94:102], 16), int(header[54:62], 16)
+        name = data[pos + 110 : pos + 110 + namesize - 1]
+        names.append(name)
+        if name == b"TRAILER!!!":
+            return names
+        pos += 110 + namesize
+        pos += -pos % 4
+        pos += filesize + (-filesize % 4)
+
+
+def test_overlay_rejects_paths_outside_root() -> None:
+    with pytest.raises(UsageError):
+        boot.overlay_cpio([boot.OverlayFile("../etc/passwd", b"x")])
+
+
+def test_authorized_key_refuses_private_key_and_junk(tmp_path: Path) -> None:
+    private = tmp_path / "id"
+    private.write_text(
+        "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEA\n-----END OPENSSH PRIVATE KEY-----\n"
+    )
+    with pytest.raises(UsageError, match="private key"):
+        boot.authorized_key(private)
+    junk = tmp_path / "junk.pub"
+    junk.write_text("hello world\n")
+    with pytest.raises(UsageError, match="not an OpenSSH public key"):
+        boot.authorized_key(junk)
+    with pytest.raises(UsageError, match="cannot read"):
+        boot.authorized_key(tmp_path / "missing.pub")
+
+
+@pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="ssh-keygen not installed")
+def test_authorized_key_from_ssh_keygen(tmp_path: Path) -> None:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "k")], check=True)
+    item = boot.authorized_key(tmp_path / "k.pub")
+    assert item.path == "root/.ssh/authorized_keys" and item.mode == 0o600
+    assert item.data == (tmp_path / "k.pub").read_bytes()
+
+
+# --- memory, scripts, argv ----------------------------------------------------------------------
+
+
+def _manifest(initrd_mib: int, unpacked_mib: int) -> dict[str, object]:
+    return {
+        "artifacts": {"initrd.img": {"size": initrd_mib * 1024**2}},
+        "image": {"root_unpacked_bytes": unpacked_mib * 1024**2, "root_tmpfs_size_bytes": 2048 * 1024**2},
+    }
+
+
+def test_memory_has_a_floor_and_grows_with_the_image() -> None:
+    assert boot.memory_mib(_manifest(5, 20)) == boot.MIN_MEMORY_MIB
+    small, big = boot.memory_mib(_manifest(60, 230)), boot.memory_mib(_manifest(120, 600))
+    assert big > small >= boot.MIN_MEMORY_MIB
+    assert big % 32 == 0
+    # the tmpfs limit is not what the machine uses: only the unpacked size counts
+    assert boot.memory_mib(_manifest(60, 230)) == small
+    need = (boot.KERNEL_AND_SERVICES_BYTES + (120 + 600) * 1024**2) / 1024**2
+    assert need <= big < need + 32
+
+
+def test_harness_script_chains_the_build_script() -> None:
+    with_overlay = boot.harness_script(overlay=True).splitlines()
+    assert with_overlay[0] == "#!ipxe"
+    commands = [line for line in with_overlay if not line.startswith("#")]
+    assert commands == ["initrd overlay.cpio", "chain boot.ipxe"]
+    assert [ln for ln in boot.harness_script(overlay=False).splitlines() if not ln.startswith("#")] == [
+        "chain boot.ipxe"
+    ]
+
+
+def test_qemu_argv_isolates_the_guest(tmp_path: Path) -> None:
+    argv = boot.qemu_argv(
+        qemu="qemu-system-x86_64",
+        relay="/bin/busybox",
+        accel="tcg",
+        memory_mib=384,
+        cpus=2,
+        http_port=40000,
+        first_script="amnesiac-harness.ipxe",
+        forwards=[("tcp", 40022, 22), ("udp", 41194, 1194)],
+        serial_log=tmp_path / "a,b/serial.log",
+        qmp_socket=tmp_path / "qmp.sock",
+    )
+    netdev = argv[argv.index("-netdev") + 1]
+    assert "restrict=on" in netdev.split(",")
+    assert "bootfile=http://10.0.2.100/amnesiac-harness.ipxe" in netdev
+    assert "guestfwd=tcp:10.0.2.100:80-cmd:/bin/busybox nc 127.0.0.1 40000" in netdev
+    assert "hostfwd=tcp:127.0.0.1:40022-:22" in netdev and "hostfwd=udp:127.0.0.1:41194-:1194" in netdev
+    assert "-no-reboot" in argv
+    assert argv[argv.index("-accel") + 1] == "tcg" and argv[argv.index("-cpu") + 1] == "max"
+    assert argv[argv.index("-m") + 1] == "384" and argv[argv.index("-smp") + 1] == "2"
+    assert "a,,b/serial.log" in argv[argv.index("-chardev") + 1], "commas in paths are escaped"
+
+
+def test_emulated_devices_are_blank_sparse_files(tmp_path: Path) -> None:
+    devices, args = boot.emulated_devices(tmp_path)
+    kinds = {d.kind for d in devices}
+    assert kinds == {"virtio-blk", "usb-kbd", "usb-storage"}
+    assert "qemu-xhci,id=xhci" in args
+    for device in devices:
+        assert device.is_blank()
+        if device.backing:
+            assert device.backing.stat().st_size == device.size
+            assert device.backing.stat().st_blocks == 0, "sparse"
+    disk = next(d for d in devices if d.kind == "virtio-blk")
+    assert disk.backing is not None
+    with disk.backing.open("r+b") as f:
+        f.seek(4096)
+        f.write(b"written")
+    assert not disk.is_blank()
+
+
+def test_failure_summary_names_the_reason_first() -> None:
+    console = "\x1b[0mSeaBIOS\r\n[ 16.1] Out of memory: Killed process 137 (zstd)\nKilled\n"
+    console += "amnesiac: the root filesystem does not fit its tmpfs; rebooting in 30 s\n"
+    console += "[ 46.2] reboot: Restarting system\n[ 46.3] reboot: machine restart\n"
+    line = boot.failure_summary(console, "qemu-system-x86_64: terminating on signal 15\n")
+    assert line.startswith("amnesiac: the root filesystem does not fit")
+    assert line.endswith("reboot: machine restart / qemu-system-x86_64: terminating on signal 15")
+    assert "\x1b" not in line and "\n" not in line
+    assert boot.failure_summary("") == "(nothing on the console)"
+
+
+# --- the build and its hashes -------------------------------------------------------------------
+
+
+def test_load_image_accepts_a_matching_build(tmp_path: Path) -> None:
+    image = boot.load_image(fake_build(tmp_path))
+    assert image.cmdline.startswith("initrd=initrd.img")
+    assert image.expected("initrd.img") == hashlib.sha256((image.dir / "initrd.img").read_bytes()).hexdigest()
+
+
+def test_hash_mismatch_refuses_to_boot(tmp_path: Path) -> None:
+    out = fake_build(tmp_path)
+    (out / "initrd.img").write_bytes(b"tampered")
+    with pytest.raises(boot.ImageMismatch, match=r"initrd\.img does not match manifest\.json"):
+        boot.load_image(out)
+    # running() refuses before it starts anything
+    with pytest.raises(boot.ImageMismatch), boot.running(out, boot.BootOptions(accel="tcg")):
+        pytest.fail("booted a mismatching image")
+
+
+def test_missing_dir_or_manifest(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="no such build directory"):
+        boot.load_image(tmp_path / "nope")
+    out = fake_build(tmp_path)
+    (out / "manifest.json").unlink()
+    with pytest.raises(UsageError, match=r"manifest\.json: missing"):
+        boot.load_image(out)
+
+
+def test_missing_qemu_is_one_usage_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = fake_build(tmp_path)
+    monkeypatch.setattr(boot.shutil, "which", lambda _name: None)
+    with pytest.raises(UsageError, match="qemu-system-x86_64"), boot.running(out):
+        pytest.fail("started without QEMU")
+
+
+def test_missing_rom_is_one_usage_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(boot.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(boot, "IPXE_ROMS", (tmp_path / "efi-virtio.rom",))
+    with pytest.raises(UsageError, match="iPXE ROM"):
+        boot.find_tools()
+
+
+def test_accel_choice(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    assert boot.choose_accel("tcg", tmp_path / "vmlinuz").accel == "tcg"
+    monkeypatch.setenv(boot.ACCEL_ENV, "tcg")
+    assert boot.choose_accel(None, tmp_path / "vmlinuz").accel == "tcg"
+    monkeypatch.setenv(boot.ACCEL_ENV, "fast")
+    with pytest.raises(UsageError, match="AMNESIAC_ACCEL"):
+        boot.choose_accel(None, tmp_path / "vmlinuz")
+    monkeypatch.setenv(boot.ACCEL_ENV, "auto")
+    monkeypatch.setattr(boot.os, "access", lambda *_a: False)
+    choice = boot.choose_accel(None, tmp_path / "vmlinuz")
+    assert choice.accel == "tcg" and "/dev/kvm" in choice.reason
+
+
+# --- the HTTP server ----------------------------------------------------------------------------
+
+
+def test_server_serves_only_its_table_and_records_hashes(tmp_path: Path) -> None:
+    blob = tmp_path / "initrd.img"
+    blob.write_bytes(b"x" * 3_000_000)
+    digest = hashlib.sha256(blob.read_bytes()).hexdigest()
+    table = {"initrd.img": Source(path=blob, expect_sha256=digest), "s.ipxe": Source(data=b"#!ipxe\n")}
+    with FileServer(table) as server:
+        assert server.url.startswith("http://127.0.0.1:")
+        with urllib.request.urlopen(server.url + "initrd.img", timeout=10) as response:  # noqa: S310 (loopback)
+            assert hashlib.sha256(response.read()).hexdigest() == digest
+        with urllib.request.urlopen(server.url + "s.ipxe", timeout=10) as response:  # noqa: S310
+            assert response.read() == b"#!ipxe\n"
+        for path in ("manifest.json", "../initrd.img", ""):
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(server.url + path, timeout=10)  # noqa: S310
+            assert err.value.code == 404
+        records = _records(server, 5)  # each response is recorded by its own thread, once sent
+    assert sorted((r.name, r.status) for r in records) == [
+        ("", 404),
+        ("../initrd.img", 404),
+        ("initrd.img", 200),
+        ("manifest.json", 404),
+        ("s.ipxe", 200),
+    ]
+    initrd = next(r for r in records if r.name == "initrd.img")
+    assert initrd.sha256 == digest and initrd.complete and initrd.bytes == 3_000_000
+
+
+def _records(server: FileServer, count: int) -> list[Served]:
+    deadline = time.monotonic() + 10
+    while len(server.records()) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return server.records()
+
+
+def test_server_cuts_short_a_file_that_changed(tmp_path: Path) -> None:
+    blob = tmp_path / "vmlinuz"
+    blob.write_bytes(b"good" * 1_000_000)
+    good = hashlib.sha256(blob.read_bytes()).hexdigest()
+    blob.write_bytes(b"evil" * 1_000_000)  # changed after the check before boot
+    with FileServer({"vmlinuz": Source(path=blob, expect_sha256=good)}) as server:
+        with (
+            pytest.raises(http.client.IncompleteRead),
+            urllib.request.urlopen(server.url + "vmlinuz", timeout=10) as response,  # noqa: S310
+        ):
+            response.read()
+        record = _records(server, 1)[0]
+    assert not record.complete
+    assert record.bytes < 4_000_000
+    assert record.sha256 != good
+
+
+def test_server_binds_loopback_only() -> None:
+    with pytest.raises(ValueError, match="loopback"):
+        FileServer({}, host="0.0.0.0")  # noqa: S104
+
+
+def test_ssh_banner_needs_a_real_banner() -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(2)
+        port = listener.getsockname()[1]
+
+        def serve() -> None:
+            conn, _ = listener.accept()  # first: accepted and closed (what slirp does early on)
+            conn.close()
+            conn, _ = listener.accept()
+            conn.sendall(b"SSH-2.0-OpenSSH_10.0p2 Debian-7\r\n")
+            conn.close()
+
+        thread = threading.Thread(target=serve)
+        thread.start()
+        assert boot._ssh_banner(port) == ""
+        assert boot._ssh_banner(port) == "SSH-2.0-OpenSSH_10.0p2 Debian-7"
+        thread.join()
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+
+def amnesiac(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "amnesiac.cli", *args], capture_output=True, text=True, check=False
+    )
+
+
+def test_cli_missing_dir_is_one_line(tmp_path: Path) -> None:
+    result = amnesiac("boot", str(tmp_path / "nope"), "--accel", "tcg")
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "no such build directory" in result.stderr
+
+
+def test_cli_mismatch_is_one_line_exit_1(tmp_path: Path) -> None:
+    out = fake_build(tmp_path)
+    (out / "vmlinuz").write_bytes(b"other kernel")
+    result = amnesiac("boot", str(out), "--accel", "tcg")
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "vmlinuz does not match manifest.json" in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_private_key_is_refused(tmp_path: Path) -> None:
+    out = fake_build(tmp_path)
+    private = tmp_path / "id"
+    private.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nAAAA\n-----END OPENSSH PRIVATE KEY-----\n")
+    result = amnesiac("boot", str(out), "--ssh-key", str(private), "--accel", "tcg")
+    assert result.returncode == 2 and "is a private key" in result.stderr
+
+
+def test_cli_help_documents_the_lifecycle() -> None:
+    result = amnesiac("boot", "--help")
+    assert result.returncode == 0
+    for words in ("Ctrl-C", "--wait", "--ssh-key", "--no-test-devices", "--memory", "manifest.json"):
+        assert words in result.stdout
