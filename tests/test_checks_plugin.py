@@ -41,6 +41,12 @@ def decides(probe):
     not_applicable("nothing to look at here")
 
 
+@check(claims=["c-broken"], rationale="cannot look")
+def broken(probe):
+    probe.run("true")
+    raise RuntimeError("lost the connection")
+
+
 def helper_not_a_check(probe):
     raise AssertionError("never collected")
 """
@@ -70,7 +76,10 @@ def test_outcomes(tmp_path: Path) -> None:
         "sample.fails",
         "sample.kernel_only",
         "sample.decides",
+        "sample.broken",
     }
+    assert results["sample.broken"]["outcome"] == "error"  # not a failure of the claim: no proof at all
+    assert "RuntimeError: lost the connection" in str(results["sample.broken"]["reason"])
     assert results["sample.passes"]["outcome"] == "passed"
     assert results["sample.passes"]["claims"] == ["c-pass"]
     evidence = results["sample.passes"]["evidence"]

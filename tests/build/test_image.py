@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.build.conftest import REPO, SDE, Built, amnesiac, build
+from tests.images import REPO, SDE, Built, amnesiac, build
 
 pytestmark = pytest.mark.build
 

@@ -59,9 +59,13 @@ def no_i8042_keyboard(probe: Probe) -> None:
     "getty units are masked so nothing can start one.",
 )
 def no_getty(probe: Probe, kind: Any) -> None:
+    # A unit is masked by a link to /dev/null in /etc; an alias (autovt@ is getty@ in Debian)
+    # is masked when the unit it names is.
     masked = probe.run(
         "for u in getty@.service serial-getty@.service autovt@.service console-getty.service; do "
-        'printf "%s %s\\n" $u "$(readlink /etc/systemd/system/$u)"; done'
+        "t=$u; a=$(readlink /usr/lib/systemd/system/$u); case $a in */*|'') ;; *) t=$a;; esac; "
+        "l=$(readlink /etc/systemd/system/$u || readlink /etc/systemd/system/$t); "
+        'printf "%s %s %s\\n" $u $t "$l"; done'
     ).stdout.splitlines()
     unmasked = [line.split()[0] for line in masked if not line.endswith("/dev/null")]
     assert unmasked == [], f"getty units not masked: {unmasked}"

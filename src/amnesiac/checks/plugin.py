@@ -133,12 +133,12 @@ def _record(
         outcome = "passed"
         if not evidence:
             outcome, reason = "error", "the check recorded no evidence; silence is not a pass"
-    elif report.when == "call":
+    elif report.when == "call" and call.excinfo is not None and call.excinfo.errisinstance(AssertionError):
         outcome = "failed"
         reason = _failure(call)
-    else:
+    else:  # an exception that is not an assertion: the check could not look, so it proves nothing
         outcome = "error"
-        reason = f"{report.when} failed: {_failure(call)}"
+        reason = f"{report.when}: {call.excinfo.typename if call.excinfo else 'error'}: {_failure(call)}"
     params = getattr(item, "callspec", None)
     return {
         "id": meta.id,
@@ -163,7 +163,11 @@ def _failure(call: pytest.CallInfo[None]) -> str:
     if call.excinfo is None:
         return "failed"
     text = str(call.excinfo.value) or call.excinfo.typename
-    return bounded(" ".join(text.split()) if len(text) < 300 else text, 1500)
+    if isinstance(call.excinfo.value, AssertionError):
+        # pytest appends its own explanation ("assert ... where ..."): the check's message is
+        # what a reviewer reads; the evidence carries the rest.
+        text = text.split("\nassert ", 1)[0]
+    return bounded(text.strip(), 1500)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

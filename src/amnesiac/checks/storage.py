@@ -65,7 +65,16 @@ def no_block_device_mounted(probe: Probe) -> None:
         'driver=$(basename "$(readlink $d/driver)" 2>/dev/null)";; '
         "esac; done"
     ).stdout.splitlines()
-    bound = [line for line in claimed if not line.endswith("driver=")]
+    # virtio-pci is only the transport; the disk driver would be virtio_blk on the virtio bus.
+    virtio = probe.run(
+        "for v in /sys/bus/virtio/devices/*; do [ -e $v/device ] || continue; "
+        'echo "$(basename $v) device=$(cat $v/device) '
+        'driver=$(basename "$(readlink $v/driver)" 2>/dev/null)"; done'
+    ).stdout.splitlines()
+    bound = [line for line in claimed if not line.endswith(("driver=", "driver=virtio-pci"))]
+    # virtio device ids: 0x0002 block, 0x0008 SCSI host.
+    bound += [line for line in virtio if line.split()[1] in ("device=0x0002", "device=0x0008")
+              and not line.endswith("driver=")]  # fmt: skip
     assert bound == [], f"storage controllers with a driver: {bound}"
 
 

@@ -1,0 +1,57 @@
+"""verify on an unpacked image root (chroot:): the build-time half of every claim.
+
+The negative proof: on the OVPN image built with every control off, every technical claim of
+the policy fails. A check that could never fail would leave its claim standing here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from amnesiac import policy
+from tests.images import REPO, Built, amnesiac
+
+pytestmark = pytest.mark.build
+
+OVPN = REPO / "policies/ovpn.yml"
+
+
+def verify_rootfs(built: Built, report: Path) -> tuple[int, dict[str, Any]]:
+    result = amnesiac(
+        "verify", "--json", "--policy", str(OVPN), "--target", f"chroot:{built.root}",
+        "--build", str(built.out), "--report", str(report), check=False,
+    )  # fmt: skip
+    assert result.returncode in (0, 1), result.stderr
+    data: dict[str, Any] = json.loads((report / "report.json").read_text())
+    return result.returncode, data
+
+
+def statuses(report: dict[str, Any]) -> dict[str, str]:
+    return {c["id"]: c["status"] for c in report["claims"] if c["kind"] == "technical"}
+
+
+def test_shipped_image_root_passes(ovpn: Built, tmp_path: Path) -> None:
+    code, report = verify_rootfs(ovpn, tmp_path / "report")
+    failed = {c["id"]: c["reason"] for c in report["claims"] if c["status"] == "failed"}
+    assert failed == {}
+    assert code == 0
+    assert report["target"]["kind"] == "chroot"
+    assert report["target"]["identity"]["image_sha256"] == ovpn.manifest["image"]["sha256"]
+    # Build-time checks ran: a rootfs is not a free pass.
+    outcomes = [k["outcome"] for c in report["claims"] for k in c["checks"]]
+    assert outcomes.count("passed") >= 10
+    assert all(c["status"] != "not-applicable" or c["reason"] for c in report["claims"])
+    assert (tmp_path / "report/report.html").is_file() and (tmp_path / "report/junit.xml").is_file()
+
+
+def test_every_claim_fails_without_its_controls(ovpn_without_controls: Built, tmp_path: Path) -> None:
+    code, report = verify_rootfs(ovpn_without_controls, tmp_path / "report")
+    assert code == 1
+    technical = {c.id for c in policy.load(OVPN).technical_claims()}
+    got = statuses(report)
+    standing = sorted(c for c in technical if got[c] != "failed")
+    assert standing == [], f"claims whose checks do not fail without their controls: {standing}"

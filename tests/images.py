@@ -1,0 +1,112 @@
+"""Real images for the slow tiers, built once per session and shared by build, boot and verify.
+
+`ovpn` is the default image. `ovpn_without_controls` is the same policy with every control
+switched off (and a syslog daemon added): the image the negative tests prove the checks fail on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from amnesiac.build.pack import unpack_initrd
+
+REPO = Path(__file__).resolve().parent.parent
+SDE = 1_700_000_000  # a fixed SOURCE_DATE_EPOCH: builds of the same inputs must agree byte for byte
+
+# Every control of the OVPN policy's roles, off; each is a role variable a negative-test image
+# sets. A syslog daemon is added because Debian installs none by default: without one, "no
+# syslog daemon" could not fail.
+WITHOUT_CONTROLS = {
+    "server_base_packages": "[systemd, systemd-sysv, udev, iproute2, kmod, rsyslog]",
+    "ram_root_no_block_storage": "false",
+    "ram_root_storage_modules": "[virtio_blk, virtio_scsi, sd_mod]",
+    "ram_root_fstab_entries": "['/dev/vda /mnt auto defaults,nofail 0 0']",
+    "no_logs_syslog": "false",
+    "no_logs_journald_storage": "volatile",
+    "no_logs_login_records": "false",
+    "no_logs_kernel_messages": "false",
+    "no_logs_audit": "false",
+    "no_logs_var_log_readonly": "false",
+    "openvpn_server_discard_logs": "false",
+    "openvpn_server_apparmor": "false",
+    "openvpn_server_systemd_sandbox": "false",
+    "firewall_log_dropped": "true",
+    "firewall_per_client_counters": "true",
+    "dns_resolver_log_queries": "true",
+    "input_lockdown_usb": "false",
+    "input_lockdown_keyboard": "false",
+    "input_lockdown_gettys": "false",
+    "input_lockdown_sysrq": "false",
+    "input_lockdown_ctrl_alt_del": "false",
+    "input_lockdown_rescue_shell": "false",
+    "input_lockdown_lock_modules": "false",
+    "ssh_admin_key_only": "false",
+    "ssh_admin_log_level": "INFO",
+    "ssh_admin_no_lastlog": "false",
+}
+
+
+def amnesiac(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [sys.executable, "-m", "amnesiac.cli", *args], capture_output=True, text=True, check=False, cwd=REPO
+    )
+    if check and result.returncode != 0:
+        pytest.fail(f"amnesiac {' '.join(args)} exited {result.returncode}:\n{result.stderr[-3000:]}")
+    return result
+
+
+@dataclass(frozen=True)
+class Built:
+    out: Path
+    summary: dict[str, Any]
+    manifest: dict[str, Any]
+    root: Path  # the root filesystem unpacked from initrd.img
+    early: Path  # the early archive unpacked
+
+
+def build(out: Path, *extra: str) -> dict[str, Any]:
+    result = amnesiac("build", "--json", "--source-date-epoch", str(SDE), "--out", str(out), *extra)
+    summary: dict[str, Any] = json.loads(result.stdout)
+    return summary
+
+
+def build_and_unpack(base: Path, name: str, *extra: str) -> Built:
+    out = base / name
+    summary = build(out, "--policy", "policies/ovpn.yml", *extra)
+    manifest = json.loads((out / "manifest.json").read_text())
+    early, root = unpack_initrd(
+        out / "initrd.img", manifest["image"]["initrd_pieces"], base / f"{name}.unpacked"
+    )
+    return Built(out, summary, manifest, root, early)
+
+
+def without_controls_args() -> list[str]:
+    return [arg for name, value in WITHOUT_CONTROLS.items() for arg in ("--var", f"{name}={value}")]
+
+
+@pytest.fixture(scope="session")
+def needs_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("building and booting images needs root (mmdebstrap, chroot, QEMU)")
+
+
+@pytest.fixture(scope="session")
+def ovpn(tmp_path_factory: pytest.TempPathFactory, needs_root: None) -> Built:
+    """The default image: policies/ovpn.yml as shipped."""
+    return build_and_unpack(tmp_path_factory.mktemp("images"), "ovpn")
+
+
+@pytest.fixture(scope="session")
+def ovpn_without_controls(tmp_path_factory: pytest.TempPathFactory, needs_root: None) -> Built:
+    """The OVPN policy's image with every control off: every technical claim must fail on it."""
+    return build_and_unpack(
+        tmp_path_factory.mktemp("images"), "ovpn-without-controls", *without_controls_args()
+    )
