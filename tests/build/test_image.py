@@ -130,7 +130,7 @@ def test_rebuild_is_reproducible(ovpn: Built, tmp_path: Path) -> None:
 
 def test_tmpfs_too_small_is_refused(ovpn: Built, tmp_path: Path) -> None:
     out = tmp_path / "tiny"
-    result = amnesiac("build", "--var", "ram_root_tmpfs_size_mib=64", "--out", str(out), check=False)
+    result = amnesiac("build", "--var", "ram_root_tmpfs_size_mib=100", "--out", str(out), check=False)
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
     assert "does not fit" in last or "needs" in last, result.stderr

@@ -20,7 +20,9 @@ def resolver_answers_without_logging(probe: Probe) -> None:
     answer = probe.run(f"getent ahostsv4 {LOCAL_NAME}")
     assert answer.rc == 0 and answer.stdout.strip(), f"the resolver did not answer for {LOCAL_NAME}"
     mark = canary()
-    probe.run(f"getent ahostsv4 {mark}.{LOCAL_NAME}; getent ahostsv4 {mark}.example.com; true")
+    # A name under the local zone: answered at once (a name on the internet would be recursed
+    # for, and without a network that is a wait for timeouts, not a better test of the log).
+    probe.run(f"getent ahostsv4 {mark}.{LOCAL_NAME}; true")
     found = find_everywhere(probe, mark)
     assert found == [], f"the queried name was stored in {found}"
 
@@ -31,12 +33,14 @@ def resolver_answers_without_logging(probe: Probe) -> None:
     "no log file and no statistics.",
 )
 def no_query_log(probe: Probe) -> None:
-    settings = {}
-    for option in ("log-queries", "log-replies", "log-local-actions", "log-servfail", "logfile", "verbosity",
-                   "extended-statistics", "statistics-interval"):  # fmt: skip
-        result = probe.run(f"unbound-checkconf -o {option}")
-        assert result.rc == 0, f"unbound-checkconf cannot read the configuration: {result.stderr}"
-        settings[option] = result.stdout.strip()
+    options = ("log-queries", "log-replies", "log-local-actions", "log-servfail", "logfile", "verbosity",
+               "extended-statistics", "statistics-interval")  # fmt: skip
+    # One round trip: unbound-checkconf reads one option per run.
+    result = probe.run(
+        f'for o in {" ".join(options)}; do v=$(unbound-checkconf -o $o) || exit 1; echo "$o=$v"; done'
+    )
+    assert result.rc == 0, f"unbound-checkconf cannot read the configuration: {result.stdout} {result.stderr}"
+    settings = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
     wanted = {
         "log-queries": "no",
         "log-replies": "no",
@@ -46,6 +50,6 @@ def no_query_log(probe: Probe) -> None:
         "extended-statistics": "no",
         "statistics-interval": "0",
     }
-    wrong = {k: settings[k] for k, v in wanted.items() if settings[k] != v}
+    wrong = {k: settings.get(k) for k, v in wanted.items() if settings.get(k) != v}
     assert wrong == {}, f"unbound records queries: {wrong}"
-    assert int(settings["verbosity"] or "0") <= 1, f"unbound verbosity {settings['verbosity']}"
+    assert int(settings.get("verbosity") or "0") <= 1, f"unbound verbosity {settings.get('verbosity')}"
