@@ -44,6 +44,17 @@ class Probe:
         self.evidence.append(Evidence(shown, result.rc, bounded(output.strip()), note))
         return result
 
+    def pci_devices(self, class_prefix: str) -> list[tuple[str, str, str]]:
+        """PCI functions of a class (e.g. 0x0c03 USB): (address, vendor:device, driver or "")."""
+        out = self.run(
+            "for d in /sys/bus/pci/devices/*; do case $(cat $d/class) in " + class_prefix + "*) "
+            'echo "$(basename $d) $(cat $d/vendor):$(cat $d/device) '
+            '$(basename "$(readlink $d/driver)" 2>/dev/null)";; esac; done'
+        ).stdout
+        return [
+            (f[0], f[1], f[2] if len(f) > 2 else "") for f in (line.split() for line in out.splitlines()) if f
+        ]
+
     def note(self, text: str) -> None:
         self.evidence.append(Evidence("", None, "", bounded(text)))
 

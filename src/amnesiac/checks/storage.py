@@ -58,20 +58,14 @@ def no_block_device_mounted(probe: Probe) -> None:
     real = [b for b in blocks if not b.startswith(("loop", "ram", "zram"))]
     assert real == [], f"block devices exist: {real}"
     # The controllers are on the bus (the harness attached them) but no driver claims them.
-    claimed = probe.run(
-        "for d in /sys/bus/pci/devices/*; do "
-        "case $(cat $d/class) in " + PCI_STORAGE_CLASS + "*) "
-        'echo "$(basename $d) $(cat $d/vendor):$(cat $d/device) '
-        'driver=$(basename "$(readlink $d/driver)" 2>/dev/null)";; '
-        "esac; done"
-    ).stdout.splitlines()
+    controllers = probe.pci_devices(PCI_STORAGE_CLASS)
     # virtio-pci is only the transport; the disk driver would be virtio_blk on the virtio bus.
     virtio = probe.run(
         "for v in /sys/bus/virtio/devices/*; do [ -e $v/device ] || continue; "
         'echo "$(basename $v) device=$(cat $v/device) '
         'driver=$(basename "$(readlink $v/driver)" 2>/dev/null)"; done'
     ).stdout.splitlines()
-    bound = [line for line in claimed if not line.endswith(("driver=", "driver=virtio-pci"))]
+    bound = [" ".join(c) for c in controllers if c[2] not in ("", "virtio-pci")]
     # virtio device ids: 0x0002 block, 0x0008 SCSI host.
     bound += [line for line in virtio if line.split()[1] in ("device=0x0002", "device=0x0008")
               and not line.endswith("driver=")]  # fmt: skip
