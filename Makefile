@@ -13,10 +13,12 @@ export AMNESIAC_CACHE ?= $(CURDIR)/build/cache
 # Debian packages the tool runs: command -> package.
 HOST_TOOLS := mmdebstrap:mmdebstrap zstd:zstd cpio:cpio chroot:coreutils dpkg-query:dpkg \
 	qemu-system-x86_64:qemu-system-x86 podman:podman runc:runc busybox:busybox-static \
-	ssh:openssh-client ssh-keygen:openssh-client chromium:chromium
-HOST_FILES := /usr/lib/ipxe/qemu/efi-virtio.rom:ipxe-qemu /usr/share/doc/python3-venv:python3-venv
+	ssh:openssh-client ssh-keygen:openssh-client scp:openssh-client chromium:chromium \
+	flock:util-linux wipefs:util-linux sfdisk:fdisk mkfs.vfat:dosfstools mcopy:mtools
+HOST_FILES := /usr/lib/ipxe/qemu/efi-virtio.rom:ipxe-qemu /usr/share/doc/python3-venv:python3-venv \
+	/usr/lib/systemd/boot/efi/systemd-bootx64.efi:systemd-boot-efi /usr/share/OVMF/OVMF_CODE_4M.fd:ovmf
 
-.PHONY: setup host-packages venv build test test-fast lint clean
+.PHONY: setup host-packages venv build test test-fast lint molecule clean
 
 setup: host-packages venv
 
@@ -45,6 +47,12 @@ build: setup
 # HTML report in Chromium). Molecule joins here when its scenarios land.
 test: setup
 	$(BIN)/pytest -m 'not molecule' -p no:cacheprovider
+
+# The molecule tier alone: every role's scenario and the whole image playbook's, each a
+# `molecule test` in a systemd container (podman) from the base image `amnesiac container-image`
+# builds and caches (no registry). One scenario, for development: molecule/run test -s no_logs
+molecule: setup
+	$(BIN)/pytest -m molecule -p no:cacheprovider tests/molecule
 
 test-fast: venv
 	$(BIN)/pytest

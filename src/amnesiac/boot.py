@@ -237,6 +237,10 @@ class BootOptions:
     ssh_port: int | None = None  # host port forwarded to the guest's 22; None: a free one
     forwards: tuple[tuple[Literal["tcp", "udp"], int], ...] = ()  # more guest ports to forward
     serial_log: Path | None = None  # keep the console log here; None: in the temp dir
+    # Netboot from a PXE root that `amnesiac flash` publishes to (every file under it is served,
+    # as it is when the boot starts; its boot.ipxe chains into versions/<sha256>/) instead of the
+    # build directory. The build passed to running() is then the image expected to boot.
+    pxe_root: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -592,7 +596,7 @@ class BootedMachine:
         """vmlinuz and initrd.img were served whole and match manifest.json."""
         records = self.served()
         for name in MUST_MATCH:
-            done = [r for r in records if r.name == name and r.status == 200 and r.bytes]
+            done = [r for r in records if _basename(r.name) == name and r.status == 200 and r.bytes]
             if not done:
                 raise BootError(f"{name} was never served to the guest")
             for record in done:
@@ -644,9 +648,9 @@ class BootedMachine:
     def _refuse_mismatch(self) -> None:
         for record in self.served():
             if (
-                record.name in MUST_MATCH
+                _basename(record.name) in MUST_MATCH
                 and record.bytes
-                and record.sha256 != self.image.expected(record.name)
+                and record.sha256 != self.image.expected(_basename(record.name))
             ):
                 raise ImageMismatch(f"{record.name} changed on disk while being served; the boot was stopped")
 
@@ -767,10 +771,14 @@ def running(build_dir: Path, options: BootOptions | None = None) -> Iterator[Boo
     stack = contextlib.ExitStack()
     stack.callback(shutil.rmtree, work, ignore_errors=True)
     try:
-        table = {
-            name: Source(path=image.path(name), expect_sha256=image.expected(name))
-            for name in SERVED_ARTIFACTS
-        }
+        table = (
+            pxe_root_table(options.pxe_root)
+            if options.pxe_root is not None
+            else {
+                name: Source(path=image.path(name), expect_sha256=image.expected(name))
+                for name in SERVED_ARTIFACTS
+            }
+        )
         overlay_sha256 = None
         if overlay_files:
             mtime = int(image.manifest.get("source_date_epoch") or 0)
@@ -831,6 +839,23 @@ def running(build_dir: Path, options: BootOptions | None = None) -> Iterator[Boo
     finally:
         with _shielded():
             stack.close()
+
+
+def pxe_root_table(root: Path) -> dict[str, Source]:
+    """Every regular file under a PXE root, by its path relative to it (hidden ones left out)."""
+    if not (root / "boot.ipxe").is_file():
+        raise UsageError(f"{root}: no boot.ipxe; not a PXE root (see `amnesiac flash --to`)")
+    table = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if path.is_file() and not any(part.startswith(".") for part in rel.parts):
+            table[rel.as_posix()] = Source(path=path)
+    return table
+
+
+def _basename(name: str) -> str:
+    """A served name without its directories: versions/<sha256>/initrd.img is an initrd.img."""
+    return name.rsplit("/", 1)[-1]
 
 
 def _shielded_stop(machine: BootedMachine) -> None:

@@ -1,0 +1,227 @@
+"""`amnesiac flash`: which action the options ask for, and what it prints."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from amnesiac.errors import UsageError
+from amnesiac.flash import candidate as candidates
+from amnesiac.flash import publish as ops
+from amnesiac.flash import signing
+from amnesiac.flash.model import MANIFEST
+from amnesiac.flash.store import Store, open_store
+from amnesiac.progress import Progress
+
+
+@dataclass(frozen=True)
+class FlashOptions:
+    build: Path | None = None
+    to: str | None = None
+    usb: Path | None = None
+    list: bool = False
+    rollback: str | None = None  # "" : the previous version
+    prune: bool = False
+    check: bool = False
+    keep: int = ops.DEFAULT_KEEP
+    report: Path | None = None
+    force: bool = False
+    sign: Path | None = None
+    allowed_signers: Path | None = None
+    ssh_config: Path | None = None
+    ssh_key: Path | None = None
+    lock_timeout: float = ops.DEFAULT_LOCK_TIMEOUT
+    json: bool = False
+
+
+def action(options: FlashOptions) -> str:
+    """publish, list, rollback, prune, check, usb or sign; a UsageError for a muddle."""
+    chosen = [
+        name
+        for name, on in (
+            ("list", options.list),
+            ("rollback", options.rollback is not None),
+            ("prune", options.prune),
+            ("check", options.check),
+            ("usb", options.usb is not None),
+        )
+        if on
+    ]
+    if len(chosen) > 1:
+        raise UsageError(f"flash: choose one of --{' / --'.join(chosen)}")
+    if options.keep < 1:
+        raise UsageError("--keep must be at least 1 (the current and previous versions are always kept)")
+    name = chosen[0] if chosen else ("publish" if options.to else ("sign" if options.sign else ""))
+    if not name:
+        raise UsageError("flash: say where: --to PXE_ROOT, --usb FILE_OR_DEVICE, or --sign KEY alone")
+    if name in {"list", "rollback", "prune"}:
+        if options.to is None:
+            raise UsageError(f"--{name} needs --to PXE_ROOT")
+        if options.build is not None:
+            raise UsageError(f"--{name} takes no BUILD_DIR")
+    elif name == "usb" and options.to is not None:
+        raise UsageError("--usb and --to are separate runs")
+    elif options.build is None:
+        raise UsageError(f"flash: BUILD_DIR is needed to {name}")
+    return name
+
+
+def command(options: FlashOptions) -> int:
+    name = action(options)
+    progress = Progress(quiet=options.json)
+    if options.sign is not None and name in {"publish", "check", "usb", "sign"}:
+        _sign(_build(options), options.sign, progress)
+    if name == "usb":
+        from amnesiac.flash import usb
+
+        written = usb.command(options, progress)
+        _emit(options, progress, written.as_dict(), written.summary())
+    elif name == "list":
+        _list(_store(options), options)
+    elif name == "rollback":
+        _rollback(_store(options), options, progress)
+    elif name == "prune":
+        outcome = ops.prune(_store(options), progress, keep=options.keep, lock_timeout=options.lock_timeout)
+        _emit(
+            options,
+            progress,
+            outcome.as_dict(),
+            f"pruned {len(outcome.pruned)} version(s) from {outcome.root}",
+        )
+    elif name in {"publish", "check"}:
+        _publish(options, progress, check_only=name == "check")
+    return 0
+
+
+def _build(options: FlashOptions) -> Path:
+    if options.build is None:
+        raise UsageError("flash: BUILD_DIR is needed")
+    return options.build
+
+
+def _store(options: FlashOptions) -> Store:
+    if options.to is None:
+        raise UsageError("flash: --to PXE_ROOT is needed")
+    return open_store(options.to, ssh_config=options.ssh_config, ssh_key=options.ssh_key)
+
+
+def _rollback(store: Store, options: FlashOptions, progress: Progress) -> None:
+    allowed = ops.allowed_signers(store, options.allowed_signers)
+    outcome = ops.rollback(
+        store, options.rollback or None, progress, allowed=allowed, lock_timeout=options.lock_timeout
+    )
+    text = (
+        f"[bold green]rolled back[/] {outcome.root} to {str(outcome.version)[:12]} "
+        f"(from {str(outcome.previous)[:12]})"
+        if outcome.switched
+        else f"{str(outcome.version)[:12]} is already current at {outcome.root}"
+    )
+    _emit(options, progress, outcome.as_dict(), text)
+
+
+def _publish(options: FlashOptions, progress: Progress, *, check_only: bool) -> None:
+    build = _build(options)
+    store = _store(options) if options.to else None
+    with progress.stage("check", f"Check {build}") as stage:
+        found = candidates.load(build, options.report)
+        allowed, source = ops.allowed_signers(store, options.allowed_signers)
+        admitted = ops.admit(found, allowed, source, force=options.force)
+        stage.note = _verdicts(admitted)
+    for objection in admitted.objections:
+        if not progress.quiet:
+            progress.console.print(f"[yellow]forced:[/] {objection}", soft_wrap=True)
+    if check_only or store is None:
+        verdict = "fit to publish" if not admitted.objections else "publishable only with --force:"
+        data: dict[str, object] = {
+            "action": "check",
+            "build": str(build),
+            "version": admitted.image_sha256,
+            "objections": admitted.objections,
+            "signature": admitted.signer.model_dump() if admitted.signer else None,
+            "report": admitted.report.model_dump() if admitted.report else None,
+        }
+        _emit(options, progress, data, f"[bold]{verdict}[/] {admitted.short}")
+        return
+    outcome = ops.publish(
+        store, admitted, progress, force=options.force, keep=options.keep, lock_timeout=options.lock_timeout
+    )
+    what = "published" if outcome.switched else "already current:"
+    text = f"[bold green]{what}[/] {admitted.short} at {outcome.root}"
+    if outcome.switched:
+        text += f" (previous: {(outcome.previous or 'none')[:12]})"
+    if outcome.pruned:
+        text += f"; pruned {', '.join(p[:12] for p in outcome.pruned)}"
+    _emit(options, progress, outcome.as_dict(), text)
+
+
+def _sign(build: Path, key: Path, progress: Progress) -> None:
+    manifest = build / MANIFEST
+    if not manifest.is_file():
+        raise UsageError(f"{manifest}: missing; {build} is not a finished build")
+    with progress.stage("sign", f"Sign {manifest}") as stage:
+        out, fingerprint = signing.sign(manifest, key)
+        stage.note = f"{out.name}, {fingerprint}"
+
+
+def _verdicts(found: candidates.Candidate) -> str:
+    signed = f"signed by {found.signer.principal}" if found.signer else "signature not checked"
+    report = "report: pass" if found.report and found.report.passed else "report: no pass"
+    return f"image {found.short}, {signed}, {report}"
+
+
+def _emit(options: FlashOptions, progress: Progress, data: dict[str, object], text: str) -> None:
+    if options.json:
+        print(json.dumps(data, indent=2))
+    else:
+        progress.console.print(text, soft_wrap=True)
+
+
+def _list(store: Store, options: FlashOptions) -> None:
+    found = ops.listing(store)
+    if options.json:
+        print(json.dumps(found.as_dict(), indent=2))
+        return
+    console = Console(highlight=False) if sys.stdout.isatty() else Console(highlight=False, width=200)
+    if not found.exists:
+        console.print(f"{found.root}: no such PXE root")
+        return
+    if not found.versions:
+        console.print(f"{found.root}: nothing published")
+        return
+    table = Table(title=f"{found.root}", title_justify="left")
+    for column in ("", "version", "policy", "built", "published", "report", "signed by", "notes"):
+        table.add_column(column)
+    for version in found.versions:
+        record = version.record
+        mark = "current" if version.current else ("previous" if version.previous else "")
+        if record is None:
+            table.add_row(mark, version.name[:12], "", "", "", "", "", f"[red]{version.problem}[/]")
+            continue
+        report = record.report
+        report_text = (
+            "[green]pass[/]"
+            if report and report.passed
+            else (f"[red]{report.verdict}, not this image[/]" if report else "[red]none[/]")
+        )
+        if report and not report.passed and report.verdict == "fail":
+            report_text = "[red]fail[/]"
+        signer = record.signature.principal if record.signature else "[red]unsigned[/]"
+        notes = (
+            f"[yellow]forced[/] by {record.published_by}" if record.forced else f"by {record.published_by}"
+        )
+        table.add_row(
+            f"[bold]{mark}[/]",
+            version.name[:12],
+            record.policy_id,
+            record.built[:10],
+            record.published,
+            report_text,
+            signer,
+            notes,
+        )
+    console.print(table)

@@ -1,0 +1,168 @@
+"""The PXE root's layout, its one piece of state (the root boot.ipxe) and what flash records.
+
+```
+PXE_ROOT/
+  boot.ipxe                 the entry point machines netboot: chains versions/<sha256>/boot.ipxe;
+                            its comment line holds the state (current, previous); replaced
+                            only by an atomic rename
+  versions/<sha256>/        one published image, named by its image sha256, never modified:
+    vmlinuz initrd.img boot.ipxe manifest.json   the build's files, checked against manifest.json
+    manifest.json.sig       the OpenSSH signature of manifest.json (when signed)
+    report.json             the `amnesiac verify` report it was published with (when attached)
+    publish.json            who published it, when, the signer, the gate's verdict, --force
+  allowed_signers           (optional) OpenSSH allowed-signers: every publish must be signed
+  flash.log                 one JSON line per publish, rollback and prune (an audit trail)
+  .flash.lock               flock(2) lock that serialises flashes to this root
+  .staging/ .trash/         a publish's copy in progress / a pruned version being removed
+```
+A version appears in versions/ only complete and checked (renamed from .staging/), and the
+entry point names versions by hash, so a machine that fetched the old boot.ipxe goes on
+fetching the old version's files even while a publish switches: never a mix.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from amnesiac.errors import AmnesiacError
+
+ROOT_SCRIPT = "boot.ipxe"
+VERSIONS = "versions"
+STAGING = ".staging"
+TRASH = ".trash"
+LOCK = ".flash.lock"
+LOG = "flash.log"
+ALLOWED_SIGNERS = "allowed_signers"
+MANIFEST = "manifest.json"
+SIGNATURE = "manifest.json.sig"
+REPORT = "report.json"
+RECORD = "publish.json"
+BOOT_FILES = ("vmlinuz", "initrd.img", "boot.ipxe")  # listed with their sha256 in manifest.json
+STATE_MARK = "# amnesiac-flash-state: "
+FORMAT: Literal[1] = 1
+
+HASH = re.compile(r"^[0-9a-f]{64}$")
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class FlashError(AmnesiacError):
+    """A publish, rollback or prune could not be done; the PXE root still serves what it did."""
+
+
+class Refused(FlashError):
+    """The image is not fit to publish: no passing report, a bad signature, a changed artifact."""
+
+    exit_code = 3
+
+
+class LockBusy(FlashError):
+    """Another flash held the root's lock for longer than --lock-timeout."""
+
+    exit_code = 75  # EX_TEMPFAIL: try again later
+
+
+def now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class State(_Model):
+    """What the root's boot.ipxe selects; the only mutable state of a PXE root."""
+
+    current: Sha256
+    previous: Sha256 | None = None
+    action: Literal["publish", "rollback"]
+    switched: str  # ISO 8601, UTC
+    by: str  # user@host of the flash that switched
+
+
+def root_script(state: State) -> str:
+    """The entry point: a comment carrying the state, and a chain into the current version."""
+    return (
+        "#!ipxe\n"
+        "# Written by `amnesiac flash`, replaced atomically on every publish and rollback: do not edit.\n"
+        f"{STATE_MARK}{state.model_dump_json()}\n"
+        f"chain {VERSIONS}/{state.current}/boot.ipxe\n"
+    )
+
+
+def parse_root_script(text: str, where: str) -> State | None:
+    """The state in a root boot.ipxe; None when the script was not written by flash."""
+    lines = text.splitlines()
+    mark = [ln for ln in lines if ln.startswith(STATE_MARK)]
+    if not lines or lines[0].strip() != "#!ipxe" or len(mark) != 1:
+        return None
+    try:
+        state = State.model_validate_json(mark[0].removeprefix(STATE_MARK))
+    except ValidationError as exc:
+        raise FlashError(f"{where}: unreadable flash state ({_first_error(exc)})") from None
+    if f"chain {VERSIONS}/{state.current}/boot.ipxe" not in lines:
+        raise FlashError(f"{where}: its chain line does not name the current version {state.current[:12]}")
+    return state
+
+
+class FileInfo(_Model):
+    sha256: Sha256
+    size: int = Field(ge=0)
+
+
+class SignatureInfo(_Model):
+    """Who signed manifest.json: the allowed-signers principal and the key's fingerprint."""
+
+    principal: str
+    key: str  # "ED25519 SHA256:..."
+    namespace: str
+    allowed_signers_sha256: Sha256
+
+
+class ReportInfo(_Model):
+    """The verification report a version was published with, as the gate read it."""
+
+    verdict: str
+    generated: str
+    target: str
+    image_sha256: str | None
+    passed: bool  # the gate accepted it: a pass, for this image and policy
+
+
+class PublishRecord(_Model):
+    """versions/<sha256>/publish.json: what was published, by whom, and on what evidence."""
+
+    format: Literal[1] = FORMAT
+    image_sha256: Sha256
+    serial: int = Field(ge=1)  # publish order within this root
+    published: str
+    published_by: str
+    policy_id: str
+    policy_sha256: str
+    built: str
+    source_date_epoch: int | None = None
+    kernel_release: str
+    files: dict[str, FileInfo]  # every file of the version but publish.json itself
+    report: ReportInfo | None = None
+    signature: SignatureInfo | None = None
+    forced: list[str] = Field(default_factory=list)  # the gate's objections --force overrode
+
+    def to_bytes(self) -> bytes:
+        return (json.dumps(self.model_dump(mode="json"), indent=2) + "\n").encode()
+
+
+def parse_record(data: bytes, where: str) -> PublishRecord:
+    try:
+        return PublishRecord.model_validate_json(data)
+    except ValidationError as exc:
+        raise FlashError(f"{where}: not a publish record ({_first_error(exc)})") from None
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    return f"{loc}: {err['msg']}" if loc else str(err["msg"])

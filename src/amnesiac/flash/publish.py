@@ -1,0 +1,495 @@
+"""Publish, list, roll back and prune the versions of a PXE root.
+
+A publish, in order, under the root's lock: check the build (artifacts against manifest.json,
+the signature against the allowed signers, the verification report against the manifest), copy
+into .staging/, hash the copy against manifest.json, rename it into versions/<sha256>/, then
+switch the entry point by renaming a new boot.ipxe over the old. Killed at any point before that
+last rename, the root still serves the previous image, whole; the next flash sweeps up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import hashlib
+import json
+import socket
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from amnesiac.errors import UsageError
+from amnesiac.flash import signing
+from amnesiac.flash.candidate import Candidate, check_signature
+from amnesiac.flash.model import (
+    ALLOWED_SIGNERS,
+    MANIFEST,
+    RECORD,
+    ROOT_SCRIPT,
+    SIGNATURE,
+    VERSIONS,
+    FileInfo,
+    FlashError,
+    PublishRecord,
+    Refused,
+    ReportInfo,
+    SignatureInfo,
+    State,
+    now,
+    parse_record,
+    parse_root_script,
+    root_script,
+)
+from amnesiac.flash.store import Snapshot, Store, fault_point
+from amnesiac.progress import Progress
+
+DEFAULT_KEEP = 3
+DEFAULT_LOCK_TIMEOUT = 300.0
+
+
+def operator() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+@dataclass(frozen=True)
+class Version:
+    """One directory of versions/, with its publish record when it is readable."""
+
+    name: str
+    record: PublishRecord | None
+    problem: str | None = None  # why the record could not be read
+    current: bool = False
+    previous: bool = False
+
+    def as_dict(self) -> dict[str, object]:
+        record = self.record
+        return {
+            "version": self.name,
+            "current": self.current,
+            "previous": self.previous,
+            "policy": record.policy_id if record else None,
+            "built": record.built if record else None,
+            "published": record.published if record else None,
+            "published_by": record.published_by if record else None,
+            "serial": record.serial if record else None,
+            "report": record.report.model_dump() if record and record.report else None,
+            "report_passed": bool(record and record.report and record.report.passed),
+            "signature": record.signature.model_dump() if record and record.signature else None,
+            "forced": record.forced if record else [],
+            "problem": self.problem,
+        }
+
+
+@dataclass(frozen=True)
+class Listing:
+    root: str
+    exists: bool
+    state: State | None
+    versions: list[Version]  # newest publish first; unreadable ones last
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "root": self.root,
+            "current": self.state.current if self.state else None,
+            "previous": self.state.previous if self.state else None,
+            "state": self.state.model_dump() if self.state else None,
+            "versions": [v.as_dict() for v in self.versions],
+        }
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a publish, rollback or prune did."""
+
+    action: str
+    root: str
+    version: str | None = None
+    previous: str | None = None
+    switched: bool = False
+    copied: bool = False
+    pruned: list[str] = field(default_factory=list)
+    forced: list[str] = field(default_factory=list)
+    signer: SignatureInfo | None = None
+    report: ReportInfo | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "action": self.action,
+            "root": self.root,
+            "version": self.version,
+            "previous": self.previous,
+            "switched": self.switched,
+            "copied": self.copied,
+            "pruned": self.pruned,
+            "forced": self.forced,
+            "signature": self.signer.model_dump() if self.signer else None,
+            "report": self.report.model_dump() if self.report else None,
+        }
+
+
+# --- reading a root -----------------------------------------------------------------------------
+
+
+def listing(store: Store) -> Listing:
+    return _listing(store, store.snapshot())
+
+
+def _listing(store: Store, snap: Snapshot) -> Listing:
+    state = _state(store, snap)
+    versions = []
+    for name, data in snap.records.items():
+        where = f"{store.label}/{VERSIONS}/{name}"
+        record, problem = None, None
+        if data is None:
+            problem = "no publish.json"
+        else:
+            try:
+                record = parse_record(data, where)
+                if record.image_sha256 != name:
+                    record, problem = None, "publish.json names another image"
+            except FlashError as exc:
+                problem = exc.message
+        versions.append(
+            Version(
+                name,
+                record,
+                problem,
+                current=bool(state and state.current == name),
+                previous=bool(state and state.previous == name),
+            )
+        )
+    versions.sort(key=lambda v: -(v.record.serial if v.record else 0))
+    return Listing(store.label, snap.exists, state, versions)
+
+
+def _state(store: Store, snap: Snapshot) -> State | None:
+    if snap.script is None:
+        return None
+    return parse_root_script(snap.script.decode(errors="replace"), f"{store.label}/{ROOT_SCRIPT}")
+
+
+def _foreign(snap: Snapshot, state: State | None) -> bool:
+    """A boot.ipxe is there that flash did not write (a build copied by hand)."""
+    return snap.script is not None and state is None
+
+
+def allowed_signers(store: Store | None, given: Path | None) -> tuple[bytes | None, str]:
+    """The allowed-signers file in force and where it came from: --allowed-signers, else the root's."""
+    if given is not None:
+        try:
+            return given.read_bytes(), str(given)
+        except OSError as exc:
+            raise UsageError(f"--allowed-signers {given}: cannot read it ({exc.strerror})") from None
+    if store is None:
+        return None, "no --allowed-signers given"
+    data = store.read(ALLOWED_SIGNERS)
+    where = f"{store.label}/{ALLOWED_SIGNERS}"
+    return data, where if data is not None else f"none at {where}, no --allowed-signers given"
+
+
+# --- publish ------------------------------------------------------------------------------------
+
+
+def admit(candidate: Candidate, allowed: bytes | None, source: str, *, force: bool) -> Candidate:
+    """Signature and gate: the candidate, signed and judged; Refused unless it passes or is forced."""
+    candidate = check_signature(candidate, allowed, source)
+    if candidate.objections and not force:
+        more = len(candidate.objections) - 1
+        raise Refused(
+            f"refusing to publish {candidate.build}: {candidate.objections[0]}"
+            + (f" (and {more} more)" if more else ""),
+            hint="--force publishes it anyway, and records that it was forced",
+        )
+    return candidate
+
+
+def publish(
+    store: Store,
+    candidate: Candidate,
+    progress: Progress,
+    *,
+    force: bool = False,
+    keep: int = DEFAULT_KEEP,
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+) -> Outcome:
+    """Publish an admitted candidate and make it current; prune beyond `keep`."""
+    forced = list(candidate.objections)
+    image = candidate.image_sha256
+    with _locked(store, progress, lock_timeout):
+        snap = store.snapshot()
+        state = _state(store, snap)
+        if _foreign(snap, state):
+            objection = f"{store.label}/{ROOT_SCRIPT} was not written by amnesiac flash"
+            if not force:
+                raise Refused(objection, hint="move it away, or --force to replace it (no rollback to it)")
+            forced.append(objection)
+        store.tidy()
+        current = _listing(store, snap)
+        copied = False
+        with progress.stage("copy", f"Copy {candidate.short} to {store.label}") as stage:
+            if image in snap.records and _intact(store, current, image):
+                stage.note = f"{VERSIONS}/{candidate.short} already there, whole"
+            else:
+                if image in snap.records:  # damaged and not current: replaced below
+                    store.remove_version(image)
+                serial = max((v.record.serial for v in current.versions if v.record), default=0) + 1
+                record = candidate.record(serial=serial, by=operator(), forced=forced)
+                _copy_in(store, candidate, record)
+                copied = True
+                size = sum(f.size for f in candidate.expected.values())
+                stage.note = f"{size / 1024**2:.1f} MiB, sha256 checked against manifest.json"
+        switched = False
+        previous = state.current if state else None
+        with progress.stage("switch", f"Switch {store.label}/{ROOT_SCRIPT}") as stage:
+            if state is not None and state.current == image:
+                stage.note = f"{candidate.short} is already current"
+            else:
+                new = State(current=image, previous=previous, action="publish", switched=now(), by=operator())
+                _guard(store, "switching boot.ipxe", lambda: store.switch(root_script(new).encode()))
+                switched = True
+                stage.note = f"{(previous or 'nothing')[:12]} -> {candidate.short}"
+        _log(
+            store,
+            "publish",
+            image,
+            previous=previous if switched else None,
+            forced=forced,
+            signer=candidate.signer,
+        )
+        pruned = _prune(store, keep)
+    return Outcome(
+        "publish",
+        store.label,
+        image,
+        previous if switched else (state.previous if state else None),
+        switched,
+        copied,
+        pruned,
+        forced,
+        candidate.signer,
+        candidate.report,
+    )
+
+
+def _copy_in(store: Store, candidate: Candidate, record: PublishRecord) -> None:
+    data = record.to_bytes()
+    files = {**candidate.files, RECORD: data}
+    expected = {
+        **candidate.expected,
+        RECORD: FileInfo(sha256=hashlib.sha256(data).hexdigest(), size=len(data)),
+    }
+    staging: str | None = None
+    try:
+        staging = store.stage(candidate.image_sha256, files)
+        found = store.hashes(staging, sorted(expected))
+        for name, want in expected.items():
+            got = found.get(name)
+            if got != want:
+                what = "missing" if got is None else f"sha256 {got.sha256[:16]}, {got.size} bytes"
+                raise FlashError(
+                    f"{store.label}: the copy of {name} does not match manifest.json ({what}; "
+                    f"expected {want.sha256[:16]}, {want.size} bytes); nothing was switched"
+                )
+        fault_point("staged")
+        store.commit(staging, candidate.image_sha256)
+        staging = None
+        fault_point("committed")
+    except OSError as exc:
+        raise FlashError(
+            f"{store.label}: copying {candidate.short} failed ({exc.strerror or exc}); nothing was switched"
+        ) from None
+    finally:
+        if staging is not None:
+            with contextlib.suppress(OSError, FlashError):  # else the next flash removes it
+                store.discard(staging)
+
+
+def _intact(store: Store, listing: Listing, version: str) -> bool:
+    """Whether versions/<version> holds every file its record lists, unchanged.
+
+    A damaged current version cannot be replaced without a moment where machines find it
+    half-there: that is refused; a damaged other version is replaced.
+    """
+    entry = next(v for v in listing.versions if v.name == version)
+    problem = entry.problem
+    if entry.record is not None:
+        found = store.hashes(f"{VERSIONS}/{version}", sorted(entry.record.files))
+        bad = [n for n, want in entry.record.files.items() if found.get(n) != want]
+        problem = f"{', '.join(bad)} changed or missing" if bad else None
+    if problem is None:
+        return True
+    if entry.current:
+        raise Refused(
+            f"{store.label}/{VERSIONS}/{version[:12]} is current but damaged ({problem})",
+            hint="roll back to another version first; it is then replaced by this publish",
+        )
+    return False
+
+
+# --- rollback and prune -------------------------------------------------------------------------
+
+
+def rollback(
+    store: Store,
+    version: str | None,
+    progress: Progress,
+    *,
+    allowed: tuple[bytes | None, str],
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+) -> Outcome:
+    """Switch back to `version` (default: the previous one), checked as it is stored."""
+    _must_exist(store)
+    with _locked(store, progress, lock_timeout):
+        snap = store.snapshot()
+        state = _state(store, snap)
+        if state is None:
+            raise FlashError(f"{store.label}: nothing published by amnesiac flash; nothing to roll back to")
+        current = _listing(store, snap)
+        target = resolve(current, version) if version else state.previous
+        if target is None:
+            raise FlashError(f"{store.label}: no previous version is recorded; name one (see --list)")
+        if target not in snap.records:
+            raise FlashError(f"{store.label}: the previous version {target[:12]} is gone (pruned?)")
+        if target == state.current:
+            return Outcome("rollback", store.label, target, state.previous, switched=False)
+        with progress.stage("check", f"Check {VERSIONS}/{target[:12]} as stored") as stage:
+            entry = next(v for v in current.versions if v.name == target)
+            if entry.record is None:
+                raise Refused(
+                    f"{store.label}/{VERSIONS}/{target[:12]}: {entry.problem}; refusing to switch to it"
+                )
+            found = store.hashes(f"{VERSIONS}/{target}", sorted(entry.record.files))
+            bad = [n for n, want in entry.record.files.items() if found.get(n) != want]
+            if bad:
+                raise Refused(
+                    f"{store.label}/{VERSIONS}/{target[:12]} is damaged ({', '.join(bad)} changed or "
+                    "missing); refusing to switch to it"
+                )
+            signer = _stored_signature(store, target, allowed)
+            stage.note = f"whole; signed by {signer.principal}" if signer else "whole; no allowed signers"
+        with progress.stage("switch", f"Switch {store.label}/{ROOT_SCRIPT}") as stage:
+            new = State(
+                current=target, previous=state.current, action="rollback", switched=now(), by=operator()
+            )
+            _guard(store, "switching boot.ipxe", lambda: store.switch(root_script(new).encode()))
+            stage.note = f"{state.current[:12]} -> {target[:12]}"
+        _log(store, "rollback", target, previous=state.current, signer=signer)
+    return Outcome("rollback", store.label, target, state.current, switched=True, signer=signer)
+
+
+def _stored_signature(store: Store, version: str, allowed: tuple[bytes | None, str]) -> SignatureInfo | None:
+    signers, _ = allowed
+    if signers is None:
+        return None
+    manifest = store.read(f"{VERSIONS}/{version}/{MANIFEST}")
+    if manifest is None:
+        raise Refused(f"{store.label}/{VERSIONS}/{version[:12]}: no manifest.json")
+    signature = store.read(f"{VERSIONS}/{version}/{SIGNATURE}")
+    return signing.verify(
+        manifest, signature, signers, what=f"{store.label}/{VERSIONS}/{version[:12]}/{MANIFEST}"
+    )
+
+
+def prune(
+    store: Store, progress: Progress, *, keep: int = DEFAULT_KEEP, lock_timeout: float = DEFAULT_LOCK_TIMEOUT
+) -> Outcome:
+    _must_exist(store)
+    with _locked(store, progress, lock_timeout):
+        store.tidy()
+        pruned = _prune(store, keep)
+    return Outcome("prune", store.label, pruned=pruned)
+
+
+def _prune(store: Store, keep: int) -> list[str]:
+    """Remove the versions beyond the `keep` newest; never the current or the previous one."""
+    current = listing(store)
+    protected = {current.state.current, current.state.previous} if current.state else set()
+    readable = [v for v in current.versions if v.record is not None]  # newest first
+    kept = protected | {v.name for v in readable[:keep]}
+    doomed = [v.name for v in readable if v.name not in kept]
+    for name in doomed:
+        try:
+            store.remove_version(name)
+        except OSError as exc:
+            raise FlashError(f"{store.label}: pruning {name[:12]} failed ({exc.strerror or exc})") from None
+    if doomed:
+        _log(store, "prune", None, pruned=doomed)
+    return doomed
+
+
+def resolve(current: Listing, version: str) -> str:
+    """A version named by its sha256 or an unambiguous prefix of at least 4 characters."""
+    wanted = version.lower()
+    if len(wanted) < 4 or any(c not in "0123456789abcdef" for c in wanted):
+        raise UsageError(
+            f"--rollback {version!r}: name a version by its image sha256 (at least 4 hex digits)"
+        )
+    matches = [v.name for v in current.versions if v.name.startswith(wanted)]
+    if not matches:
+        raise FlashError(f"{current.root}: no version {version} (see --list)")
+    if len(matches) > 1:
+        raise UsageError(f"--rollback {version}: ambiguous, matches {', '.join(m[:12] for m in matches)}")
+    return matches[0]
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def _must_exist(store: Store) -> None:
+    """Rollback and prune never create a root (taking the lock would)."""
+    if not store.snapshot().exists:
+        raise FlashError(f"{store.label}: no such PXE root")
+
+
+@contextmanager
+def _locked(store: Store, progress: Progress, timeout: float) -> Iterator[None]:
+    """Hold the root's lock; an OSError inside (permissions, a full disk) becomes one line."""
+
+    def waiting(holder: str) -> None:
+        if not progress.quiet:
+            progress.console.print(f"waiting for the lock on {store.label}, held by {holder}", soft_wrap=True)
+
+    try:
+        with store.locked(timeout, waiting):
+            yield
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise FlashError(f"{store.label}: {exc.strerror or exc}{where}") from None
+
+
+def _guard(store: Store, what: str, action: Callable[[], None]) -> None:
+    try:
+        action()
+    except OSError as exc:
+        raise FlashError(f"{store.label}: {what} failed ({exc.strerror or exc})") from None
+
+
+def _log(
+    store: Store,
+    action: str,
+    version: str | None,
+    *,
+    previous: str | None = None,
+    forced: list[str] | None = None,
+    signer: SignatureInfo | None = None,
+    pruned: list[str] | None = None,
+) -> None:
+    entry: dict[str, object] = {"at": now(), "by": operator(), "action": action}
+    if version:
+        entry["version"] = version
+    if previous:
+        entry["previous"] = previous
+    if forced:
+        entry["forced"] = forced
+    if signer:
+        entry["signed_by"] = f"{signer.principal} ({signer.key})"
+    if pruned:
+        entry["pruned"] = pruned
+    # The audit trail is a convenience: the switch has happened and publish.json records it.
+    with contextlib.suppress(OSError, FlashError):
+        store.append_log(json.dumps(entry))

@@ -1,0 +1,638 @@
+"""A PXE root, local or over SSH: the few operations a publish is made of, each safe on its own.
+
+Both kinds do the same steps the same way: copy into a fresh directory under .staging/, hash
+what landed, rename the directory into versions/ (one rename(2)), then write the new entry
+point beside the old and rename it over (one more). Under the root's lock, whatever is left in
+.staging/ or .trash/ belongs to a flash that died, and is removed.
+
+Over SSH each step is a short POSIX shell script run with `sh -c` on the boot server (it needs
+sh, flock, mktemp, sha256sum, mv, sync: coreutils and util-linux), files go by scp, and one
+connection, opened by the process that holds the lock, carries every command (ControlMaster).
+
+`AMNESIAC_FLASH_STOP_AT=copy|staged|committed|switch` stops the flash process (SIGSTOP) at that
+point, for the tests that SIGKILL a publish half-way; nothing else reads it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from amnesiac.build.hashing import sha256_file
+from amnesiac.errors import UsageError
+from amnesiac.flash.model import (
+    LOCK,
+    LOG,
+    RECORD,
+    ROOT_SCRIPT,
+    STAGING,
+    TRASH,
+    VERSIONS,
+    FileInfo,
+    FlashError,
+    LockBusy,
+    now,
+)
+from amnesiac.run import require_tools, run
+
+STOP_ENV = "AMNESIAC_FLASH_STOP_AT"
+FAULT_POINTS = ("copy", "staged", "committed", "switch")
+CHUNK = 1 << 20
+HASH_NAME = re.compile(r"^[0-9a-f]{64}$")
+
+Source = Path | bytes
+OnWait = Callable[[str], None]
+
+
+def fault_point(name: str) -> None:
+    """Stop here (SIGSTOP) when the fault tests ask for it; a no-op otherwise."""
+    if os.environ.get(STOP_ENV) == name:
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def holder_line() -> str:
+    return f"pid {os.getpid()} on {socket.gethostname()} since {now()}"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What a PXE root holds: its entry point and each version's publish record (raw bytes)."""
+
+    exists: bool
+    script: bytes | None = None
+    records: dict[str, bytes | None] = field(default_factory=dict)  # version -> publish.json
+
+
+class Store(ABC):
+    """A PXE root. Mutating operations are only called while `locked()`."""
+
+    label: str
+
+    @abstractmethod
+    def locked(self, timeout: float, on_wait: OnWait) -> contextlib.AbstractContextManager[None]:
+        """Hold the root's lock (created with the root if need be); LockBusy after `timeout` s."""
+
+    @abstractmethod
+    def snapshot(self) -> Snapshot: ...
+
+    @abstractmethod
+    def read(self, rel: str) -> bytes | None:
+        """A file of the root (`versions/<h>/manifest.json`); None when there is none."""
+
+    @abstractmethod
+    def tidy(self) -> None:
+        """Remove what dead flashes left: .staging/, .trash/, temporary entry points."""
+
+    @abstractmethod
+    def stage(self, version: str, files: Mapping[str, Source]) -> str:
+        """Copy `files` into a new directory under .staging/; its path relative to the root."""
+
+    @abstractmethod
+    def hashes(self, rel_dir: str, names: Sequence[str]) -> dict[str, FileInfo]:
+        """sha256 and size of the named files as stored (a missing file is left out)."""
+
+    @abstractmethod
+    def commit(self, staging: str, version: str) -> None:
+        """Rename a staged directory to versions/<version> (which must not exist)."""
+
+    @abstractmethod
+    def discard(self, staging: str) -> None: ...
+
+    @abstractmethod
+    def switch(self, script: bytes) -> None:
+        """Replace the root's boot.ipxe with `script` by one atomic rename."""
+
+    @abstractmethod
+    def append_log(self, line: str) -> None: ...
+
+    @abstractmethod
+    def remove_version(self, version: str) -> None:
+        """Take versions/<version> out of versions/ with one rename, then delete it."""
+
+
+# --- a local directory --------------------------------------------------------------------------
+
+
+class LocalStore(Store):
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.label = str(root)
+
+    @contextlib.contextmanager
+    def locked(self, timeout: float, on_wait: OnWait) -> Iterator[None]:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise FlashError(
+                f"{self.label}: cannot create the PXE root or its lock ({exc.strerror})"
+            ) from None
+        try:
+            deadline = time.monotonic() + timeout
+            waiting = False
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another flash"
+                    if not waiting:
+                        on_wait(holder)
+                        waiting = True
+                    if time.monotonic() >= deadline:
+                        raise LockBusy(
+                            f"{self.label} is locked by another flash ({holder}); "
+                            f"gave up after {timeout:.0f} s",
+                            hint="wait for it, or raise --lock-timeout",
+                        ) from None
+                    time.sleep(0.2)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (holder_line() + "\n").encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # releases the lock; the file stays (removing it would race)
+
+    def snapshot(self) -> Snapshot:
+        if not self.root.is_dir():
+            return Snapshot(exists=False)
+        records: dict[str, bytes | None] = {}
+        versions = self.root / VERSIONS
+        if versions.is_dir():
+            for entry in sorted(versions.iterdir()):
+                if HASH_NAME.match(entry.name) and entry.is_dir():
+                    records[entry.name] = _read(entry / RECORD)
+        return Snapshot(exists=True, script=_read(self.root / ROOT_SCRIPT), records=records)
+
+    def read(self, rel: str) -> bytes | None:
+        return _read(self.root / rel)
+
+    def tidy(self) -> None:
+        for name in (STAGING, TRASH):
+            shutil.rmtree(self.root / name, ignore_errors=True)
+        for tmp in self.root.glob(f".{ROOT_SCRIPT}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+    def stage(self, version: str, files: Mapping[str, Source]) -> str:
+        staging = self.root / STAGING / f"{version}.{os.getpid()}"
+        staging.parent.mkdir(exist_ok=True)
+        staging.mkdir(mode=0o755)
+        try:
+            staging.chmod(0o755)
+            for name, source in files.items():
+                fd = os.open(staging / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                with os.fdopen(fd, "wb") as out:
+                    if isinstance(source, bytes):
+                        out.write(source)
+                    else:
+                        _copy(source, out, stop=name == "initrd.img")
+                    out.flush()
+                    os.fsync(out.fileno())
+                (staging / name).chmod(0o644)
+            _fsync_dir(staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)  # a full disk: give the room back now
+            raise
+        return f"{STAGING}/{staging.name}"
+
+    def hashes(self, rel_dir: str, names: Sequence[str]) -> dict[str, FileInfo]:
+        found = {}
+        for name in names:
+            path = self.root / rel_dir / name
+            if path.is_file():
+                found[name] = FileInfo(sha256=sha256_file(path), size=path.stat().st_size)
+        return found
+
+    def commit(self, staging: str, version: str) -> None:
+        versions = self.root / VERSIONS
+        versions.mkdir(exist_ok=True)
+        target = versions / version
+        if target.exists():
+            raise FlashError(f"{self.label}: {VERSIONS}/{version} appeared during the publish")
+        (self.root / staging).rename(target)
+        _fsync_dir(versions)
+        with contextlib.suppress(OSError):
+            (self.root / STAGING).rmdir()
+
+    def discard(self, staging: str) -> None:
+        shutil.rmtree(self.root / staging, ignore_errors=True)
+
+    def switch(self, script: bytes) -> None:
+        tmp = self.root / f".{ROOT_SCRIPT}.{os.getpid()}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            with os.fdopen(fd, "wb") as out:
+                out.write(script)
+                out.flush()
+                os.fsync(out.fileno())
+            tmp.chmod(0o644)
+            fault_point("switch")
+            tmp.replace(self.root / ROOT_SCRIPT)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(self.root)
+
+    def append_log(self, line: str) -> None:
+        with (self.root / LOG).open("a") as log:
+            log.write(line.rstrip("\n") + "\n")
+
+    def remove_version(self, version: str) -> None:
+        trash = self.root / TRASH
+        trash.mkdir(exist_ok=True)
+        gone = trash / f"{version}.{os.getpid()}"
+        (self.root / VERSIONS / version).rename(gone)
+        _fsync_dir(self.root / VERSIONS)
+        shutil.rmtree(gone, ignore_errors=True)
+
+
+def _read(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return None
+
+
+def _copy(source: Path, out: BinaryIO, *, stop: bool) -> None:
+    with source.open("rb") as f:
+        first = True
+        while chunk := f.read(CHUNK):
+            out.write(chunk)
+            if first and stop:
+                out.flush()
+                fault_point("copy")  # half a file on disk: the interrupted-copy test stops here
+            first = False
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --- a directory on a boot server, over SSH -----------------------------------------------------
+
+_SSH_URL = re.compile(
+    r"^ssh://(?:(?P<user>[^@/:\s]+)@)?(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9._-]*)"
+    r"(?::(?P<port>\d+))?(?P<path>/[^\n\r]*)$"
+)
+
+
+@dataclass(frozen=True)
+class SshRoot:
+    """ssh://[user@]host[:port]/absolute/path"""
+
+    host: str
+    path: str
+    user: str | None = None
+    port: int | None = None
+
+    @property
+    def destination(self) -> str:
+        host = self.host.strip("[]")
+        return f"{self.user}@{host}" if self.user else host
+
+    @property
+    def scp_destination(self) -> str:
+        return f"{self.user}@{self.host}" if self.user else self.host
+
+    @property
+    def url(self) -> str:
+        port = f":{self.port}" if self.port else ""
+        user = f"{self.user}@" if self.user else ""
+        return f"ssh://{user}{self.host}{port}{self.path}"
+
+
+def parse_ssh_url(url: str) -> SshRoot:
+    match = _SSH_URL.match(url)
+    if not match:
+        raise UsageError(f"--to {url!r}: expected ssh://[user@]host[:port]/absolute/path")
+    path = match["path"].rstrip("/")
+    if not path or "/../" in f"{path}/" or "\n" in path:
+        raise UsageError(f"--to {url!r}: the PXE root must be an absolute path below /")
+    port = int(match["port"]) if match["port"] else None
+    if port is not None and not 0 < port < 65536:
+        raise UsageError(f"--to {url!r}: port {port} is out of range")
+    return SshRoot(host=match["host"], path=path, user=match["user"], port=port)
+
+
+MISSING = 44  # exit code of the remote scripts for "no such file"
+EXISTS = 17
+
+LOCK_SCRIPT = r"""set -eu
+root=$1 timeout=$2 who=$3
+command -v flock >/dev/null || { echo "flock is missing on the boot server (util-linux)" >&2; exit 69; }
+mkdir -p -- "$root"
+exec 9>>"$root/.flash.lock"
+if ! flock -n 9; then
+  printf 'waiting %s\n' "$(head -n 1 "$root/.flash.lock" 2>/dev/null || true)"
+  flock -w "$timeout" 9 || { echo busy; exit 75; }
+fi
+printf '%s\n' "$who" > "$root/.flash.lock"
+echo locked
+exec cat >/dev/null
+"""
+
+SNAPSHOT_SCRIPT = r"""set -eu
+root=$1 sep=$2
+cd -- "$root" 2>/dev/null || { printf '\n%s none\n' "$sep"; exit 0; }
+printf '\n%s root\n' "$sep"
+if [ -f boot.ipxe ]; then printf '\n%s script\n' "$sep"; cat boot.ipxe; fi
+for d in versions/*; do
+  [ -d "$d" ] || continue
+  name=${d#versions/}
+  if [ -f "$d/publish.json" ]; then printf '\n%s record %s\n' "$sep" "$name"; cat "$d/publish.json"
+  else printf '\n%s bare %s\n' "$sep" "$name"; fi
+done
+"""
+
+READ_SCRIPT = r"""f=$1/$2
+if [ -f "$f" ]; then exec cat -- "$f"; else exit 44; fi
+"""
+
+TIDY_SCRIPT = r"""set -eu
+cd -- "$1"
+rm -rf -- .staging .trash
+rm -f -- .boot.ipxe.*.tmp
+"""
+
+MKSTAGE_SCRIPT = r"""set -eu
+mkdir -p -- "$1/.staging"
+d=$(mktemp -d "$1/.staging/$2.XXXXXX")
+chmod 755 "$d"
+printf '%s\n' "${d##*/}"
+"""
+
+SEAL_SCRIPT = r"""set -eu
+cd -- "$1/$2"
+chmod 644 -- *
+sync -- * .
+"""
+
+HASH_SCRIPT = r"""set -eu
+cd -- "$1/$2"
+shift 2
+for f; do
+  if [ -f "$f" ]; then printf '%s ' "$(wc -c < "$f")"; sha256sum -- "$f"; fi
+done
+"""
+
+COMMIT_SCRIPT = r"""set -eu
+mkdir -p -- "$1/versions"
+if [ -e "$1/versions/$3" ]; then exit 17; fi
+mv -T -- "$1/$2" "$1/versions/$3"
+sync -- "$1/versions"
+rmdir -- "$1/.staging" 2>/dev/null || true
+"""
+
+DISCARD_SCRIPT = r"""rm -rf -- "$1/$2"
+"""
+
+WRITE_SCRIPT = r"""set -eu
+t="$1/.boot.ipxe.$2.tmp"
+cat > "$t"
+chmod 644 "$t"
+sync -- "$t"
+"""
+
+RENAME_SCRIPT = r"""set -eu
+mv -f -T -- "$1/.boot.ipxe.$2.tmp" "$1/boot.ipxe"
+sync -- "$1"
+"""
+
+APPEND_SCRIPT = r"""cat >> "$1/flash.log"
+"""
+
+REMOVE_SCRIPT = r"""set -eu
+mkdir -p -- "$1/.trash"
+t="$1/.trash/$2.$$"
+mv -T -- "$1/versions/$2" "$t"
+sync -- "$1/versions"
+rm -rf -- "$t"
+"""
+
+
+class SshStore(Store):
+    """A PXE root on a boot server, reached with OpenSSH (keys, agent and ~/.ssh/config apply)."""
+
+    def __init__(self, root: SshRoot, *, ssh_config: Path | None = None, ssh_key: Path | None = None) -> None:
+        self.root = root
+        self.label = root.url
+        self.ssh_config = ssh_config
+        self.ssh_key = ssh_key
+        self._control: Path | None = None  # the lock holder's ControlMaster socket
+        self._holder: subprocess.Popen[bytes] | None = None  # the ssh that holds the lock
+        self._token = secrets.token_hex(4)
+
+    # -- command lines (pure, unit-tested) --
+
+    def ssh_options(self) -> list[str]:
+        opts: list[str] = []
+        if self.ssh_config is not None:
+            opts += ["-F", os.fspath(self.ssh_config)]
+        if self.ssh_key is not None:
+            opts += ["-i", os.fspath(self.ssh_key), "-o", "IdentitiesOnly=yes"]
+        opts += ["-o", "BatchMode=yes", "-o", "ConnectTimeout=20"]
+        opts += ["-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4"]
+        if self._control is not None:
+            opts += ["-o", f"ControlPath={self._control}", "-o", "ControlMaster=no"]
+        return opts
+
+    def ssh_argv(self, script: str, *args: str, master: Path | None = None) -> list[str]:
+        """ssh … DEST 'sh -c SCRIPT amnesiac-flash ROOT ARGS…' (the remote shell gets one string)."""
+        opts = self.ssh_options()
+        if master is not None:
+            opts += ["-o", f"ControlPath={master}", "-o", "ControlMaster=yes", "-o", "ControlPersist=no"]
+        port = ["-p", str(self.root.port)] if self.root.port else []
+        remote = shlex.join(["sh", "-c", script, "amnesiac-flash", self.root.path, *args])
+        return ["ssh", *port, *opts, self.root.destination, remote]
+
+    def scp_argv(self, local: Path, remote_dir: str) -> list[str]:
+        port = ["-P", str(self.root.port)] if self.root.port else []
+        target = f"{self.root.scp_destination}:{self.root.path}/{remote_dir}/"
+        return ["scp", "-q", *port, *self.ssh_options(), os.fspath(local), target]
+
+    # -- running them --
+
+    def _remote(self, what: str, script: str, *args: str, data: bytes | None = None) -> bytes:
+        result = run(self.ssh_argv(script, *args), input_bytes=data, capture=True, check=False)
+        if result.returncode != 0:
+            raise FlashError(f"{self.label}: {what} failed: {_why(result)}")
+        return result.stdout
+
+    @contextlib.contextmanager
+    def locked(self, timeout: float, on_wait: OnWait) -> Iterator[None]:
+        require_tools("ssh", "scp", package_hint="apt-get install openssh-client")
+        with tempfile.TemporaryDirectory(prefix="amnesiac-ssh-") as tmp:
+            master = Path(tmp) / "cm"
+            argv = self.ssh_argv(LOCK_SCRIPT, str(int(timeout)), holder_line(), master=master)
+            # Not run(): this ssh lives as long as the lock. If we die, even by SIGKILL, its stdin
+            # closes, the remote `cat` ends and the lock goes with it.
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
+            try:
+                self._await_lock(proc, timeout, on_wait)
+                self._control, self._holder = master, proc
+                yield
+            finally:
+                self._control, self._holder = None, None
+                _release(proc)
+
+    def _await_lock(self, proc: subprocess.Popen[bytes], timeout: float, on_wait: OnWait) -> None:
+        if proc.stdout is None:
+            raise FlashError(f"{self.label}: the lock holder has no output")
+        while line := proc.stdout.readline().decode(errors="replace"):
+            if line.startswith("waiting"):
+                on_wait(line.removeprefix("waiting").strip() or "another flash")
+            elif line.strip() == "busy":
+                proc.wait()
+                raise LockBusy(
+                    f"{self.label} is locked by another flash; gave up after {timeout:.0f} s",
+                    hint="wait for it, or raise --lock-timeout",
+                )
+            elif line.strip() == "locked":
+                return
+        proc.wait()
+        err = (proc.stderr.read() if proc.stderr else b"").decode(errors="replace")
+        lines = [ln.strip() for ln in err.splitlines() if ln.strip()]
+        raise FlashError(
+            f"{self.label}: cannot lock the PXE root over ssh (exit {proc.returncode}): "
+            f"{' / '.join(lines[-2:]) or 'no message'}"
+        )
+
+    def snapshot(self) -> Snapshot:
+        sep = f"--amnesiac-{secrets.token_hex(8)}--"
+        out = self._remote("reading the PXE root", SNAPSHOT_SCRIPT, sep)
+        parts = re.split(rb"\n" + re.escape(sep.encode()) + rb" (\w+)(?: (\S+))?\n", out)
+        records: dict[str, bytes | None] = {}
+        script: bytes | None = None
+        exists = False
+        for i in range(1, len(parts) - 2, 3):
+            kind, name, body = parts[i].decode(), (parts[i + 1] or b"").decode(), parts[i + 2]
+            if kind == "root":
+                exists = True
+            elif kind == "script":
+                script = body
+            elif kind in {"record", "bare"} and HASH_NAME.match(name):
+                records[name] = body if kind == "record" else None
+        return Snapshot(exists=exists, script=script, records=records)
+
+    def read(self, rel: str) -> bytes | None:
+        result = run(self.ssh_argv(READ_SCRIPT, rel), capture=True, check=False)
+        if result.returncode == MISSING:
+            return None
+        if result.returncode != 0:
+            raise FlashError(f"{self.label}: reading {rel} failed: {_why(result)}")
+        return result.stdout
+
+    def tidy(self) -> None:
+        self._remote("removing leftovers of interrupted flashes", TIDY_SCRIPT)
+
+    def stage(self, version: str, files: Mapping[str, Source]) -> str:
+        name = self._remote("creating a staging directory", MKSTAGE_SCRIPT, version).decode().strip()
+        staging = f"{STAGING}/{name}"
+        try:
+            with tempfile.TemporaryDirectory(prefix="amnesiac-upload-") as tmp:
+                for file_name, source in sorted(files.items(), key=lambda item: item[0] == "initrd.img"):
+                    local = Path(tmp) / file_name
+                    if isinstance(source, bytes):
+                        local.write_bytes(source)
+                    else:
+                        local.symlink_to(source.resolve())
+                    if file_name == "initrd.img":
+                        fault_point("copy")  # the other files are there, the largest is not
+                    result = run(self.scp_argv(local, staging), capture=True, check=False)
+                    if result.returncode != 0:
+                        raise FlashError(f"{self.label}: copying {file_name} failed: {_why(result)}")
+            self._remote("syncing the copy", SEAL_SCRIPT, staging)
+        except BaseException:
+            self.discard(staging)
+            raise
+        return staging
+
+    def hashes(self, rel_dir: str, names: Sequence[str]) -> dict[str, FileInfo]:
+        out = self._remote(f"hashing {rel_dir}", HASH_SCRIPT, rel_dir, *names).decode(errors="replace")
+        found = {}
+        for line in out.splitlines():
+            size, digest, name = line.split(maxsplit=2)
+            found[name.strip()] = FileInfo(sha256=digest, size=int(size))
+        return found
+
+    def _still_locked(self) -> None:
+        """Before a rename: the ssh holding the lock (and carrying our commands) is still there."""
+        if self._holder is None or self._holder.poll() is not None:
+            raise FlashError(f"{self.label}: lost the connection that holds the lock; nothing was switched")
+
+    def commit(self, staging: str, version: str) -> None:
+        self._still_locked()
+        result = run(self.ssh_argv(COMMIT_SCRIPT, staging, version), capture=True, check=False)
+        if result.returncode == EXISTS:
+            raise FlashError(f"{self.label}: {VERSIONS}/{version} appeared during the publish")
+        if result.returncode != 0:
+            raise FlashError(f"{self.label}: moving the copy into {VERSIONS}/ failed: {_why(result)}")
+
+    def discard(self, staging: str) -> None:
+        run(self.ssh_argv(DISCARD_SCRIPT, staging), capture=True, check=False)
+
+    def switch(self, script: bytes) -> None:
+        self._remote("writing the new boot.ipxe", WRITE_SCRIPT, self._token, data=script)
+        fault_point("switch")
+        self._still_locked()
+        self._remote("switching boot.ipxe", RENAME_SCRIPT, self._token)
+
+    def append_log(self, line: str) -> None:
+        self._remote("appending to flash.log", APPEND_SCRIPT, data=(line.rstrip("\n") + "\n").encode())
+
+    def remove_version(self, version: str) -> None:
+        self._remote(f"removing {VERSIONS}/{version[:12]}", REMOVE_SCRIPT, version)
+
+
+def _release(proc: subprocess.Popen[bytes]) -> None:
+    """End the lock holder: close its stdin (the remote `cat` ends), then make sure it is gone."""
+    with contextlib.suppress(OSError):
+        if proc.stdin is not None:
+            proc.stdin.close()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    for stream in (proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
+
+
+def _why(result: subprocess.CompletedProcess[bytes]) -> str:
+    lines = [ln.strip() for ln in result.stderr.decode(errors="replace").splitlines() if ln.strip()]
+    return " / ".join(lines[-2:]) or f"exit code {result.returncode}"
+
+
+def open_store(to: str, *, ssh_config: Path | None = None, ssh_key: Path | None = None) -> Store:
+    """The PXE root `--to` names: ssh://… or a local directory."""
+    if to.startswith("ssh://"):
+        return SshStore(parse_ssh_url(to), ssh_config=ssh_config, ssh_key=ssh_key)
+    if "://" in to:
+        raise UsageError(f"--to {to!r}: a local directory or ssh://[user@]host[:port]/path")
+    return LocalStore(Path(to))

@@ -1,0 +1,228 @@
+"""Two real images published to a PXE root on 127.0.0.1, netbooted in QEMU, rolled back.
+
+Image A is the session's OVPN image ($AMNESIAC_BOOT_BUILD to reuse one while developing), image B
+the same policy with another host name ($AMNESIAC_FLASH_BUILD_B, else built here: about two
+minutes with the rootfs cache). Both are copied, signed and given a passing report made with the
+report model (a full `amnesiac verify` of each would add minutes and is tested elsewhere), then
+published with `amnesiac flash`. QEMU's iPXE fetches the root's boot.ipxe, which chains into
+versions/<sha256>/: the boot harness checks that the kernel and initrd it served are the
+expected image's, and the machine's host name and command line say which one runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from amnesiac import boot
+from tests.images import Built, build
+from tests.test_flash import keygen, make_report
+
+pytestmark = pytest.mark.boot
+
+REPO = Path(__file__).resolve().parents[2]
+SSH_TIMEOUT = 900.0  # TCG, and the rest of the suite may share the two cores
+
+
+def flash(*args: str) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [sys.executable, "-m", "amnesiac.cli", "flash", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=REPO,
+        timeout=600,
+    )
+    assert result.returncode == 0, f"amnesiac flash {' '.join(args)}: {result.stderr}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def needs_qemu() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("booting needs root (and building an image does too)")
+    if shutil.which("qemu-system-x86_64") is None or shutil.which("ssh") is None:
+        pytest.fail("qemu-system-x86_64 and ssh are needed: run `make setup`")
+
+
+@pytest.fixture(scope="module")
+def key(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return keygen(tmp_path_factory.mktemp("flash-key") / "id_ed25519", "amnesiac-flash-test")
+
+
+@pytest.fixture(scope="module")
+def allowed(key: Path) -> Path:
+    """An allowed-signers file that lists `key` as release@example.net."""
+    public = key.with_suffix(".pub").read_text().split()
+    path = key.with_name("allowed_signers")
+    path.write_text(f"release@example.net {public[0]} {public[1]}\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def images(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, needs_qemu: None, key: Path
+) -> dict[str, Path]:
+    """Copies of images A and B, each signed by `key` with a passing report beside it."""
+    if env := os.environ.get("AMNESIAC_BOOT_BUILD"):
+        a = Path(env)
+    else:
+        built: Built = request.getfixturevalue("ovpn")
+        a = built.out
+    if env := os.environ.get("AMNESIAC_FLASH_BUILD_B"):
+        b = Path(env)
+    else:
+        b = tmp_path_factory.mktemp("flash-images") / "b"
+        build(b, "--var", "server_base_hostname=amnesiac-b")
+    base = tmp_path_factory.mktemp("flash-builds")
+    result = {}
+    for name, source in (("a", a), ("b", b)):
+        copy = base / name
+        copy.mkdir()
+        for file_name in ("vmlinuz", "initrd.img", "boot.ipxe", "manifest.json"):
+            shutil.copy2(source / file_name, copy / file_name)
+        (copy / "report.json").write_bytes(make_report(copy, policy_sha=manifest(copy)["policy"]["sha256"]))
+        flash(str(copy), "--sign", str(key))
+        result[name] = copy
+    assert image(result["a"]) != image(result["b"])
+    return result
+
+
+def manifest(build_dir: Path) -> dict[str, object]:
+    data: dict[str, object] = json.loads((build_dir / "manifest.json").read_text())
+    return data
+
+
+def image(build_dir: Path) -> str:
+    return str(json.loads((build_dir / "manifest.json").read_text())["image"]["sha256"])
+
+
+def ssh(machine: boot.BootedMachine, key: Path, command: str) -> str:
+    result = subprocess.run(
+        [
+            "ssh", "-i", str(key), "-p", str(machine.ssh_port),
+            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+            "-o", "BatchMode=yes", "-o", "ConnectTimeout=30", "-o", "LogLevel=ERROR",
+            "root@127.0.0.1", command,
+        ],
+        capture_output=True, text=True, timeout=180, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, f"ssh {command!r}: {result.stderr}\nconsole:\n{machine.console(20)}"
+    return result.stdout
+
+
+def netboot(root: Path, expected: Path, key: Path) -> dict[str, str]:
+    """Netboot from `root`; the harness refuses unless `expected`'s kernel and initrd were served."""
+    options = boot.BootOptions(pxe_root=root, ssh_key=key.with_suffix(".pub"), test_devices=False)
+    with boot.running(expected, options) as machine:
+        machine.wait_ssh(SSH_TIMEOUT)  # raises ImageMismatch if another image was served
+        print(f"\nnetbooted {image(expected)[:12]} from {root}: SSH after {machine.ssh_ready_seconds} s")
+        served = [r.name for r in machine.served() if r.status == 200]
+        return {
+            "served": " ".join(served),
+            "hostname": ssh(machine, key, "cat /etc/hostname").strip(),
+            "cmdline": ssh(machine, key, "cat /proc/cmdline").strip(),
+        }
+
+
+def test_publish_two_versions_netboot_the_new_roll_back_boot_the_old(
+    images: dict[str, Path], key: Path, allowed: Path, tmp_path: Path
+) -> None:
+    root = tmp_path / "pxe"
+    root.mkdir()
+    shutil.copy(allowed, root / "allowed_signers")
+    a, b = images["a"], images["b"]
+
+    flash(str(a), "--to", str(root))
+    flash(str(b), "--to", str(root))
+    listed = json.loads(flash("--to", str(root), "--list", "--json").stdout)
+    assert (listed["current"], listed["previous"]) == (image(b), image(a))
+    assert all(
+        v["report_passed"] and v["signature"]["principal"] == "release@example.net"
+        for v in listed["versions"]
+    )
+
+    seen = netboot(root, b, key)
+    served = seen["served"].split()
+    # The harness script, the root's boot.ipxe, then only B's files: nothing of A's.
+    assert served[:3] == ["amnesiac-harness.ipxe", "overlay.cpio", "boot.ipxe"], served
+    assert f"versions/{image(b)}/boot.ipxe" in served and f"versions/{image(b)}/initrd.img" in served
+    assert not [name for name in served if image(a) in name]
+    assert seen["hostname"] == "amnesiac-b"
+    assert f"amnesiac.image={image(b)}" in seen["cmdline"]
+
+    flash("--to", str(root), "--rollback")
+    seen = netboot(root, a, key)
+    served = seen["served"].split()
+    assert f"versions/{image(a)}/initrd.img" in served and not [n for n in served if image(b) in n]
+    assert seen["hostname"] == "amnesiac"
+    assert f"amnesiac.image={image(a)}" in seen["cmdline"]
+
+
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+
+
+def ssh_banner(port: int) -> str:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=3) as sock:
+            return sock.recv(256).decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def test_usb_image_boots_under_uefi(images: dict[str, Path], allowed: Path, tmp_path: Path) -> None:
+    """The stick boots in QEMU with Debian's OVMF from a USB mass-storage device, to sshd."""
+    if not OVMF_CODE.is_file():
+        pytest.fail(f"{OVMF_CODE} is missing: run `make setup` (Debian's ovmf)")
+    a = images["a"]
+    stick = tmp_path / "stick.img"
+    flash(str(a), "--usb", str(stick), "--allowed-signers", str(allowed))
+    variables = tmp_path / "OVMF_VARS.fd"
+    shutil.copy(OVMF_VARS, variables)
+    built = manifest(a)
+    accel = boot.choose_accel(None, a / "vmlinuz")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    serial = tmp_path / "serial.log"
+    argv = [
+        "qemu-system-x86_64", "-machine", "q35", "-accel", accel.accel,
+        "-cpu", "host" if accel.accel == "kvm" else "max", "-smp", "2",
+        "-m", str(boot.memory_mib(built) + 128),  # the firmware keeps some for itself
+        "-nodefaults", "-display", "none", "-no-reboot",
+        "-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
+        "-drive", f"if=pflash,format=raw,file={variables}",
+        "-serial", f"file:{serial}",
+        "-device", "qemu-xhci,id=xhci",
+        "-drive", f"if=none,id=stick,format=raw,file={stick}",
+        "-device", "usb-storage,bus=xhci.0,drive=stick,bootindex=0",
+        "-netdev", f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{port}-:22",
+        "-device", "virtio-net-pci,netdev=n0,romfile=",  # no iPXE: the stick is the only way to boot
+    ]  # fmt: skip
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    start = time.monotonic()
+    try:
+        banner = ""
+        while not banner:
+            console = serial.read_text(errors="replace") if serial.exists() else ""
+            assert proc.poll() is None, f"QEMU stopped ({proc.returncode}): {console[-2000:]}"
+            assert time.monotonic() - start < SSH_TIMEOUT, f"no sshd after {SSH_TIMEOUT} s: {console[-2000:]}"
+            banner = ssh_banner(port)
+            time.sleep(1)
+        print(f"\nUSB stick booted to sshd in {time.monotonic() - start:.0f} s ({accel.reason})")
+    finally:
+        proc.kill()
+        proc.communicate()
+    console = serial.read_text(errors="replace")
+    assert banner.startswith("SSH-2.0-")
+    assert "EFI stub: Loaded initrd from command line option" in console
+    assert f"Command line: {built['image']['cmdline']}" in console  # type: ignore[index]
