@@ -92,9 +92,117 @@ def _parser() -> argparse.ArgumentParser:
         help="override a role variable (VALUE is YAML: true, 42, [a, b]); for test images without a control",
     )
     build.add_argument("--json", action="store_true", help="no live display; print a JSON summary on stdout")
+    image = sub.add_parser(
+        "container-image",
+        help="build the base image of the molecule containers (cached), for role development",
+        description="Make localhost/amnesiac-base:<suite>-<key> with mmdebstrap (the image's suite, mirror "
+        "and variant, every role's packages, no kernel) and `podman import`; no registry is used. The "
+        "key hashes the inputs: when that tag exists nothing is done. molecule/README.md has the rest.",
+    )
+    image.add_argument("--policy", type=Path, default=None, help="take suite and mirror from this policy")
+    image.add_argument("--refresh", action="store_true", help="rebuild even if the image exists")
+    image.add_argument("--json", action="store_true", help="print the tag and what was done as JSON")
+    image.add_argument(
+        "--env", action="store_true", help="print the environment molecule needs, as shell exports to eval"
+    )
     _boot_parser(sub)
     _verify_parser(sub)
+    _flash_parser(sub)
     return parser
+
+
+def _flash_parser(sub: Any) -> None:
+    flash = sub.add_parser(
+        "flash",
+        help="publish a verified, signed build to PXE boot servers atomically; list, roll back; USB media",
+        description="""\
+Publish BUILD_DIR to a PXE root (a local directory, or ssh://user@host[:port]/path on a
+boot server) that a fleet netboots from. The files go to PXE_ROOT/versions/<image sha256>/,
+each checked against manifest.json after the copy; only then is PXE_ROOT/boot.ipxe, which
+chains into one version, replaced by an atomic rename. A machine that netboots meanwhile gets
+the old image or the new one, never a mix; a publish killed at any point (or a full disk)
+leaves the previous image served. Concurrent flashes to one root wait for its lock.
+
+The gate: a build is published only with a passing `amnesiac verify` report for this very
+image (--report, default BUILD_DIR/report.json) and a manifest.json signed by a key that the
+allowed-signers file lists (--allowed-signers, default PXE_ROOT/allowed_signers). --force
+publishes without a passing report, or without any allowed-signers file, and the publish
+record and PXE_ROOT/flash.log say so; it never overrides a bad, unknown or missing signature
+where an allowed-signers file is in force, nor an artifact that differs from manifest.json.
+
+Signing: `amnesiac flash BUILD_DIR --sign KEY` writes BUILD_DIR/manifest.json.sig with
+`ssh-keygen -Y sign -n amnesiac-manifest` (a key without passphrase, or KEY.pub with the
+private key in ssh-agent); --sign with --to signs, then publishes. Allowed signers are
+OpenSSH's format: `ops@example.net ssh-ed25519 AAAA...`. The signer's principal and key are
+recorded in versions/<sha256>/publish.json and shown by --list.
+
+--usb writes a GPT disk image with an EFI system partition (systemd-boot, the build's kernel
+and initrd, started with the manifest's command line) to a file, a USB stick or a BMC's
+virtual media, after the same gate. A mounted or busy device is refused; one holding a
+filesystem or partition table too, unless --force.
+
+Exit codes: 0 done, 1 failed (the root serves what it served), 2 bad usage, 3 refused
+(gate, signature, changed artifact), 75 the root stayed locked past --lock-timeout.""",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""examples:
+  amnesiac flash build/ovpn --sign ~/.ssh/release_ed25519        sign the build
+  amnesiac flash build/ovpn --report report/ovpn --to /srv/pxe   publish (report, signature checked)
+  amnesiac flash build/ovpn --to ssh://root@boot1.example.net/srv/pxe
+  amnesiac flash --to /srv/pxe --list                            versions, reports, signers
+  amnesiac flash --to /srv/pxe --rollback                        back to the previous version
+  amnesiac flash build/ovpn --usb /dev/sdX                       EFI USB stick: kernel + initrd
+  ansible-playbook -i fleet.ini playbooks/publish.yml -e amnesiac_publish_build=build/ovpn""",
+    )
+    flash.add_argument("build", type=Path, nargs="?", default=None, metavar="BUILD_DIR", help="the build")
+    flash.add_argument("--to", metavar="PXE_ROOT", help="directory or ssh://[user@]host[:port]/path")
+    flash.add_argument("--list", action="store_true", help="list the published versions of --to")
+    flash.add_argument(
+        "--rollback", nargs="?", const="", default=None, metavar="VERSION",
+        help="switch --to back to VERSION (sha256 or prefix), default the previous one",
+    )  # fmt: skip
+    flash.add_argument("--prune", action="store_true", help="only prune --to down to --keep versions")
+    flash.add_argument("--check", action="store_true", help="run every check of a publish, publish nothing")
+    flash.add_argument(
+        "--keep", type=int, default=3, metavar="N",
+        help="versions kept after a publish (3); the current and previous are never pruned",
+    )  # fmt: skip
+    flash.add_argument("--report", type=Path, metavar="FILE", help="report.json (BUILD_DIR/report.json)")
+    flash.add_argument("--force", action="store_true", help="override the gate, recorded; --usb: overwrite")
+    flash.add_argument("--sign", type=Path, metavar="KEY", help="sign manifest.json with this OpenSSH key")
+    flash.add_argument(
+        "--allowed-signers", type=Path, metavar="FILE", help="OpenSSH allowed signers (ROOT/allowed_signers)"
+    )
+    flash.add_argument("--ssh-config", type=Path, metavar="FILE", help="ssh:// roots: an ssh_config (ssh -F)")
+    flash.add_argument("--ssh-key", type=Path, metavar="KEY", help="ssh:// roots: the private key to use")
+    flash.add_argument(
+        "--lock-timeout", type=float, default=300, metavar="S", help="wait S seconds for another flash (300)"
+    )
+    flash.add_argument("--usb", type=Path, metavar="FILE_OR_DEVICE", help="write an EFI-bootable USB image")
+    flash.add_argument("--json", action="store_true", help="no live display; print the outcome as JSON")
+
+
+def _flash(args: argparse.Namespace) -> int:
+    from amnesiac.flash.command import FlashOptions, command
+
+    options = FlashOptions(
+        build=args.build,
+        to=args.to,
+        usb=args.usb,
+        list=args.list,
+        rollback=args.rollback,
+        prune=args.prune,
+        check=args.check,
+        keep=args.keep,
+        report=args.report,
+        force=args.force,
+        sign=args.sign,
+        allowed_signers=args.allowed_signers,
+        ssh_config=args.ssh_config,
+        ssh_key=args.ssh_key,
+        lock_timeout=args.lock_timeout,
+        json=args.json,
+    )
+    return command(options)
 
 
 def _verify_parser(sub: Any) -> None:
@@ -115,16 +223,30 @@ Targets:
   chroot:ROOTFS_DIR         an unpacked image root: build-time checks only
   podman://CONTAINER        a running container (molecule instances)
 
+--inventory FLEET instead of --target: every host of an Ansible inventory (its ansible_host,
+ansible_port, ansible_user, ansible_ssh_private_key_file, ansible_ssh_common_args), checked
+over SSH in one parallel run; DIR/<host>/ holds each host's report, DIR/fleet.html and
+DIR/fleet.json the hosts by claims. Exit 0 only when every host passes.
+
 Exit code: 0 when every technical claim that applies to the target is verified, 1 when
 one failed, 2 on bad input.""",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
         "  amnesiac verify --target qemu:build/ovpn --report report/ovpn\n"
         "  amnesiac verify --policy policies/ivpn.yml --target ssh://root@vpn1.example.net "
-        "--ssh-key ~/.ssh/admin --report report/vpn1",
+        "--ssh-key ~/.ssh/admin --report report/vpn1\n"
+        "  amnesiac verify --inventory fleet.yml --report report/fleet",
     )
     verify.add_argument("--policy", type=Path, default=None, help="policy file (default: policies/ovpn.yml)")
-    verify.add_argument("--target", required=True, help="what to verify (see above)")
+    what = verify.add_mutually_exclusive_group(required=True)
+    what.add_argument("--target", help="what to verify (see above)")
+    what.add_argument(
+        "--inventory",
+        type=Path,
+        metavar="FLEET",
+        help="verify every host of this Ansible inventory over SSH in parallel: DIR/<host>/ reports, "
+        "DIR/fleet.json and DIR/fleet.html; exit 0 only when every host passes",
+    )
     verify.add_argument(
         "--report", type=Path, default=None, help="report directory (default: report/<policy id>)"
     )
@@ -225,6 +347,8 @@ def _verify(args: argparse.Namespace) -> int:
 
     policy_file = args.policy or paths.default_policy()
     report_dir = args.report or Path("report") / policy.load(policy_file).id
+    if args.inventory is not None:
+        return _verify_fleet(args, policy_file, report_dir)
     options = VerifyOptions(
         policy=policy_file,
         target=args.target,
@@ -255,6 +379,51 @@ def _verify(args: argparse.Namespace) -> int:
                 progress.info(f"  [red]failed[/] {claim.id}: {claim.reason}")
         progress.info(f"report: {files.html}")
     return exit_code(report)
+
+
+def _verify_fleet(args: argparse.Namespace, policy_file: Path, report_dir: Path) -> int:
+    from amnesiac.fleet import FleetOptions, verify_fleet
+    from amnesiac.progress import Progress
+
+    options = FleetOptions(
+        policy=policy_file, inventory=args.inventory, report_dir=report_dir, build=args.build
+    )
+    progress = Progress(quiet=args.json)
+    result = verify_fleet(options, progress)
+    hosts = result.summary["hosts"]
+    if args.json:
+        summary = {
+            "verdict": result.summary["verdict"],
+            "hosts": {
+                n: {k: h[k] for k in ("verdict", "failed", "address") if k in h} for n, h in hosts.items()
+            },
+            "unreachable": result.unreachable,
+            "report": {"html": str(result.html), "json": str(result.json)},
+            "stages": [{"name": s.name, "seconds": s.seconds, "note": s.note} for s in progress.stages],
+        }
+        print(json.dumps(summary, indent=2))
+    else:
+        for name, host in hosts.items():
+            colour = "green" if host["verdict"] == "pass" else "red"
+            why = host.get("unreachable") or ", ".join(host["failed"])
+            progress.info(f"[bold {colour}]{host['verdict'].upper()}[/] {name} {why}".rstrip())
+        progress.info(f"fleet {result.summary['verdict'].upper()}: {result.html}")
+    return 0 if result.passed else 1
+
+
+def _container_image(args: argparse.Namespace) -> int:
+    from amnesiac import container
+
+    image = container.ensure(container.spec(args.policy), container.state_dir(), refresh=args.refresh)
+    if args.env:
+        print(container.shell_exports(container.molecule_env(image)), end="")
+    elif args.json:
+        print(json.dumps({"tag": image.tag, "built": image.built, "imported": image.imported,
+                          "seconds": round(image.seconds, 1)}))  # fmt: skip
+    else:
+        done = "built and imported" if image.built else "imported" if image.imported else "cached"
+        print(f"{image.tag} ({done}, {image.seconds:.1f} s)")
+    return 0
 
 
 def _env_int(name: str) -> int | None:
@@ -346,6 +515,8 @@ def main(argv: list[str] | None = None) -> int:
         "build": _build,
         "boot": _boot,
         "verify": _verify,
+        "flash": _flash,
+        "container-image": _container_image,
     }
     try:
         return commands[args.command](args)

@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -231,10 +231,25 @@ def _identity(session: Session, built: dict[str, Any] | None) -> Identity:
 def _run_checks(
     session: Session, check_ids: list[str], expect: dict[str, Any], options: VerifyOptions, progress: Progress
 ) -> dict[str, CheckResult]:
+    records = run_pytest(session, check_ids, expect, options.report_dir, progress)
+    return {r["id"]: check_result(r) for r in records}
+
+
+def run_pytest(
+    session: Session,
+    check_ids: list[str],
+    expect: dict[str, Any],
+    report_dir: Path,
+    progress: Progress,
+    *,
+    extra: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+) -> list[dict[str, Any]]:
+    """Run the checks through pytest and return the plugin's records (one per check and host)."""
     work = session.work
     (work / "expect.json").write_text(json.dumps(expect, indent=2))
     results_file = work / "results.json"
-    log = options.report_dir / "pytest.log"  # the checks' own output, for whoever debugs a check
+    log = report_dir / "pytest.log"  # the checks' own output, for whoever debugs a check
     argv = [
         sys.executable, "-m", "pytest",
         "-c", os.fspath(CHECKS_DIR / "pytest.ini"), "--rootdir", os.fspath(CHECKS_DIR),
@@ -244,15 +259,15 @@ def _run_checks(
         f"--amnesiac-checks={','.join(check_ids)}",
         f"--amnesiac-results={results_file}",
         f"--amnesiac-expect={work / 'expect.json'}",
-        "-q", "-rA", "--color=no",
+        "-q", "-rA", "--color=no", *extra,
         *(os.fspath(CHECKS_DIR / f"{m}.py") for m in MODULES),
     ]  # fmt: skip
     progress.detail(f"pytest, {len(check_ids)} checks")
-    options.report_dir.mkdir(parents=True, exist_ok=True)
+    report_dir.mkdir(parents=True, exist_ok=True)
     with log.open("wb") as out:
         try:
             proc = subprocess.run(
-                argv, stdout=out, stderr=subprocess.STDOUT, timeout=CHECKS_TIMEOUT, check=False
+                argv, stdout=out, stderr=subprocess.STDOUT, timeout=CHECKS_TIMEOUT, check=False, env=env
             )
         except subprocess.TimeoutExpired:
             raise VerifyError(f"the checks did not finish in {CHECKS_TIMEOUT} s (log: {log})") from None
@@ -261,21 +276,24 @@ def _run_checks(
         raise VerifyError(
             f"the checks could not run (pytest exit {proc.returncode}): {tail[-300:]}", hint=f"log: {log}"
         )
+    records: list[dict[str, Any]] = json.loads(results_file.read_text())
+    return records
+
+
+def check_result(record: dict[str, Any]) -> CheckResult:
+    """A check's result from the plugin's record of it."""
     meta = catalogue()
-    results: dict[str, CheckResult] = {}
-    for record in json.loads(results_file.read_text()):
-        check_id = record["id"]
-        title = check_id.split(".", 1)[1].replace("_", " ").capitalize()
-        results[check_id] = CheckResult(
-            id=check_id,
-            title=title,
-            rationale=meta[check_id].rationale if check_id in meta else record.get("rationale"),
-            outcome=CheckOutcome(record["outcome"]),
-            reason=record["reason"],
-            duration_s=max(0.0, float(record["duration_s"])),
-            evidence=[Evidence(**e) for e in record["evidence"]],
-        )
-    return results
+    check_id = record["id"]
+    title = check_id.split(".", 1)[1].replace("_", " ").capitalize()
+    return CheckResult(
+        id=check_id,
+        title=title,
+        rationale=meta[check_id].rationale if check_id in meta else record.get("rationale"),
+        outcome=CheckOutcome(record["outcome"]),
+        reason=record["reason"],
+        duration_s=max(0.0, float(record["duration_s"])),
+        evidence=[Evidence(**e) for e in record["evidence"]],
+    )
 
 
 def identity_result(identity: Identity, built: dict[str, Any] | None) -> CheckResult | None:

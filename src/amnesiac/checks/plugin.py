@@ -13,7 +13,7 @@ import json
 import os
 from collections.abc import Generator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -22,6 +22,7 @@ from amnesiac.checks.probe import Probe, bounded
 
 NOT_APPLICABLE = "not applicable: "
 _RESULTS = pytest.StashKey[list[dict[str, Any]]]()
+_PROPERTY = "amnesiac-result"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -41,6 +42,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[_RESULTS] = []
+    if not _is_worker(config):
+        config.pluginmanager.register(_Collector(config.stash[_RESULTS]), "amnesiac-results")
+
+
+def _is_worker(config: pytest.Config) -> bool:
+    """A pytest-xdist worker: its reports go to the controller, which records them."""
+    return hasattr(config, "workerinput")
 
 
 def pytest_pycollect_makeitem(collector: pytest.Collector, name: str, obj: object) -> Any:
@@ -112,7 +120,21 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         return
     record = _record(item, meta, report, call)
     if record is not None:
-        item.config.stash[_RESULTS].append(record)
+        # On the report, not in this process: under pytest-xdist the report travels to the
+        # controller, which alone writes the results file (see pytest_runtest_logreport).
+        report.user_properties.append((_PROPERTY, record))
+
+
+class _Collector:
+    """Gathers the records from the reports in the process that writes the results file."""
+
+    def __init__(self, results: list[dict[str, Any]]) -> None:
+        self.results = results
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        self.results.extend(
+            cast(dict[str, Any], v) for name, v in report.user_properties if name == _PROPERTY
+        )
 
 
 def _record(
@@ -172,7 +194,7 @@ def _failure(call: pytest.CallInfo[None]) -> str:
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     path = session.config.getoption("amnesiac_results")
-    if not path:
+    if not path or _is_worker(session.config):
         return
     target = Path(path)
     tmp = target.with_name(f".{target.name}.{os.getpid()}")

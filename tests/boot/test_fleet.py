@@ -1,0 +1,90 @@
+"""verify --inventory: every host of an Ansible inventory checked in one parallel run.
+
+The session's OVPN image is booted ONCE in QEMU and the inventory names it twice (vpn1 and
+vpn2, both 127.0.0.1:<forwarded port>): one machine serving as two fleet members keeps CI time
+down while still exercising the inventory, the parallel run (pytest-xdist) and the split of
+results by host.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from amnesiac import boot, policy
+from amnesiac.report import model
+from tests.images import REPO, amnesiac
+
+pytestmark = pytest.mark.boot
+
+OVPN = REPO / "policies/ovpn.yml"
+HOSTS = ("vpn1", "vpn2")
+
+
+@pytest.fixture(scope="module")
+def inventory(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    build = os.environ.get("AMNESIAC_BOOT_BUILD")
+    out = Path(build) if build else request.getfixturevalue("ovpn").out
+    work = tmp_path_factory.mktemp("fleet")
+    key = work / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key], check=True)
+    with boot.running(out, boot.BootOptions(ssh_key=key.with_suffix(".pub"))) as machine:
+        machine.wait_ssh(timeout=600)
+        fleet = work / "fleet.yml"
+        fleet.write_text(
+            json.dumps(
+                {
+                    "all": {
+                        "vars": {
+                            "ansible_host": "127.0.0.1",
+                            "ansible_port": machine.ssh_port,
+                            "ansible_user": "root",
+                            "ansible_ssh_private_key_file": str(key),
+                            "ansible_ssh_common_args": "-o StrictHostKeyChecking=no "
+                            "-o UserKnownHostsFile=/dev/null -o LogLevel=ERROR",
+                        },
+                        "hosts": {name: {} for name in HOSTS},
+                    }
+                }
+            )
+        )
+        yield fleet
+
+
+@pytest.fixture(scope="module")
+def verified(inventory: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[int, dict[str, Any], Path]:
+    report = tmp_path_factory.mktemp("fleet-report") / "report"
+    result = amnesiac(
+        "verify", "--json", "--policy", str(OVPN), "--inventory", str(inventory), "--report", str(report),
+        check=False,
+    )  # fmt: skip
+    assert result.returncode in (0, 1), result.stderr[-3000:]
+    return result.returncode, json.loads(result.stdout), report
+
+
+def test_every_host_verifies_every_technical_claim(verified: tuple[int, dict[str, Any], Path]) -> None:
+    code, stdout, report = verified
+    fleet = json.loads((report / "fleet.json").read_text())
+    assert sorted(fleet["hosts"]) == sorted(HOSTS)
+    technical = {c.id for c in policy.load(OVPN).technical_claims()}
+    for name, host in fleet["hosts"].items():
+        not_verified = {c: s for c, s in host["claims"].items() if s != "verified"}
+        assert not_verified == {}, name
+        assert technical <= set(host["claims"]), name
+        assert host["verdict"] == "pass" and host["identity"]["boot_id"], name
+    assert code == 0 and fleet["verdict"] == "pass" and stdout["verdict"] == "pass"
+
+
+def test_each_host_has_its_own_report(verified: tuple[int, dict[str, Any], Path]) -> None:
+    _, _, report = verified
+    for name in HOSTS:
+        loaded = model.load((report / name / "report.json").read_bytes())
+        assert loaded.passed and loaded.target.kind is model.TargetKind.SSH
+        assert (report / name / "report.html").is_file() and (report / name / "junit.xml").is_file()
+        assert f'href="{name}/report.html"' in (report / "fleet.html").read_text()

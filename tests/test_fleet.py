@@ -1,0 +1,96 @@
+"""verify --inventory, without a fleet: results split by host, one report per host, the summary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from amnesiac import fleet, policy
+from amnesiac.report import model
+from amnesiac.report.model import Identity, Target, TargetKind
+from amnesiac.verify import build_report, selected_checks
+
+REPO = Path(__file__).resolve().parent.parent
+OVPN = policy.load(REPO / "policies/ovpn.yml")
+
+
+def record(check_id: str, host: str, outcome: str = "passed") -> dict[str, Any]:
+    return {
+        "id": check_id,
+        "host": f"ansible://{host}",
+        "claims": [],
+        "rationale": None,
+        "outcome": outcome,
+        "reason": None if outcome == "passed" else "it <b>failed</b>",
+        "duration_s": 0.1,
+        "evidence": [{"command": "true", "exit_code": 0, "output": "", "note": None}],
+    }
+
+
+def fake_fleet(failing: str | None = None) -> tuple[list[fleet.Member], dict[str, model.Report]]:
+    members = [fleet.Member(n, "127.0.0.1", 2222, "root", None) for n in ("vpn1", "vpn2", "vpn/3")]
+    records = [
+        record(c, m.name, "failed" if (m.name, c) == ("vpn2", failing) else "passed")
+        for m in members
+        for c in selected_checks(OVPN)
+    ]
+    grouped = fleet.group_by_host(records)
+    reports = {
+        m.name: build_report(
+            OVPN,
+            Target(kind=TargetKind.SSH, address=m.address, identity=Identity(boot_id=m.name)),
+            grouped[m.name],
+        )
+        for m in members
+    }
+    return members, reports
+
+
+def test_results_are_grouped_by_inventory_host() -> None:
+    grouped = fleet.group_by_host([record("ssh.key_only", "vpn1"), record("ssh.key_only", "vpn2", "failed")])
+    assert sorted(grouped) == ["vpn1", "vpn2"]
+    assert grouped["vpn1"]["ssh.key_only"].outcome is model.CheckOutcome.PASSED
+    assert grouped["vpn2"]["ssh.key_only"].outcome is model.CheckOutcome.FAILED
+
+
+def test_every_host_passing_passes_the_fleet(tmp_path: Path) -> None:
+    members, reports = fake_fleet()
+    data = fleet.summary(OVPN, tmp_path / "fleet.yml", members, reports, {})
+    assert data["verdict"] == "pass"
+    assert list(data["hosts"]) == ["vpn1", "vpn2", "vpn/3"]
+    technical = {c.id for c in OVPN.technical_claims()} | {"amnesiac-integrity"}
+    for host in data["hosts"].values():
+        assert set(host["claims"]) == technical
+        assert set(host["claims"].values()) == {"verified"}
+    assert data["hosts"]["vpn/3"]["report"]["json"] == "vpn_3/report.json"
+
+
+def test_one_failing_check_fails_its_host_and_the_fleet(tmp_path: Path) -> None:
+    members, reports = fake_fleet(failing="ssh.key_only")
+    data = fleet.summary(OVPN, tmp_path / "fleet.yml", members, reports, {})
+    assert data["verdict"] == "fail"
+    assert data["hosts"]["vpn1"]["verdict"] == "pass"
+    assert data["hosts"]["vpn2"]["verdict"] == "fail"
+    assert "amnesiac-integrity" in data["hosts"]["vpn2"]["failed"]
+
+
+def test_an_unreachable_host_fails_the_fleet(tmp_path: Path) -> None:
+    members, reports = fake_fleet()
+    del reports["vpn2"]
+    data = fleet.summary(OVPN, tmp_path / "fleet.yml", members, reports, {"vpn2": "cannot reach <it>"})
+    assert data["verdict"] == "fail"
+    assert data["hosts"]["vpn2"]["unreachable"] == "cannot reach <it>"
+
+
+def test_summary_files_are_written_and_the_html_escapes(tmp_path: Path) -> None:
+    members, reports = fake_fleet(failing="ssh.key_only")
+    del reports["vpn1"]
+    data = fleet.summary(OVPN, tmp_path / "fleet.yml", members, reports, {"vpn1": "cannot reach <script>"})
+    json_file, html_file = fleet.write_summary(data, tmp_path / "out")
+    assert json.loads(json_file.read_text()) == data
+    html = html_file.read_text()
+    assert "<script>" not in html and "&lt;script&gt;" in html
+    assert 'href="vpn2/report.html"' in html and 'href="vpn_3/report.html"' in html
+    assert '<td class="failed" title="amnesiac-integrity">failed</td>' in html  # vpn2's
+    assert "<link" not in html and "src=" not in html  # self-contained
