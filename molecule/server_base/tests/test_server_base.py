@@ -1,0 +1,45 @@
+"""server_base in a container: what it sets up, seen from inside (it enforces no claim itself).
+
+Run by molecule's testinfra verifier against the instance (`--hosts podman://...`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+MASKED = ("apt-daily.timer", "apt-daily-upgrade.timer", "dpkg-db-backup.timer", "fstrim.timer")
+
+
+def test_identity(host: Any) -> None:
+    assert host.file("/etc/hostname").content_string == "amnesiac\n"
+    assert "127.0.1.1\tamnesiac" in host.file("/etc/hosts").content_string
+    machine_id = host.file("/etc/machine-id")
+    assert machine_id.size == 0 and machine_id.mode == 0o444, "machine-id is not empty and read-only"
+
+
+def test_root_has_no_password(host: Any) -> None:
+    # '*': no password can match (`passwd -S` reports L); keys still work.
+    assert host.run("passwd -S root").stdout.split()[1] == "L"
+    assert host.run("getent shadow root").stdout.split(":")[1] == "*"
+
+
+def test_network(host: Any) -> None:
+    assert host.service("systemd-networkd").is_enabled
+    network = host.file("/etc/systemd/network/89-amnesiac-ethernet.network").content_string
+    assert "Type=ether" in network and "ClientIdentifier=mac" in network
+    resolv = host.file("/etc/resolv.conf").content_string
+    assert "(role server_base)" in resolv, "resolv.conf is not the role's"
+    assert [line for line in resolv.splitlines() if line.startswith("nameserver")] == ["nameserver 127.0.0.1"]
+
+
+def test_system(host: Any) -> None:
+    default = host.file("/etc/systemd/system/default.target")
+    assert default.linked_to == "/usr/lib/systemd/system/multi-user.target"
+    assert host.file("/etc/localtime").linked_to == "/usr/share/zoneinfo/Etc/UTC"
+    cmdline = host.file("/etc/amnesiac/cmdline.d/server_base.conf").content_string.splitlines()[-1]
+    assert cmdline.split() == ["console=ttyS0,115200n8", "panic=10"]
+
+
+def test_unused_units_masked(host: Any) -> None:
+    states = {unit: host.run(f"systemctl is-enabled {unit}").stdout.strip() for unit in MASKED}
+    assert states == dict.fromkeys(MASKED, "masked")
