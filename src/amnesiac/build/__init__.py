@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,8 +114,19 @@ def build(
         _replace(staging, out)
         return BuildResult(out, data, cached.cached)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
-        shutil.rmtree(staging, ignore_errors=True)
+        _remove_tree(work)
+        _remove_tree(staging)
+
+
+def _remove_tree(path: Path, attempts: int = 20) -> None:
+    """Remove a work directory, also when an interrupted Ansible's children are still writing
+    into it for a moment (a single rmtree then leaves the files they added)."""
+    for _ in range(attempts):
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            return
+        time.sleep(0.25)
+    shutil.rmtree(path)  # still there: let the error say why
 
 
 def _replace(staging: Path, out: Path) -> None:
