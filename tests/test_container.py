@@ -88,3 +88,13 @@ def test_podman_settings_only_where_needed(monkeypatch: pytest.MonkeyPatch) -> N
 def test_needs_names_its_reasons() -> None:
     reasons = container.needs()
     assert all(isinstance(r, str) and r for r in reasons)
+
+
+def test_molecule_shell_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CONTAINERS_CONF", raising=False)
+    monkeypatch.setattr(container, "needs", lambda: ("cgroup v1 or hybrid hierarchy",))
+    text = container.molecule_shell(fake_image())
+    assert text.startswith("# containers.conf: cgroup v1 or hybrid hierarchy\n")
+    assert "export CONTAINERS_CONF=" in text
+    monkeypatch.setattr(container, "needs", tuple)
+    assert not container.molecule_shell(fake_image()).startswith("#")

@@ -416,7 +416,7 @@ def _container_image(args: argparse.Namespace) -> int:
 
     image = container.ensure(container.spec(args.policy), container.state_dir(), refresh=args.refresh)
     if args.env:
-        print(container.shell_exports(container.molecule_env(image)), end="")
+        print(container.molecule_shell(image), end="")
     elif args.json:
         print(json.dumps({"tag": image.tag, "built": image.built, "imported": image.imported,
                           "seconds": round(image.seconds, 1)}))  # fmt: skip

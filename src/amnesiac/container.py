@@ -199,12 +199,13 @@ def _mmdebstrap(base: BaseImageSpec, tarball: Path) -> None:
         partial.unlink(missing_ok=True)
 
 
-def molecule_env(image: BaseImage, scenario: str | None = None) -> dict[str, str]:
+def molecule_env(image: BaseImage, scenario: str | None = None, *, suffix: str = "") -> dict[str, str]:
     """What molecule needs on top of the caller's environment.
 
     The base image's tag; the venv's tools on PATH; Ansible's home (molecule's cache, Ansible's
     local temporary files) and, for one scenario, molecule's state under build/molecule rather
-    than in the home directory; the podman settings this host needs (see needs()).
+    than in the home directory; the podman settings this host needs (see needs()). A `suffix`
+    names a second, separate run of the scenario: its own instance, state and results.
     """
     state = state_dir()
     env = {
@@ -213,7 +214,9 @@ def molecule_env(image: BaseImage, scenario: str | None = None) -> dict[str, str
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     if scenario is not None:
-        env["MOLECULE_EPHEMERAL_DIRECTORY"] = os.fspath(state / "state" / scenario)
+        env["MOLECULE_EPHEMERAL_DIRECTORY"] = os.fspath(state / "state" / f"{scenario}{suffix}")
+    if suffix:
+        env["AMNESIAC_MOLECULE_SUFFIX"] = suffix
     conf = podman_env({}).get("CONTAINERS_CONF") if "CONTAINERS_CONF" not in os.environ else None
     if conf:
         env["CONTAINERS_CONF"] = conf
@@ -222,3 +225,10 @@ def molecule_env(image: BaseImage, scenario: str | None = None) -> dict[str, str
 
 def shell_exports(env: Mapping[str, str]) -> str:
     return "".join(f"export {name}={shlex.quote(value)}\n" for name, value in sorted(env.items()))
+
+
+def molecule_shell(image: BaseImage) -> str:
+    """molecule_env() as shell exports, saying why when the podman settings are selected."""
+    env = molecule_env(image)
+    why = [f"# {CONTAINERS_CONF}: {reason}\n" for reason in needs()] if "CONTAINERS_CONF" in env else []
+    return "".join(why) + shell_exports(env)
