@@ -50,9 +50,10 @@ test: setup
 
 # The molecule tier alone: every role's scenario and the whole image playbook's, each a
 # `molecule test` in a systemd container (podman) from the base image `amnesiac container-image`
-# builds and caches (no registry). One scenario, for development: molecule/run test -s no_logs
+# builds and caches (no registry), one scenario per CPU at a time (about 6 min on 2 cores).
+# One scenario, for development: molecule/run test -s no_logs (molecule/README.md).
 molecule: setup
-	$(BIN)/pytest -m molecule -p no:cacheprovider tests/molecule
+	$(BIN)/pytest -m molecule -n auto -p no:cacheprovider tests/molecule
 
 test-fast: venv
 	$(BIN)/pytest

@@ -15,6 +15,7 @@ removes them; ssh_admin's unit makes them at boot).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -147,22 +148,28 @@ def ensure(base: BaseImageSpec, cache_dir: Path, *, refresh: bool = False) -> Ba
     tarball = cache_dir / f"base-{base.suite}-{key}.tar"
     if not refresh and tag_exists(tag):
         return BaseImage(tag, key, tarball, built=False, imported=False, seconds=time.monotonic() - start)
-    built = False
-    if refresh or not tarball.is_file():
-        _mmdebstrap(base, tarball)
-        built = True
-    run(
-        [
-            "podman", "import", "--quiet",
-            "--change", 'CMD ["/sbin/init"]',
-            "--change", "STOPSIGNAL=SIGRTMIN+3",
-            "--change", f"LABEL org.amnesiac.base.key={key}",
-            "--message", f"amnesiac molecule base: {base.suite}, {len(base.packages)} packages",
-            tarball, tag,
-        ],
-        capture=True,
-        env=podman_env(),
-    )  # fmt: skip
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # One builder at a time (parallel test workers ask at once); the others then find the tag.
+    with (cache_dir / ".base-image.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not refresh and tag_exists(tag):
+            return BaseImage(tag, key, tarball, built=False, imported=False, seconds=time.monotonic() - start)
+        built = False
+        if refresh or not tarball.is_file():
+            _mmdebstrap(base, tarball)
+            built = True
+        run(
+            [
+                "podman", "import", "--quiet",
+                "--change", 'CMD ["/sbin/init"]',
+                "--change", "STOPSIGNAL=SIGRTMIN+3",
+                "--change", f"LABEL org.amnesiac.base.key={key}",
+                "--message", f"amnesiac molecule base: {base.suite}, {len(base.packages)} packages",
+                tarball, tag,
+            ],
+            capture=True,
+            env=podman_env(),
+        )  # fmt: skip
     return BaseImage(tag, key, tarball, built=built, imported=True, seconds=time.monotonic() - start)
 
 
