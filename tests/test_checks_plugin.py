@@ -47,6 +47,12 @@ def broken(probe):
     raise RuntimeError("lost the connection")
 
 
+@check(claims=["c-missing"], rationale="an attempt that must fail, made with a program the target lacks")
+def missing_program(probe):
+    attempt = probe.run("amnesiac-no-such-program --write /var/log/x 2>&1")
+    assert attempt.rc != 0, "the write succeeded"
+
+
 def helper_not_a_check(probe):
     raise AssertionError("never collected")
 """
@@ -77,6 +83,7 @@ def test_outcomes(tmp_path: Path) -> None:
         "sample.kernel_only",
         "sample.decides",
         "sample.broken",
+        "sample.missing_program",
     }
     assert results["sample.broken"]["outcome"] == "error"  # not a failure of the claim: no proof at all
     assert "RuntimeError: lost the connection" in str(results["sample.broken"]["reason"])
@@ -93,6 +100,52 @@ def test_outcomes(tmp_path: Path) -> None:
     assert "not on a container: no kernel of its own" in str(results["sample.kernel_only"]["reason"])
     assert results["sample.decides"]["outcome"] == "not-applicable"
     assert results["sample.decides"]["reason"] == "nothing to look at here"
+    # A refused attempt proves nothing when the attempt never ran (exit 127): an error.
+    missing = results["sample.missing_program"]
+    assert missing["outcome"] == "error", missing
+    assert "a program is missing on the target" in str(missing["reason"])
+    assert missing["evidence"][0]["exit_code"] == 127
+
+
+@pytest.mark.parametrize("exit_code", [125, 126, 127])
+def test_a_command_that_did_not_run_is_an_error(exit_code: int) -> None:
+    from amnesiac.checks.probe import Probe, TargetError
+
+    class Result:  # the fields of testinfra's CommandResult that Probe reads
+        rc, stdout, stderr = exit_code, "", "Error: no such container x"
+
+    class Host:
+        def run(self, command: str) -> Result:
+            return Result()
+
+    probe = Probe(Host())
+    with pytest.raises(TargetError, match=r"did not run.*no such container"):
+        probe.run("find /var/log -type f")
+    assert probe.evidence[0].exit_code == exit_code  # still shown to the reviewer
+
+
+def test_checks_against_a_missing_container_are_errors(tmp_path: Path) -> None:
+    """podman exec into a container that does not exist exits 125: nothing may pass."""
+    import shutil
+
+    if shutil.which("podman") is None:
+        pytest.skip("podman is not installed")
+    from amnesiac import container
+
+    module = tmp_path / "sample.py"
+    module.write_text(CHECKS)
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    results = tmp_path / "results.json"
+    subprocess.run(
+        [sys.executable, "-m", "pytest", "-c", str(tmp_path / "pytest.ini"), "-p", "amnesiac.checks.plugin",
+         "--hosts=podman://amnesiac-no-such-container", "--amnesiac-target-kind=container",
+         f"--amnesiac-results={results}",
+         "--amnesiac-checks=sample.passes,sample.fails,sample.missing_program",
+         str(module), "-q"],
+        capture_output=True, text=True, check=False, cwd=tmp_path, env=container.podman_env(),
+    )  # fmt: skip
+    outcomes = {r["id"]: r["outcome"] for r in json.loads(results.read_text())}
+    assert outcomes == dict.fromkeys(("sample.passes", "sample.fails", "sample.missing_program"), "error")
 
 
 def test_selection_by_id(tmp_path: Path) -> None:

@@ -37,11 +37,15 @@ def no_log_rules(probe: Probe, kind: Any) -> None:
     assert logging == [], f"rules that log: {logging}"
     if kind.value != "booted":
         return
+    # The table and chain must be accepted (positive control: nftables works and root may
+    # change the ruleset), so that only the log statement can be what the kernel refuses.
     attempt = probe.run(
-        f"nft add table inet {PROBE_TABLE} && nft add chain inet {PROBE_TABLE} c && "
+        f"nft add table inet {PROBE_TABLE} && nft add chain inet {PROBE_TABLE} c || "
+        "{ echo 'amnesiac: probe table refused'; exit 3; }; "
         f"nft add rule inet {PROBE_TABLE} c log prefix amnesiac-probe 2>&1; rc=$?; "
         f"nft delete table inet {PROBE_TABLE} 2>/dev/null; exit $rc"
     )
+    assert "probe table refused" not in attempt.stdout, "positive control: nft could not add a plain table"
     assert attempt.rc != 0, "the kernel accepted a log rule"
 
 

@@ -138,3 +138,7 @@ def module_loading_locked(probe: Probe) -> None:
         return
     attempt = probe.run(f"modprobe {candidate} 2>&1")
     assert attempt.rc != 0, f"root could load the module {candidate}"
+    # The refusal must be the lock's (EPERM), not a module that failed for its own reasons.
+    assert "Operation not permitted" in attempt.stdout, (
+        f"modprobe {candidate} failed otherwise: {attempt.stdout}"
+    )

@@ -184,6 +184,7 @@ def var_log_empty(probe: Probe, kind: Any) -> None:
             "touch /var/log/amnesiac-write-probe 2>&1; rc=$?; rm -f /var/log/amnesiac-write-probe; exit $rc"
         )
         assert attempt.rc != 0, "root could create a file in /var/log"
+        assert "Read-only file system" in attempt.stdout, f"touch failed otherwise: {attempt.stdout}"
 
 
 @check(

@@ -8,6 +8,19 @@ from typing import Any
 
 OUTPUT_LIMIT = 4000  # characters of output kept per command: head and tail
 
+# Exit codes that mean the command never ran on the target, so its silence proves nothing:
+# 125 is the transport's own failure (podman exec: no such container; chroot: no such root),
+# 126 and 127 the shell's "cannot execute" and "not found".
+DID_NOT_RUN = {
+    125: "the transport failed (no such container or root?)",
+    126: "a program could not be executed",
+    127: "a program is missing on the target",
+}
+
+
+class TargetError(RuntimeError):
+    """The target could not run a probe: the check is an error (proved nothing), not a pass."""
+
 
 def bounded(text: str, limit: int = OUTPUT_LIMIT) -> str:
     """At most `limit` characters: the head and the tail, with what was left out in between."""
@@ -37,11 +50,20 @@ class Probe:
         self.evidence: list[Evidence] = []
 
     def run(self, command: str, *args: str, note: str | None = None) -> Any:
-        """Run `command` (args are shell-quoted into it) and return testinfra's CommandResult."""
+        """Run `command` (args are shell-quoted into it) and return testinfra's CommandResult.
+
+        Raises TargetError when the command did not run at all (DID_NOT_RUN): a check asserting
+        that an attempt failed, or that a listing is empty, must not pass because nothing ran.
+        """
         result = self.host.run(command, *args)
         shown = command % tuple(shlex.quote(a) for a in args) if args else command
         output = result.stdout + (f"\n[stderr]\n{result.stderr}" if result.stderr.strip() else "")
         self.evidence.append(Evidence(shown, result.rc, bounded(output.strip()), note))
+        if result.rc in DID_NOT_RUN:
+            detail = (result.stderr.strip() or result.stdout.strip()).splitlines()[-1:] or [""]
+            raise TargetError(
+                f"`{bounded(shown, 200)}` did not run: {DID_NOT_RUN[result.rc]} {detail[0]}".strip()
+            )
         return result
 
     def pci_devices(self, class_prefix: str) -> list[tuple[str, str, str]]:

@@ -174,10 +174,17 @@ def openvpn_no_log_or_status_file(probe: Probe, kind: Any, expected: dict[str, A
         f"for fd in /proc/{pid}/fdinfo/*; do n=${{fd##*/}}; "
         f"echo \"$(readlink /proc/{pid}/fd/$n) flags=$(awk '/^flags/{{print $2}}' $fd)\"; done"
     ).stdout.splitlines()
+    # Every descriptor must have been read (an unreadable fdinfo would hide a log file), and
+    # OpenVPN always holds its tun device: seeing it proves the listing looked at the process.
+    unread = [fd for fd in fds if not fd.rsplit("=", 1)[-1].isdigit() or fd.startswith(" ")]
+    assert fds and unread == [], f"cannot read openvpn's descriptors: {unread or 'none listed'}"
+    assert any(fd.split()[0] == "/dev/net/tun" for fd in fds), (
+        "positive control: no tun device among its descriptors"
+    )
     # O_WRONLY (1) or O_RDWR (2) in the low bits of the octal flags: open for writing.
     writable = [
         fd for fd in fds
-        if fd.split()[0].startswith("/") and int(fd.rsplit("=", 1)[1] or "0", 8) & 0o3
+        if fd.split()[0].startswith("/") and int(fd.rsplit("=", 1)[1], 8) & 0o3
         and fd.split()[0] not in ("/dev/null", "/dev/net/tun")
     ]  # fmt: skip
     assert writable == [], f"openvpn holds files open for writing: {writable}"
