@@ -1,6 +1,6 @@
 # The two commands of the README, for a fresh Debian machine as root:
 #   make build   installs everything and builds the default image into build/ovpn
-#   make test    installs everything and runs every test tier
+#   make test    installs everything and runs every test tier (molecule included)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -43,17 +43,19 @@ $(BIN)/.installed: pyproject.toml
 build: setup
 	$(BIN)/amnesiac build --policy $(POLICY) --out $(OUT)
 
-# Every tier: fast (unit, lint), build (real images), boot (QEMU + verify) and browser (the
-# HTML report in Chromium). Molecule joins here when its scenarios land.
+# Every tier: fast (unit, lint), build (real images), boot (QEMU + verify), browser (the HTML
+# report in Chromium), then molecule (every role in a container). About 35 min on 2 cores.
 test: setup
 	$(BIN)/pytest -m 'not molecule' -p no:cacheprovider
+	$(MOLECULE_TESTS)
 
 # The molecule tier alone: every role's scenario and the whole image playbook's, each a
 # `molecule test` in a systemd container (podman) from the base image `amnesiac container-image`
 # builds and caches (no registry), one scenario per CPU at a time (about 6 min on 2 cores).
 # One scenario, for development: molecule/run test -s no_logs (molecule/README.md).
+MOLECULE_TESTS = $(BIN)/pytest -m molecule -n auto -p no:cacheprovider tests/molecule
 molecule: setup
-	$(BIN)/pytest -m molecule -n auto -p no:cacheprovider tests/molecule
+	$(MOLECULE_TESTS)
 
 test-fast: venv
 	$(BIN)/pytest
