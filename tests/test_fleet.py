@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
-from amnesiac import fleet, policy
+import pytest
+
+from amnesiac import fleet, policy, targets, verify
+from amnesiac.errors import UsageError
+from amnesiac.progress import Progress
 from amnesiac.report import model
 from amnesiac.report.model import Identity, Target, TargetKind
 from amnesiac.verify import build_report, selected_checks
@@ -29,7 +34,7 @@ def record(check_id: str, host: str, outcome: str = "passed") -> dict[str, Any]:
 
 
 def fake_fleet(failing: str | None = None) -> tuple[list[fleet.Member], dict[str, model.Report]]:
-    members = [fleet.Member(n, "127.0.0.1", 2222, "root", None) for n in ("vpn1", "vpn2", "vpn/3")]
+    members = [fleet.Member(n, "127.0.0.1", 2222, "root") for n in ("vpn1", "vpn2", "vpn/3")]
     records = [
         record(c, m.name, "failed" if (m.name, c) == ("vpn2", failing) else "passed")
         for m in members
@@ -94,3 +99,37 @@ def test_summary_files_are_written_and_the_html_escapes(tmp_path: Path) -> None:
     assert 'href="vpn2/report.html"' in html and 'href="vpn_3/report.html"' in html
     assert '<td class="failed" title="amnesiac-integrity">failed</td>' in html  # vpn2's
     assert "<link" not in html and "src=" not in html  # self-contained
+
+
+def test_verifier_keys_are_read_and_fingerprinted_as_ssh_keygen_does(tmp_path: Path) -> None:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", tmp_path / "k"], check=True)
+    pub = tmp_path / "k.pub"
+    keys = verify.read_verifier_keys([pub, pub])  # the same key twice counts once
+    assert keys == [pub.read_text().strip()]
+    listed = subprocess.run(["ssh-keygen", "-l", "-f", pub], capture_output=True, text=True, check=True)
+    assert verify.fingerprint(keys[0]) == listed.stdout.split()[1]
+
+
+def test_a_bad_verifier_key_names_the_option_file_and_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.pub"
+    bad.write_text(
+        "# a comment\n"
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl ok\n"
+        "nonsense\n"
+    )
+    with pytest.raises(UsageError, match=rf"^--verifier-key {bad}:3: not an OpenSSH public key"):
+        verify.read_verifier_keys([bad])
+    private = tmp_path / "id"
+    private.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    with pytest.raises(UsageError, match="is a private key"):
+        verify.read_verifier_keys([private])
+
+
+def test_the_login_key_is_not_a_verifier_key_by_default(tmp_path: Path) -> None:
+    """An ssh:// target: no key but a declared one is allowed beside the policy's."""
+    options = verify.VerifyOptions(
+        policy=REPO / "policies/ovpn.yml", target="ssh://root@vpn1.example.net", report_dir=tmp_path
+    )
+    spec = targets.parse(options.target)
+    with verify._reach(spec, options, Progress(quiet=True), tmp_path) as session:
+        assert session.test_keys == []

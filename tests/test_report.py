@@ -752,3 +752,15 @@ def test_html_renders_in_chromium(example_policy: Policy, tmp_path: Path) -> Non
     pdf.unlink(missing_ok=True)
     chromium(f"--print-to-pdf={pdf}", "--no-pdf-header-footer", url, cwd=tmp_path)
     assert pdf.read_bytes()[:5] == b"%PDF-"
+
+
+def test_html_names_the_verifiers_keys(example_policy: Policy) -> None:
+    """A reviewer sees which keys were allowed beside the policy's, or that none were."""
+    report = make_report(example_policy)
+    assert "none: every key on the target must be one the policy names" in render_html(report)
+    fingerprint = "SHA256:4tOnJqkH3bQ0S0Kcx4ZrXW8v0J2y9VnGqUhN0eFf1xY"
+    keyed = report.model_copy(
+        update={"target": report.target.model_copy(update={"verifier_keys": [fingerprint]})}
+    )
+    page = render_html(keyed)
+    assert fingerprint in page and "allowed beside the policy's keys" in page

@@ -197,18 +197,31 @@ def overlay_cpio(files: Sequence[OverlayFile], mtime: int = 0) -> bytes:
 _KEY_TYPES = re.compile(r"^(ssh-(ed25519|rsa|dss)|ecdsa-sha2-\S+|sk-\S+)\s+[A-Za-z0-9+/=]+(\s.*)?$")
 
 
-def authorized_key(pub: Path) -> OverlayFile:
-    """root's authorized_keys from a public key file; a private key is refused, never copied."""
+def public_keys(pub: Path, option: str = "--ssh-key") -> list[str]:
+    """The OpenSSH public keys in a file, one per line; a private key is refused, never read on.
+
+    Errors name the option the file came from (`option`) and the file.
+    """
     try:
         text = pub.read_text()
     except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"--ssh-key {pub}: cannot read it ({exc})") from None
+        raise UsageError(f"{option} {pub}: cannot read it ({exc})") from None
     if "PRIVATE KEY" in text:
-        raise UsageError(f"--ssh-key {pub} is a private key", hint=f"pass the public key, {pub}.pub")
+        raise UsageError(f"{option} {pub} is a private key", hint=f"pass the public key, {pub}.pub")
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
-    if not lines or not all(_KEY_TYPES.match(line) for line in lines):
-        raise UsageError(f"--ssh-key {pub}: not an OpenSSH public key (ssh-ed25519 AAAA... comment)")
-    return OverlayFile("root/.ssh/authorized_keys", ("\n".join(lines) + "\n").encode(), 0o600)
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip() and not line.startswith("#") and not _KEY_TYPES.match(line.strip()):
+            raise UsageError(
+                f"{option} {pub}:{number}: not an OpenSSH public key (ssh-ed25519 AAAA... comment)"
+            )
+    if not lines:
+        raise UsageError(f"{option} {pub}: no public key in it (ssh-ed25519 AAAA... comment)")
+    return lines
+
+
+def authorized_key(pub: Path) -> OverlayFile:
+    """root's authorized_keys from a public key file; a private key is refused, never copied."""
+    return OverlayFile("root/.ssh/authorized_keys", ("\n".join(public_keys(pub)) + "\n").encode(), 0o600)
 
 
 def harness_script(*, overlay: bool) -> str:

@@ -228,6 +228,11 @@ ansible_port, ansible_user, ansible_ssh_private_key_file, ansible_ssh_common_arg
 over SSH in one parallel run; DIR/<host>/ holds each host's report, DIR/fleet.html and
 DIR/fleet.json the hosts by claims. Exit 0 only when every host passes.
 
+Keys: every key the target accepts must be one the policy names (ssh_admin_authorized_keys),
+except the verifier's own: qemu:'s throwaway key, and any you declare with --verifier-key
+(a key put on the servers only to verify them). The report names those by fingerprint. An
+operator's key the policy does not name fails the integrity claim, as it should.
+
 Exit code: 0 when every technical claim that applies to the target is verified, 1 when
 one failed, 2 on bad input.""",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -252,6 +257,16 @@ one failed, 2 on bad input.""",
     )
     verify.add_argument(
         "--ssh-key", type=Path, default=None, help="ssh:// targets: private key to log in with"
+    )
+    verify.add_argument(
+        "--verifier-key",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="PUB",
+        help="a public key you put on the target only to verify it (not the image's, not the policy's): "
+        "allowed beside the policy's keys and named in the report; repeatable. Without it, the key "
+        "you log in with must be one the policy names",
     )
     verify.add_argument("--build", type=Path, default=None, help="the build the target should be running")
     verify.add_argument("--memory", type=int, default=None, metavar="MIB", help="qemu: targets: guest RAM")
@@ -356,6 +371,7 @@ def _verify(args: argparse.Namespace) -> int:
         ssh_key=args.ssh_key,
         build=args.build,
         memory_mib=args.memory,
+        verifier_keys=tuple(args.verifier_key),
     )
     progress = Progress(quiet=args.json)
     report, files = verify(options, progress)
@@ -386,7 +402,11 @@ def _verify_fleet(args: argparse.Namespace, policy_file: Path, report_dir: Path)
     from amnesiac.progress import Progress
 
     options = FleetOptions(
-        policy=policy_file, inventory=args.inventory, report_dir=report_dir, build=args.build
+        policy=policy_file,
+        inventory=args.inventory,
+        report_dir=report_dir,
+        build=args.build,
+        verifier_keys=tuple(args.verifier_key),
     )
     progress = Progress(quiet=args.json)
     result = verify_fleet(options, progress)

@@ -8,8 +8,10 @@ its results are split by host: each host gets the single-target report of `amnes
 DIR/fleet.html, a table of hosts by claims. The fleet passes only when every host passes; a
 host that cannot be reached fails the fleet and has no report of its own.
 
-The key the inventory logs in with is the verifier's key, as the overlay key is for a qemu:
-target: the check that the server carries no key the policy does not name allows it.
+The key the inventory logs in with is an operator's: it must be one the policy names
+(ssh_admin_authorized_keys), or the integrity check that the server carries no other key
+fails. A key the verifier put on the servers itself is declared with --verifier-key; the
+reports name it.
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ from amnesiac.policy import ClaimKind, Policy
 from amnesiac.progress import Progress
 from amnesiac.report import render
 from amnesiac.report.model import CheckResult, ClaimStatus, Identity, Report, Target, TargetKind, Verdict
-from amnesiac.run import run
 from amnesiac.targets import TargetSpec
 from amnesiac.verify import (
     Session,
@@ -43,6 +44,8 @@ from amnesiac.verify import (
     build_report,
     check_result,
     expectations,
+    fingerprint,
+    read_verifier_keys,
     run_pytest,
     selected_checks,
 )
@@ -61,6 +64,7 @@ class FleetOptions:
     report_dir: Path
     build: Path | None = None  # the build every host should be running
     workers: int | None = None  # pytest-xdist workers; None: one per host, at most the CPUs
+    verifier_keys: tuple[Path, ...] = ()  # as VerifyOptions.verifier_keys
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,6 @@ class Member:
     host: str
     port: int
     user: str
-    key: Path | None
 
     @property
     def address(self) -> str:
@@ -125,14 +128,12 @@ def members(inventory: Path, work: Path) -> list[Member]:
     found = []
     for name in names:
         hostvars = runner.get_variables(name)
-        key = hostvars.get("ansible_ssh_private_key_file") or hostvars.get("ansible_private_key_file")
         found.append(
             Member(
                 name=name,
                 host=str(hostvars.get("ansible_host", name)),
                 port=int(hostvars.get("ansible_port", 22)),
                 user=str(hostvars.get("ansible_user", "root")),
-                key=Path(str(key)).expanduser() if key else None,
             )
         )
     if not found:
@@ -145,6 +146,7 @@ def verify_fleet(options: FleetOptions, progress: Progress) -> FleetResult:
     loaded = policy.load(options.policy)
     check_ids = selected_checks(loaded)
     built = manifest_file.read(options.build) if options.build is not None else None
+    verifier_keys = read_verifier_keys(options.verifier_keys)
     inventory = options.inventory.resolve()
     identities: dict[str, Identity] = {}
     unreachable: dict[str, str] = {}
@@ -175,7 +177,7 @@ def verify_fleet(options: FleetOptions, progress: Progress) -> FleetResult:
                         f"--ansible-inventory={inventory}",
                     ],
                     work=work,
-                    test_keys=_login_keys(reachable),
+                    test_keys=verifier_keys,
                 )
                 expect = expectations(loaded, built, session)
                 extra = ["-n", str(workers), "--dist", "load"] if workers > 1 else []
@@ -186,7 +188,12 @@ def verify_fleet(options: FleetOptions, progress: Progress) -> FleetResult:
     with progress.stage("report", f"Reports: {options.report_dir}"):
         grouped = group_by_host(records)
         for member in reachable:
-            target = Target(kind=TargetKind.SSH, address=member.address, identity=identities[member.name])
+            target = Target(
+                kind=TargetKind.SSH,
+                address=member.address,
+                identity=identities[member.name],
+                verifier_keys=[fingerprint(k) for k in verifier_keys],
+            )
             reports[member.name] = build_report(loaded, target, grouped.get(member.name, {}), built)
             render.write(reports[member.name], options.report_dir / member.directory)
         data = summary(loaded, options.inventory, fleet, reports, unreachable)
@@ -197,18 +204,6 @@ def verify_fleet(options: FleetOptions, progress: Progress) -> FleetResult:
 def _session(member: Member, inventory: Path, work: Path) -> Session:
     spec = TargetSpec(TargetKind.SSH, member.address, user=member.user, host=member.host, port=member.port)
     return Session(spec, [f"--hosts={HOST_ID}{member.name}?ansible_inventory={inventory}"], work)
-
-
-def _login_keys(fleet: Sequence[Member]) -> list[str]:
-    """The public halves of the keys the inventory logs in with: the verifier's own keys."""
-    keys = []
-    for key in dict.fromkeys(m.key for m in fleet if m.key is not None):
-        pub = key.with_name(key.name + ".pub")
-        if pub.is_file():
-            keys.append(pub.read_text().strip())
-        elif key.is_file():
-            keys.append(run(["ssh-keygen", "-y", "-f", key], capture=True).stdout.decode().strip())
-    return keys
 
 
 def group_by_host(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, CheckResult]]:

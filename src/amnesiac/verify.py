@@ -8,7 +8,9 @@ artifact verified is the artifact that ships.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import json
 import os
 import subprocess
@@ -76,6 +78,10 @@ class VerifyOptions:
     build: Path | None = None  # ssh:// and chroot: targets: the build they should be
     memory_mib: int | None = None  # qemu: targets
     boot_timeout: float = 600.0
+    # Public key files of keys the verifier itself put on the target to log in: allowed beside
+    # the policy's keys by ssh.no_test_key, and named in the report. None by default, so a key
+    # an operator logs in with must be one the policy names.
+    verifier_keys: tuple[Path, ...] = ()
 
 
 @dataclass
@@ -111,10 +117,26 @@ def verify(options: VerifyOptions, progress: Progress) -> tuple[Report, render.R
             results = _run_checks(session, check_ids, expectations(loaded, built, session), options, progress)
             stage.note = ", ".join(f"{n} {o}" for o, n in _count(results).items() if n)
     with progress.stage("report", f"Report: {options.report_dir}"):
-        target = Target(kind=spec.kind, address=spec.address, identity=session.identity)
+        target = Target(
+            kind=spec.kind,
+            address=spec.address,
+            identity=session.identity,
+            verifier_keys=[fingerprint(k) for k in session.test_keys],
+        )
         report = build_report(loaded, target, results, built)
         files = render.write(report, options.report_dir)
     return report, files
+
+
+def read_verifier_keys(files: Sequence[Path]) -> list[str]:
+    """The public keys of --verifier-key files, in order, each once."""
+    return list(dict.fromkeys(k for f in files for k in boot.public_keys(f, "--verifier-key")))
+
+
+def fingerprint(key: str) -> str:
+    """OpenSSH's SHA256 fingerprint of a public key line (`ssh-keygen -l` prints the same)."""
+    blob = base64.b64decode(key.split()[1])
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
 
 
 def selected_checks(loaded: Policy) -> list[str]:
@@ -151,7 +173,7 @@ def _reach(spec: TargetSpec, options: VerifyOptions, progress: Progress, work: P
         hosts = spec.testinfra_hosts()
         if spec.kind is TargetKind.SSH:
             hosts += _ssh_args(work, options.ssh_key)
-        yield Session(spec, hosts, work)
+        yield Session(spec, hosts, work, test_keys=read_verifier_keys(options.verifier_keys))
         return
     if spec.path is None:
         raise VerifyError(f"{spec.address}: no build directory to boot")
@@ -163,7 +185,7 @@ def _reach(spec: TargetSpec, options: VerifyOptions, progress: Progress, work: P
             seconds = machine.wait_ssh(timeout=options.boot_timeout, on_tick=progress.detail)
             stage.note = f"SSH after {seconds:.0f} s, {machine.accel.accel}, {machine.memory_mib} MiB"
         session = Session(spec, spec.testinfra_hosts(machine.ssh_port) + _ssh_args(work, key), work)
-        session.test_keys = [key.with_suffix(".pub").read_text().strip()]
+        session.test_keys = read_verifier_keys([key.with_suffix(".pub"), *options.verifier_keys])
         session.usb_attached = boot_options.test_devices
         session.identity = Identity(artifacts={s.name: s.sha256 for s in machine.served() if s.sha256})
         yield session

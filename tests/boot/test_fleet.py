@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from amnesiac import boot, policy
+from amnesiac import boot, policy, targets, verify
+from amnesiac.progress import Progress
 from amnesiac.report import model
 from tests.images import REPO, amnesiac
 
@@ -60,8 +61,11 @@ def inventory(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
 @pytest.fixture(scope="module")
 def verified(inventory: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[int, dict[str, Any], Path]:
     report = tmp_path_factory.mktemp("fleet-report") / "report"
+    # The test key came in the boot-time overlay, as a verifier's key would: declared as such.
+    key = inventory.with_name("id_ed25519.pub")
     result = amnesiac(
         "verify", "--json", "--policy", str(OVPN), "--inventory", str(inventory), "--report", str(report),
+        "--verifier-key", str(key),
         check=False,
     )  # fmt: skip
     assert result.returncode in (0, 1), result.stderr[-3000:]
@@ -81,10 +85,43 @@ def test_every_host_verifies_every_technical_claim(verified: tuple[int, dict[str
     assert code == 0 and fleet["verdict"] == "pass" and stdout["verdict"] == "pass"
 
 
-def test_each_host_has_its_own_report(verified: tuple[int, dict[str, Any], Path]) -> None:
+def test_each_host_has_its_own_report(inventory: Path, verified: tuple[int, dict[str, Any], Path]) -> None:
     _, _, report = verified
+    fingerprint = _ssh_keygen_fingerprint(inventory.with_name("id_ed25519.pub"))
     for name in HOSTS:
         loaded = model.load((report / name / "report.json").read_bytes())
         assert loaded.passed and loaded.target.kind is model.TargetKind.SSH
+        assert loaded.target.verifier_keys == [fingerprint], "the declared verifier key, by fingerprint"
         assert (report / name / "report.html").is_file() and (report / name / "junit.xml").is_file()
         assert f'href="{name}/report.html"' in (report / "fleet.html").read_text()
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["declared", "undeclared"])
+def test_a_login_key_the_policy_does_not_name_fails_unless_declared(
+    inventory: Path, declared: bool, tmp_path: Path
+) -> None:
+    """The key the servers were booted with is not in the policy: only --verifier-key allows it."""
+    hostvars = json.loads(inventory.read_text())["all"]["vars"]
+    private = Path(hostvars["ansible_ssh_private_key_file"])
+    options = verify.VerifyOptions(
+        policy=OVPN,
+        target=f"ssh://root@127.0.0.1:{hostvars['ansible_port']}",
+        report_dir=tmp_path / "report",
+        ssh_key=private,
+        verifier_keys=(private.with_name(private.name + ".pub"),) if declared else (),
+    )
+    progress = Progress(quiet=True)
+    with verify._reach(targets.parse(options.target), options, progress, tmp_path) as session:
+        expect = verify.expectations(policy.load(OVPN), None, session)
+        records = verify.run_pytest(session, ["ssh.no_test_key"], expect, options.report_dir, progress)
+    (record,) = records
+    if declared:
+        assert record["outcome"] == "passed", record["reason"]
+    else:
+        assert record["outcome"] == "failed", record
+        assert "keys the policy does not name" in record["reason"]
+
+
+def _ssh_keygen_fingerprint(pub: Path) -> str:
+    out = subprocess.run(["ssh-keygen", "-l", "-f", pub], capture_output=True, text=True, check=True).stdout
+    return out.split()[1]

@@ -255,6 +255,9 @@ class Target(_Model):
     kind: TargetKind
     address: str
     identity: Identity = Field(default_factory=Identity)
+    # Fingerprints (SHA256:...) of the public keys the verifier itself put on the target to log
+    # in (qemu:'s boot-time overlay key, --verifier-key): the only keys allowed beside the policy's.
+    verifier_keys: list[str] = Field(default_factory=list)
 
     @property
     def spec(self) -> str:
