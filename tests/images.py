@@ -42,6 +42,8 @@ WITHOUT_CONTROLS = {
     "firewall_per_client_counters": "true",
     "dns_resolver_log_queries": "true",
     "input_lockdown_usb": "false",
+    # The image keeps no USB driver otherwise: these let the harness's USB keyboard and stick enumerate.
+    "input_lockdown_kept_usb_modules": "[xhci_pci, xhci_hcd, usbhid, hid_generic, usb_storage]",
     "input_lockdown_keyboard": "false",
     "input_lockdown_gettys": "false",
     "input_lockdown_sysrq": "false",

@@ -71,3 +71,8 @@ def test_without_controls_every_claim_fails_booted(ovpn_without_controls: Built,
     technical = {c.id for c in policy.load(OVPN).technical_claims()}
     standing = sorted(c["id"] for c in report["claims"] if c["id"] in technical and c["status"] != "failed")
     assert standing == [], f"claims whose checks do not fail on a booted image without controls: {standing}"
+    # USB fails through its own check, not only through the claim's others: the negative image
+    # keeps USB drivers (input_lockdown_kept_usb_modules), so the harness's keyboard enumerates.
+    outcomes = {ch["id"]: ch for claim in report["claims"] for ch in claim["checks"]}
+    usb = outcomes["input.usb_not_enumerated"]
+    assert usb["outcome"] == "failed", usb
