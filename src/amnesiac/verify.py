@@ -93,7 +93,9 @@ class Session:
     work: Path
     test_keys: list[str] = field(default_factory=list)
     identity: Identity = field(default_factory=Identity)
-    usb_attached: bool = False
+    test_devices_attached: bool = (
+        False  # qemu: the harness attached a USB keyboard and stick and a virtio disk
+    )
 
 
 def verify(options: VerifyOptions, progress: Progress) -> tuple[Report, render.ReportFiles]:
@@ -153,7 +155,7 @@ def expectations(loaded: Policy, built: dict[str, Any] | None, session: Session)
         "policy": loaded.id,
         "authorized_keys": plan.var("ssh_admin_authorized_keys") if "ssh_admin" in roles else [],
         "test_keys": session.test_keys,
-        "usb_devices_attached": session.usb_attached,
+        "test_devices_attached": session.test_devices_attached,
     }
     if "ram_root" in roles:
         expect["root_tmpfs_size_bytes"] = int(plan.var("ram_root_tmpfs_size_mib")) * 1024**2
@@ -186,7 +188,7 @@ def _reach(spec: TargetSpec, options: VerifyOptions, progress: Progress, work: P
             stage.note = f"SSH after {seconds:.0f} s, {machine.accel.accel}, {machine.memory_mib} MiB"
         session = Session(spec, spec.testinfra_hosts(machine.ssh_port) + _ssh_args(work, key), work)
         session.test_keys = read_verifier_keys([key.with_suffix(".pub"), *options.verifier_keys])
-        session.usb_attached = boot_options.test_devices
+        session.test_devices_attached = boot_options.test_devices
         session.identity = Identity(artifacts={s.name: s.sha256 for s in machine.served() if s.sha256})
         yield session
 

@@ -24,7 +24,7 @@ GETTY_PROCESSES = ("agetty", "getty", "mingetty", "login", "sulogin", "sushell")
 )
 def usb_not_enumerated(probe: Probe, expected: dict[str, Any]) -> None:
     controllers = probe.pci_devices(PCI_USB_CLASS)
-    if expected.get("usb_devices_attached"):
+    if expected.get("test_devices_attached"):
         assert controllers, "positive control: the harness attached a USB controller but it is not on the bus"
     bound = [" ".join(c) for c in controllers if c[2]]
     assert bound == [], f"USB controllers with a driver: {bound}"

@@ -51,7 +51,7 @@ def root_is_size_limited_tmpfs(probe: Probe, expected: dict[str, Any]) -> None:
     targets=KERNEL,
     not_applicable="an unpacked root or a container shares the host's devices and mounts",
 )
-def no_block_device_mounted(probe: Probe) -> None:
+def no_block_device_mounted(probe: Probe, expected: dict[str, Any]) -> None:
     from_devices = [m for m in _mounts(probe) if m[0].startswith("/dev/")]
     assert from_devices == [], f"mounted from block devices: {from_devices}"
     blocks = probe.run("ls -1 /sys/block").stdout.split()
@@ -59,6 +59,10 @@ def no_block_device_mounted(probe: Probe) -> None:
     assert real == [], f"block devices exist: {real}"
     # The controllers are on the bus (the harness attached them) but no driver claims them.
     controllers = probe.pci_devices(PCI_STORAGE_CLASS)
+    if expected.get("test_devices_attached"):
+        assert controllers, (
+            "positive control: the harness attached a virtio disk but no storage controller is on the bus"
+        )
     # virtio-pci is only the transport; the disk driver would be virtio_blk on the virtio bus.
     virtio = probe.run(
         "for v in /sys/bus/virtio/devices/*; do [ -e $v/device ] || continue; "
