@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from amnesiac.build.pack import unpack_initrd
+from amnesiac.image.pack import unpack_initrd
 
 REPO = Path(__file__).resolve().parent.parent
 SDE = 1_700_000_000  # a fixed SOURCE_DATE_EPOCH: builds of the same inputs must agree byte for byte

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from amnesiac import container
-from amnesiac.build.plan import read_list
+from amnesiac.image.plan import read_list
 from amnesiac.paths import image_dir
 from amnesiac.roles import catalog
 

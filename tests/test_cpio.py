@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from amnesiac.build.cpio import CpioWriter, Entry, tree_entries
+from amnesiac.image.cpio import CpioWriter, Entry, tree_entries
 
 
 def make_tree(root: Path, mtime: int) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from amnesiac.build import minimise
+from amnesiac.image import minimise
 
 MODULES = {
     "kernel/drivers/net/virtio_net.ko.xz": ["kernel/net/core/failover.ko.xz"],

@@ -44,10 +44,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from amnesiac.build.cpio import CpioWriter, Entry
-from amnesiac.build.hashing import sha256_file
 from amnesiac.errors import AmnesiacError, UsageError
 from amnesiac.http_serve import FileServer, Served, Source
+from amnesiac.image.cpio import CpioWriter, Entry
+from amnesiac.image.hashing import sha256_file
 from amnesiac.progress import Progress
 
 log = logging.getLogger("amnesiac.boot")

@@ -487,8 +487,8 @@ def _policy_show(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from amnesiac import build, policy
-    from amnesiac.build.plan import make_plan
+    from amnesiac import image, policy
+    from amnesiac.image.plan import make_plan
     from amnesiac.progress import Progress
 
     loaded = policy.load(args.policy or paths.default_policy())
@@ -499,15 +499,15 @@ def _build(args: argparse.Namespace) -> int:
         raise UsageError(f"--var {unapplied[0]}: its role is not applied by policy {loaded.id}")
     out = args.out or Path("build") / loaded.id
     progress = Progress(quiet=args.json)
-    result = build.build(plan, out, args.cache or paths.cache_dir(), progress, refresh=args.refresh)
-    image = result.manifest["image"]
+    result = image.build(plan, out, args.cache or paths.cache_dir(), progress, refresh=args.refresh)
+    made = result.manifest["image"]
     if args.json:
         summary = {
             "out": str(result.out),
             "policy": loaded.id,
-            "image_sha256": image["sha256"],
-            "kernel_release": image["kernel_release"],
-            "cmdline": image["cmdline"],
+            "image_sha256": made["sha256"],
+            "kernel_release": made["kernel_release"],
+            "cmdline": made["cmdline"],
             "artifacts": result.manifest["artifacts"],
             "rootfs_cached": result.rootfs_cached,
             "stages": [{"name": s.name, "seconds": s.seconds, "note": s.note} for s in progress.stages],
@@ -517,8 +517,8 @@ def _build(args: argparse.Namespace) -> int:
         size = result.manifest["artifacts"]["initrd.img"]["size"]
         progress.info(
             f"[bold green]built[/] {result.out}: initrd.img {size / 1024**2:.1f} MiB, "
-            f"root {image['root_unpacked_bytes'] / 1024**2:.0f} MiB in a "
-            f"{image['root_tmpfs_size_bytes'] / 1024**2:.0f} MiB tmpfs, image sha256 {image['sha256'][:16]}"
+            f"root {made['root_unpacked_bytes'] / 1024**2:.0f} MiB in a "
+            f"{made['root_tmpfs_size_bytes'] / 1024**2:.0f} MiB tmpfs, image sha256 {made['sha256'][:16]}"
         )
     return 0
 

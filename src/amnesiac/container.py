@@ -29,9 +29,9 @@ from functools import cache
 from pathlib import Path
 
 from amnesiac import paths, policy
-from amnesiac.build.plan import VARIANT, read_list
-from amnesiac.build.rootfs import mmdebstrap_version
 from amnesiac.errors import UsageError
+from amnesiac.image.plan import VARIANT, read_list
+from amnesiac.image.rootfs import mmdebstrap_version
 from amnesiac.roles import catalog
 from amnesiac.run import require_root, require_tools, run
 

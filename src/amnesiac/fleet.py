@@ -32,7 +32,7 @@ from typing import Any
 import jinja2
 
 from amnesiac import __version__, policy
-from amnesiac.build import manifest as manifest_file
+from amnesiac.image import manifest as manifest_file
 from amnesiac.policy import ClaimKind, Policy
 from amnesiac.progress import Progress
 from amnesiac.report import render

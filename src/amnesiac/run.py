@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
@@ -10,6 +11,7 @@ import signal
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from amnesiac.errors import BuildError, UsageError
 
@@ -31,11 +33,14 @@ def run(
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
     stdout_to: Path | None = None,
+    merge_stderr: bool = False,
+    timeout: float | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
     """Run a command in its own process group; on any exception the whole group is killed.
 
-    Output is captured (`capture`), written to a file (`stdout_to`), or inherited. A failure
-    raises BuildError quoting the command and the tail of its error output.
+    Output is captured (`capture`), written to a file (`stdout_to`, with stderr too when
+    `merge_stderr`), or inherited. A failure raises BuildError quoting the command and the tail
+    of its error output. Past `timeout` seconds the group is killed and TimeoutExpired raised.
     """
     args = argv(cmd)
     log.debug("run: %s", shlex.join(args))
@@ -45,15 +50,15 @@ def run(
             args,
             stdin=subprocess.PIPE if input_bytes is not None else subprocess.DEVNULL,
             stdout=out_file or (subprocess.PIPE if capture else None),
-            stderr=subprocess.PIPE if capture or out_file else None,
+            stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE if capture or out_file else None,
             env=None if env is None else dict(env),
             cwd=cwd,
             start_new_session=True,  # Ctrl-C reaches us; we stop the child ourselves, cleanly
         )
         try:
-            stdout, stderr = proc.communicate(input_bytes)
+            stdout, stderr = proc.communicate(input_bytes, timeout=timeout)
         except BaseException:
-            _kill_group(proc)
+            stop_group(proc)
             raise
     finally:
         if out_file:
@@ -66,18 +71,31 @@ def run(
     return result
 
 
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the child's process group, then SIGKILL if it does not go within 20 s."""
-    if proc.poll() is not None:
-        return
+def spawn(cmd: Sequence[Arg], **popen: Any) -> subprocess.Popen[bytes]:
+    """Start a long-lived command (QEMU, a lock holder) in its own process group; stop it with
+    `stop_group`. For commands that end by themselves, use `run`."""
+    args = argv(cmd)
+    log.debug("spawn: %s", shlex.join(args))
+    popen.setdefault("stdin", subprocess.DEVNULL)
+    return subprocess.Popen(args, start_new_session=True, **popen)
+
+
+def stop_group(proc: subprocess.Popen[bytes], *, grace: float = 0.0, term_timeout: float = 20.0) -> None:
+    """Let the process end by itself for `grace` s, then SIGTERM its group and, if it is still
+    there after `term_timeout` s, SIGKILL it; then sweep the group (children it left behind)."""
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=20)
+        proc.wait(timeout=grace if grace and proc.poll() is None else 0.01)
     except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=term_timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        pass
 
 
 def require_tools(*tools: str, package_hint: str = "") -> None:

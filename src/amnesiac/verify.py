@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from amnesiac import __version__, boot, policy
-from amnesiac.build import manifest as manifest_file
-from amnesiac.build.plan import make_plan
 from amnesiac.checks import MODULES
 from amnesiac.checks.meta import catalogue
 from amnesiac.errors import AmnesiacError
+from amnesiac.image import manifest as manifest_file
+from amnesiac.image.plan import make_plan
 from amnesiac.policy import ClaimKind, Policy
 from amnesiac.progress import Progress
 from amnesiac.report import model, render

@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 from amnesiac import paths, policy
-from amnesiac.build.plan import make_plan
 from amnesiac.checks import MODULES
 from amnesiac.checks.meta import catalogue
+from amnesiac.image.plan import make_plan
 from amnesiac.roles import catalog
 from amnesiac.verify import CHECKS_DIR, selected_checks
 from tests.molecule import scenarios

@@ -17,7 +17,6 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from amnesiac.build.hashing import sha256_file
 from amnesiac.errors import UsageError
 from amnesiac.flash import signing
 from amnesiac.flash.model import (
@@ -32,6 +31,7 @@ from amnesiac.flash.model import (
     SignatureInfo,
     now,
 )
+from amnesiac.image.hashing import sha256_file
 from amnesiac.report import model as report_model
 
 Source = Path | bytes  # a file to copy, or bytes to write

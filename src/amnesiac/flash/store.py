@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from amnesiac.build.hashing import sha256_file
 from amnesiac.errors import UsageError
 from amnesiac.flash.model import (
     LOCK,
@@ -48,6 +47,7 @@ from amnesiac.flash.model import (
     LockBusy,
     now,
 )
+from amnesiac.image.hashing import sha256_file
 from amnesiac.run import require_tools, run
 
 STOP_ENV = "AMNESIAC_FLASH_STOP_AT"

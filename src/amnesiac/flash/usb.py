@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from amnesiac.build.hashing import sha256_file
 from amnesiac.errors import UsageError
 from amnesiac.flash import candidate as candidates
 from amnesiac.flash.model import MANIFEST, RECORD, REPORT, SIGNATURE, FlashError, Refused
 from amnesiac.flash.publish import admit, allowed_signers, operator
+from amnesiac.image.hashing import sha256_file
 from amnesiac.progress import Progress
 from amnesiac.run import require_tools, run
 

@@ -7,10 +7,7 @@ previous report as it was.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from functools import cache
@@ -19,6 +16,7 @@ from typing import Any
 
 import jinja2
 
+from amnesiac.files import write_all_atomic
 from amnesiac.report.model import (
     OUTPUT_LIMIT,
     CheckOutcome,
@@ -101,43 +99,8 @@ def write(report: Report, directory: Path) -> ReportFiles:
         files.json: render_json(report).encode("utf-8"),
         files.junit: render_junit(report),
     }
-    staged: list[tuple[Path, Path]] = []
-    try:
-        for path, data in rendered.items():
-            staged.append((_stage(path, data), path))
-        for temporary, path in staged:
-            temporary.replace(path)
-        _sync_directory(directory)
-    finally:
-        for temporary, _ in staged:
-            with contextlib.suppress(FileNotFoundError):
-                temporary.unlink()
+    write_all_atomic(rendered)
     return files
-
-
-def _stage(path: Path, data: bytes) -> Path:
-    """`data` in a temporary file beside `path`, flushed to disk, readable like any report."""
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    temporary = Path(name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        temporary.chmod(0o644)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    return temporary
-
-
-def _sync_directory(directory: Path) -> None:
-    """Make the renames durable: a report that was announced survives a power cut."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --- JSON ---------------------------------------------------------------------------------------

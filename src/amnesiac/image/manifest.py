@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from amnesiac import __version__
-from amnesiac.build.hashing import sha256_file
-from amnesiac.build.plan import BuildPlan
+from amnesiac.image.hashing import sha256_file
+from amnesiac.image.plan import BuildPlan
 from amnesiac.run import run
 
 ARTIFACTS = ("vmlinuz", "initrd.img", "boot.ipxe")

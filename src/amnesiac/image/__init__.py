@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from amnesiac.build import configure, manifest, minimise, pack, rootfs
-from amnesiac.build.plan import BuildPlan
+from amnesiac.image import configure, manifest, minimise, pack, rootfs
+from amnesiac.image.plan import BuildPlan
 from amnesiac.progress import Progress
 from amnesiac.run import require_root, require_tools
 

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from amnesiac.build.plan import VARIANT, BuildPlan
+from amnesiac.image.plan import VARIANT, BuildPlan
 from amnesiac.run import run
 
 

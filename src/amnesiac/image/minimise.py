@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from amnesiac import paths
-from amnesiac.build.plan import read_list
 from amnesiac.errors import BuildError
+from amnesiac.image.plan import read_list
 from amnesiac.run import run
 
 # Removed outright (globs relative to the root). Copyright files stay: the image ships them.

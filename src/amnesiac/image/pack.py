@@ -17,10 +17,10 @@ from pathlib import Path
 import jinja2
 
 from amnesiac import paths
-from amnesiac.build.cpio import CpioWriter, Entry, tree_entries
-from amnesiac.build.hashing import sha256_file
-from amnesiac.build.plan import read_list
 from amnesiac.errors import BuildError
+from amnesiac.image.cpio import CpioWriter, Entry, tree_entries
+from amnesiac.image.hashing import sha256_file
+from amnesiac.image.plan import read_list
 from amnesiac.run import run
 
 IPXE_LIMIT = 2 * 1024**3 - 1  # iPXE loads images up to about 2 GiB

@@ -1,0 +1,125 @@
+"""SSH as amnesiac speaks it: ssh:// URLs, the client options, and public keys.
+
+One parser for `ssh://[user@]host[:port][/path]` (verify's --target, flash's --to), one set of
+client options (never a prompt, bounded waits), and one reader of OpenSSH public key files.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from amnesiac.errors import UsageError
+
+_URL = re.compile(
+    r"^ssh://(?:(?P<user>[^@/:\s]+)@)?(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9._-]*)"
+    r"(?::(?P<port>\d+))?(?P<path>/[^\n\r]*)?$"
+)
+_KEY_TYPES = re.compile(r"^(ssh-(ed25519|rsa|dss)|ecdsa-sha2-\S+|sk-\S+)\s+[A-Za-z0-9+/=]+(\s.*)?$")
+
+# Every ssh amnesiac starts: no prompt (it would hang a run), bounded waits, only the key given.
+CLIENT_OPTIONS = (
+    "BatchMode yes",
+    "ConnectTimeout 20",
+    "ServerAliveInterval 15",
+    "ServerAliveCountMax 4",
+)
+# For servers whose host keys are made at every boot (a booted image has no key of its own to
+# pin): verify's targets, never a boot server that flash publishes to.
+EPHEMERAL_HOST_OPTIONS = ("StrictHostKeyChecking no", "UserKnownHostsFile /dev/null", "LogLevel ERROR")
+
+
+@dataclass(frozen=True)
+class SshUrl:
+    """ssh://[user@]host[:port][/path]: user and port None when the URL does not say."""
+
+    host: str  # as written: an IPv6 address keeps its brackets
+    path: str | None = None
+    user: str | None = None
+    port: int | None = None
+
+    @property
+    def destination(self) -> str:
+        """What ssh takes: user@host, the IPv6 brackets removed."""
+        host = self.host.strip("[]")
+        return f"{self.user}@{host}" if self.user else host
+
+    @property
+    def scp_destination(self) -> str:
+        """What scp takes before the colon: an IPv6 address keeps its brackets."""
+        return f"{self.user}@{self.host}" if self.user else self.host
+
+    @property
+    def url(self) -> str:
+        port = f":{self.port}" if self.port else ""
+        user = f"{self.user}@" if self.user else ""
+        return f"ssh://{user}{self.host}{port}{self.path or ''}"
+
+
+def parse_url(url: str, *, option: str, path: bool) -> SshUrl:
+    """Read an ssh:// URL given as `option`; `path`: whether it must name an absolute path.
+
+    A malformed one is a one-line usage error naming the option and the forms it takes.
+    """
+    form = "ssh://[user@]host[:port]" + ("/absolute/path" if path else "")
+    match = _URL.match(url)
+    if not match:
+        raise UsageError(f"{option} {url!r}: expected {form}")
+    port = int(match["port"]) if match["port"] else None
+    if port is not None and not 0 < port < 65536:
+        raise UsageError(f"{option} {url!r}: port {port} is out of range")
+    found = match["path"]
+    if path:
+        found = (found or "").rstrip("/")
+        if not found or "/../" in f"{found}/":
+            raise UsageError(f"{option} {url!r}: the path must be an absolute path below /")
+    elif found not in (None, "/"):
+        raise UsageError(f"{option} {url!r}: expected {form}, without a path")
+    else:
+        found = None
+    return SshUrl(host=match["host"], path=found, user=match["user"], port=port)
+
+
+def client_config(file: Path, *, identity: Path | None = None, ephemeral_host_keys: bool = False) -> Path:
+    """Write an ssh_config (`ssh -F`) with the client options and the key to log in with."""
+    options = [*CLIENT_OPTIONS, *(EPHEMERAL_HOST_OPTIONS if ephemeral_host_keys else ())]
+    if identity is not None:
+        options += ["IdentitiesOnly yes", f"IdentityFile {identity}"]
+    file.write_text("\n".join(["Host *", *(f"    {o}" for o in options)]) + "\n")
+    return file
+
+
+def client_args() -> list[str]:
+    """The client options as `-o` arguments."""
+    return [arg for option in CLIENT_OPTIONS for arg in ("-o", option.replace(" ", "=", 1))]
+
+
+def public_keys(pub: Path, option: str = "--ssh-key") -> list[str]:
+    """The OpenSSH public keys in a file, one per line; a private key is refused, never read on.
+
+    Errors name the option the file came from (`option`) and the file.
+    """
+    try:
+        text = pub.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{option} {pub}: cannot read it ({exc})") from None
+    if "PRIVATE KEY" in text:
+        raise UsageError(f"{option} {pub} is a private key", hint=f"pass the public key, {pub}.pub")
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip() and not line.startswith("#") and not _KEY_TYPES.match(line.strip()):
+            raise UsageError(
+                f"{option} {pub}:{number}: not an OpenSSH public key (ssh-ed25519 AAAA... comment)"
+            )
+    if not lines:
+        raise UsageError(f"{option} {pub}: no public key in it (ssh-ed25519 AAAA... comment)")
+    return lines
+
+
+def fingerprint(key: str) -> str:
+    """OpenSSH's SHA256 fingerprint of a public key line (`ssh-keygen -l` prints the same)."""
+    blob = base64.b64decode(key.split()[1])
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
