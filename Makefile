@@ -16,7 +16,12 @@ HOST_TOOLS := mmdebstrap:mmdebstrap zstd:zstd cpio:cpio chroot:coreutils dpkg-qu
 	ssh:openssh-client ssh-keygen:openssh-client scp:openssh-client chromium:chromium \
 	flock:util-linux wipefs:util-linux sfdisk:fdisk mkfs.vfat:dosfstools mcopy:mtools
 HOST_FILES := /usr/lib/ipxe/qemu/efi-virtio.rom:ipxe-qemu /usr/share/doc/python3-venv:python3-venv \
-	/usr/lib/systemd/boot/efi/systemd-bootx64.efi:systemd-boot-efi /usr/share/OVMF/OVMF_CODE_4M.fd:ovmf
+	/usr/lib/systemd/boot/efi/systemd-bootx64.efi:systemd-boot-efi /usr/share/OVMF/OVMF_CODE_4M.fd:ovmf \
+	/usr/sbin/sshd:openssh-server
+# openssh-server is only for the ssh:// flash tests, which start their own sshd on 127.0.0.1. When
+# we install it, /etc/ssh/sshd_not_to_be_run (Debian's switch: ssh.service, ssh.socket and
+# /etc/init.d/ssh all honour it; purging the package removes it) keeps the package's own sshd
+# from starting, at the install or at any boot after it.
 
 .PHONY: setup host-packages venv build test test-fast lint molecule clean
 
@@ -29,6 +34,10 @@ host-packages:
 	if [ -n "$$missing" ]; then \
 		[ "$$(id -u)" = 0 ] || { echo "make: need root to install:$$missing" >&2; exit 1; }; \
 		echo "installing Debian packages:$$missing"; \
+		case " $$missing " in *" openssh-server "*) \
+			[ -e /etc/ssh/sshd_not_to_be_run ] || { mkdir -p /etc/ssh && touch /etc/ssh/sshd_not_to_be_run; \
+				echo "openssh-server is for the tests: /etc/ssh/sshd_not_to_be_run keeps its own sshd stopped"; } ;; \
+		esac; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
