@@ -39,12 +39,23 @@ def vpn_answers(port: int) -> bool:
     return bool(data) and data[0] >> 3 == SERVER_RESET_OPCODE
 
 
+def forward_udp(machine: boot.BootedMachine, guest_port: int) -> int:
+    """A free UDP port on 127.0.0.1 forwarded to the guest's, added to the running QEMU over QMP."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    rule = f"hostfwd_add {boot.NETDEV} udp:127.0.0.1:{port}-:{guest_port}"
+    answer = machine.qmp("human-monitor-command", **{"command-line": rule})
+    if answer:  # the monitor answers nothing when the rule is in place
+        raise RuntimeError(f"{rule}: {answer.strip()}")
+    return port
+
+
 def boot_times(build: Path, memory: int | None, timeout: float) -> tuple[float | None, float | None, int]:
     """Seconds from QEMU start to SSH and to the VPN answering (None: not within timeout)."""
-    options = boot.BootOptions(memory_mib=memory, forwards=(("udp", 1194),))
     vpn: list[float] = []
-    with boot.running(build, options) as machine:
-        port = machine.ports["udp/1194"]
+    with boot.running(build, boot.BootOptions(memory_mib=memory)) as machine:
+        port = forward_udp(machine, 1194)  # before the guest's network is up: nothing is missed
 
         def probe() -> None:
             while time.monotonic() - machine.started < timeout and machine.is_running():

@@ -19,8 +19,11 @@ from pathlib import Path
 import pytest
 
 from amnesiac import boot
+from amnesiac.boot import accel, machine, overlay, qemu
+from amnesiac.boot import image as boot_image
+from amnesiac.boot.http import FileServer, Served, Source
 from amnesiac.errors import UsageError
-from amnesiac.http_serve import FileServer, Served, Source
+from amnesiac.image.manifest import Manifest
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeFakeFakeFakeFakeFakeFakeFakeFakeFakeFake test@amnesiac"
 
@@ -60,7 +63,7 @@ def fake_build(root: Path, cmdline: str = "initrd=initrd.img console=ttyS0 panic
 def test_overlay_cpio_unpacks_with_modes(tmp_path: Path) -> None:
     pub = tmp_path / "id.pub"
     pub.write_text(KEY + "\n")
-    data = boot.overlay_cpio([boot.authorized_key(pub)], mtime=1_700_000_000)
+    data = overlay.overlay_cpio([overlay.authorized_key(pub)], mtime=1_700_000_000)
     assert len(data) % 512 == 0, "the next initrd must start aligned"
     out = tmp_path / "out"
     out.mkdir()
@@ -80,8 +83,8 @@ def test_overlay_cpio_unpacks_with_modes(tmp_path: Path) -> None:
 
 
 def test_overlay_cpio_is_deterministic_and_parents_first() -> None:
-    files = [boot.OverlayFile("etc/openvpn/server/id.key", b"secret", 0o600)]
-    one, two = boot.overlay_cpio(files, 5), boot.overlay_cpio(files, 5)
+    files = [overlay.OverlayFile("etc/openvpn/server/id.key", b"secret", 0o600)]
+    one, two = overlay.overlay_cpio(files, 5), overlay.overlay_cpio(files, 5)
     assert one == two
     names = [n.decode() for n in _cpio_names(one)]
     assert names == [
@@ -110,7 +113,7 @@ def _cpio_names(data: bytes) -> list[bytes]:
 
 def test_overlay_rejects_paths_outside_root() -> None:
     with pytest.raises(UsageError):
-        boot.overlay_cpio([boot.OverlayFile("../etc/passwd", b"x")])
+        overlay.overlay_cpio([overlay.OverlayFile("../etc/passwd", b"x")])
 
 
 def test_authorized_key_refuses_private_key_and_junk(tmp_path: Path) -> None:
@@ -119,19 +122,19 @@ def test_authorized_key_refuses_private_key_and_junk(tmp_path: Path) -> None:
         "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEA\n-----END OPENSSH PRIVATE KEY-----\n"
     )
     with pytest.raises(UsageError, match="private key"):
-        boot.authorized_key(private)
+        overlay.authorized_key(private)
     junk = tmp_path / "junk.pub"
     junk.write_text("hello world\n")
     with pytest.raises(UsageError, match="not an OpenSSH public key"):
-        boot.authorized_key(junk)
+        overlay.authorized_key(junk)
     with pytest.raises(UsageError, match="cannot read"):
-        boot.authorized_key(tmp_path / "missing.pub")
+        overlay.authorized_key(tmp_path / "missing.pub")
 
 
 @pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="ssh-keygen not installed")
 def test_authorized_key_from_ssh_keygen(tmp_path: Path) -> None:
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "k")], check=True)
-    item = boot.authorized_key(tmp_path / "k.pub")
+    item = overlay.authorized_key(tmp_path / "k.pub")
     assert item.path == "root/.ssh/authorized_keys" and item.mode == 0o600
     assert item.data == (tmp_path / "k.pub").read_bytes()
 
@@ -139,36 +142,45 @@ def test_authorized_key_from_ssh_keygen(tmp_path: Path) -> None:
 # --- memory, scripts, argv ----------------------------------------------------------------------
 
 
-def _manifest(initrd_mib: int, unpacked_mib: int) -> dict[str, object]:
-    return {
-        "artifacts": {"initrd.img": {"size": initrd_mib * 1024**2}},
-        "image": {"root_unpacked_bytes": unpacked_mib * 1024**2, "root_tmpfs_size_bytes": 2048 * 1024**2},
-    }
+def _manifest(initrd_mib: int, unpacked_mib: int) -> Manifest:
+    digest = "0" * 64
+    artifacts = {name: {"sha256": digest, "size": 1000} for name in ("vmlinuz", "boot.ipxe")}
+    return Manifest.model_validate(
+        {
+            "artifacts": {**artifacts, "initrd.img": {"sha256": digest, "size": initrd_mib * 1024**2}},
+            "image": {
+                "sha256": digest,
+                "cmdline": "",
+                "root_unpacked_bytes": unpacked_mib * 1024**2,
+                "root_tmpfs_size_bytes": 2048 * 1024**2,
+            },
+        }
+    )
 
 
 def test_memory_has_a_floor_and_grows_with_the_image() -> None:
-    assert boot.memory_mib(_manifest(5, 20)) == boot.MIN_MEMORY_MIB
-    small, big = boot.memory_mib(_manifest(60, 230)), boot.memory_mib(_manifest(120, 600))
-    assert big > small >= boot.MIN_MEMORY_MIB
+    assert boot_image.memory_mib(_manifest(5, 20)) == boot_image.MIN_MEMORY_MIB
+    small, big = boot_image.memory_mib(_manifest(60, 230)), boot_image.memory_mib(_manifest(120, 600))
+    assert big > small >= boot_image.MIN_MEMORY_MIB
     assert big % 32 == 0
     # the tmpfs limit is not what the machine uses: only the unpacked size counts
-    assert boot.memory_mib(_manifest(60, 230)) == small
-    need = (boot.KERNEL_AND_SERVICES_BYTES + (120 + 600) * 1024**2) / 1024**2
+    assert boot_image.memory_mib(_manifest(60, 230)) == small
+    need = (boot_image.KERNEL_AND_SERVICES_BYTES + (120 + 600) * 1024**2) / 1024**2
     assert need <= big < need + 32
 
 
 def test_harness_script_chains_the_build_script() -> None:
-    with_overlay = boot.harness_script(overlay=True).splitlines()
+    with_overlay = overlay.harness_script(overlay=True).splitlines()
     assert with_overlay[0] == "#!ipxe"
     commands = [line for line in with_overlay if not line.startswith("#")]
     assert commands == ["initrd overlay.cpio", "chain boot.ipxe"]
-    assert [ln for ln in boot.harness_script(overlay=False).splitlines() if not ln.startswith("#")] == [
+    assert [ln for ln in overlay.harness_script(overlay=False).splitlines() if not ln.startswith("#")] == [
         "chain boot.ipxe"
     ]
 
 
 def test_qemu_argv_isolates_the_guest(tmp_path: Path) -> None:
-    argv = boot.qemu_argv(
+    argv = qemu.qemu_argv(
         qemu="qemu-system-x86_64",
         relay="/bin/busybox",
         accel="tcg",
@@ -192,7 +204,7 @@ def test_qemu_argv_isolates_the_guest(tmp_path: Path) -> None:
 
 
 def test_emulated_devices_are_blank_sparse_files(tmp_path: Path) -> None:
-    devices, args = boot.emulated_devices(tmp_path)
+    devices, args = qemu.emulated_devices(tmp_path)
     kinds = {d.kind for d in devices}
     assert kinds == {"virtio-blk", "usb-kbd", "usb-storage"}
     assert "qemu-xhci,id=xhci" in args
@@ -213,18 +225,18 @@ def test_failure_summary_names_the_reason_first() -> None:
     console = "\x1b[0mSeaBIOS\r\n[ 16.1] Out of memory: Killed process 137 (zstd)\nKilled\n"
     console += "amnesiac: the root filesystem does not fit its tmpfs; rebooting in 30 s\n"
     console += "[ 46.2] reboot: Restarting system\n[ 46.3] reboot: machine restart\n"
-    line = boot.failure_summary(console, "qemu-system-x86_64: terminating on signal 15\n")
+    line = machine.failure_summary(console, "qemu-system-x86_64: terminating on signal 15\n")
     assert line.startswith("amnesiac: the root filesystem does not fit")
     assert line.endswith("reboot: machine restart / qemu-system-x86_64: terminating on signal 15")
     assert "\x1b" not in line and "\n" not in line
-    assert boot.failure_summary("") == "(nothing on the console)"
+    assert machine.failure_summary("") == "(nothing on the console)"
 
 
 # --- the build and its hashes -------------------------------------------------------------------
 
 
 def test_load_image_accepts_a_matching_build(tmp_path: Path) -> None:
-    image = boot.load_image(fake_build(tmp_path))
+    image = boot_image.load_image(fake_build(tmp_path))
     assert image.cmdline.startswith("initrd=initrd.img")
     assert image.expected("initrd.img") == hashlib.sha256((image.dir / "initrd.img").read_bytes()).hexdigest()
 
@@ -233,45 +245,66 @@ def test_hash_mismatch_refuses_to_boot(tmp_path: Path) -> None:
     out = fake_build(tmp_path)
     (out / "initrd.img").write_bytes(b"tampered")
     with pytest.raises(boot.ImageMismatch, match=r"initrd\.img does not match manifest\.json"):
-        boot.load_image(out)
+        boot_image.load_image(out)
     # running() refuses before it starts anything
     with pytest.raises(boot.ImageMismatch), boot.running(out, boot.BootOptions(accel="tcg")):
         pytest.fail("booted a mismatching image")
 
 
+def test_served_from_pxe_root_serves_the_tree_and_expects_the_build(tmp_path: Path) -> None:
+    out = fake_build(tmp_path)
+    root = tmp_path / "pxe"
+    with pytest.raises(UsageError, match="not a PXE root"):
+        boot.served_from_pxe_root(tmp_path, out)
+    version = root / "versions" / "abc"
+    version.mkdir(parents=True)
+    (root / "boot.ipxe").write_text("#!ipxe\nchain versions/abc/boot.ipxe\n")
+    (root / ".lock").write_text("")
+    for name in ("boot.ipxe", "vmlinuz", "initrd.img"):
+        shutil.copy(out / name, version / name)
+    served = boot.served_from_pxe_root(root, out)
+    assert sorted(served.table) == [
+        "boot.ipxe",
+        "versions/abc/boot.ipxe",
+        "versions/abc/initrd.img",
+        "versions/abc/vmlinuz",
+    ]
+    assert served.image.dir == out.resolve()
+
+
 def test_missing_dir_or_manifest(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="no such build directory"):
-        boot.load_image(tmp_path / "nope")
+        boot_image.load_image(tmp_path / "nope")
     out = fake_build(tmp_path)
     (out / "manifest.json").unlink()
     with pytest.raises(UsageError, match=r"manifest\.json: missing"):
-        boot.load_image(out)
+        boot_image.load_image(out)
 
 
 def test_missing_qemu_is_one_usage_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = fake_build(tmp_path)
-    monkeypatch.setattr(boot.shutil, "which", lambda _name: None)
+    monkeypatch.setattr(qemu.shutil, "which", lambda _name: None)
     with pytest.raises(UsageError, match="qemu-system-x86_64"), boot.running(out):
         pytest.fail("started without QEMU")
 
 
 def test_missing_rom_is_one_usage_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(boot.shutil, "which", lambda name: f"/usr/bin/{name}")
-    monkeypatch.setattr(boot, "IPXE_ROMS", (tmp_path / "efi-virtio.rom",))
+    monkeypatch.setattr(qemu.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(qemu, "IPXE_ROMS", (tmp_path / "efi-virtio.rom",))
     with pytest.raises(UsageError, match="iPXE ROM"):
-        boot.find_tools()
+        qemu.find_tools()
 
 
 def test_accel_choice(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    assert boot.choose_accel("tcg", tmp_path / "vmlinuz").accel == "tcg"
-    monkeypatch.setenv(boot.ACCEL_ENV, "tcg")
-    assert boot.choose_accel(None, tmp_path / "vmlinuz").accel == "tcg"
-    monkeypatch.setenv(boot.ACCEL_ENV, "fast")
+    assert accel.choose_accel("tcg", tmp_path / "vmlinuz").accel == "tcg"
+    monkeypatch.setenv(accel.ACCEL_ENV, "tcg")
+    assert accel.choose_accel(None, tmp_path / "vmlinuz").accel == "tcg"
+    monkeypatch.setenv(accel.ACCEL_ENV, "fast")
     with pytest.raises(UsageError, match="AMNESIAC_ACCEL"):
-        boot.choose_accel(None, tmp_path / "vmlinuz")
-    monkeypatch.setenv(boot.ACCEL_ENV, "auto")
-    monkeypatch.setattr(boot.os, "access", lambda *_a: False)
-    choice = boot.choose_accel(None, tmp_path / "vmlinuz")
+        accel.choose_accel(None, tmp_path / "vmlinuz")
+    monkeypatch.setenv(accel.ACCEL_ENV, "auto")
+    monkeypatch.setattr(accel.os, "access", lambda *_a: False)
+    choice = accel.choose_accel(None, tmp_path / "vmlinuz")
     assert choice.accel == "tcg" and "/dev/kvm" in choice.reason
 
 
@@ -349,8 +382,8 @@ def test_ssh_banner_needs_a_real_banner() -> None:
 
         thread = threading.Thread(target=serve)
         thread.start()
-        assert boot._ssh_banner(port) == ""
-        assert boot._ssh_banner(port) == "SSH-2.0-OpenSSH_10.0p2 Debian-7"
+        assert machine.read_ssh_banner(port) == ""
+        assert machine.read_ssh_banner(port) == "SSH-2.0-OpenSSH_10.0p2 Debian-7"
         thread.join()
 
 

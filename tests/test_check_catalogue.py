@@ -9,10 +9,10 @@ import pytest
 
 from amnesiac import policy
 from amnesiac.checks import MODULES
-from amnesiac.checks.meta import ALL_TARGETS, catalogue
+from amnesiac.checks.meta import ALL_TARGETS, catalogue, integrity_checks
 
 POLICIES = sorted((Path(__file__).resolve().parent.parent / "policies").glob("*.yml"))
-ALWAYS = {"ssh.key_only", "ssh.no_test_key"}  # verify runs these on every target (image integrity)
+ALWAYS = set(integrity_checks())  # verify runs these on every target (image integrity)
 
 
 @pytest.mark.parametrize("path", POLICIES, ids=lambda p: p.stem)

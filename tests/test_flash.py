@@ -2,9 +2,9 @@
 
 Builds here are small fakes (a few MiB of random bytes with a real manifest.json) and reports are
 made with the report model, so every path runs in seconds. A publish is killed with SIGKILL at
-each step (AMNESIAC_FLASH_STOP_AT stops it there first) and the root must still serve the
-previous image, whole. The ssh:// tests run the same against an sshd on 127.0.0.1 when one is
-installed (openssh-server), as root.
+each step (tests/flash_faults.py runs it with a store that stops itself there first) and the
+root must still serve the previous image, whole. The ssh:// tests run the same against an sshd
+on 127.0.0.1 (openssh-server, which `make test` installs), as root.
 """
 
 from __future__ import annotations
@@ -40,14 +40,7 @@ from amnesiac.flash.model import (
     parse_root_script,
     root_script,
 )
-from amnesiac.flash.store import (
-    FAULT_POINTS,
-    STOP_ENV,
-    LocalStore,
-    SshRoot,
-    SshStore,
-    parse_ssh_url,
-)
+from amnesiac.flash.store import CHECKPOINTS, LocalStore, SshStore
 from amnesiac.policy import ClaimKind
 from amnesiac.progress import Progress
 from amnesiac.report.model import (
@@ -64,6 +57,7 @@ from amnesiac.report.model import (
     count_statuses,
     verdict_of,
 )
+from amnesiac.ssh import SshUrl, parse_url
 
 REPO = Path(__file__).resolve().parent.parent
 POLICY_SHA = "c" * 64
@@ -540,13 +534,16 @@ def stopped(pid: int) -> bool:
     return False
 
 
+def stopping_flash(point: str, *args: str) -> list[str]:
+    """`amnesiac flash ARGS` with a PXE root that stops itself (SIGSTOP) at `point`."""
+    return [sys.executable, "-m", "tests.flash_faults", point, "flash", *args]
+
+
 def kill_at(point: str, build: Path, to: Path | str, *extra: str) -> None:
     """Run a publish, let it stop itself at `point`, SIGKILL it there."""
-    env = {**os.environ, STOP_ENV: point}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "amnesiac.cli", "flash", str(build), "--to", str(to), "--json", *extra],
+        stopping_flash(point, str(build), "--to", str(to), "--json", *extra),
         cwd=REPO,
-        env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -561,7 +558,7 @@ def kill_at(point: str, build: Path, to: Path | str, *extra: str) -> None:
         proc.stderr.close()
 
 
-@pytest.mark.parametrize("point", FAULT_POINTS)
+@pytest.mark.parametrize("point", CHECKPOINTS)
 def test_a_publish_killed_at_any_step_leaves_the_previous_image_served(
     builds: list[Path], root: Path, point: str
 ) -> None:
@@ -582,13 +579,27 @@ def test_a_publish_killed_at_any_step_leaves_the_previous_image_served(
     assert_serves(root, builds[0])
 
 
+def test_the_next_flash_sweeps_up_what_a_dead_one_left(builds: list[Path], root: Path) -> None:
+    """A copy under way, a version being removed, a new entry point written but not renamed."""
+    publish(builds[0], root)
+    (root / ".staging" / f"{image_of(builds[1])}.4242").mkdir(parents=True)
+    (root / ".staging" / f"{image_of(builds[1])}.4242" / "initrd.img").write_bytes(b"half")
+    (root / ".trash" / f"{image_of(builds[2])}.4242").mkdir(parents=True)
+    (root / ".boot.ipxe.4242.tmp").write_text("#!ipxe\nchain versions/nothing/boot.ipxe\n")
+    (root / ".boot.ipxe.k2_x9q.tmp").write_text("#!ipxe\n")
+    assert_serves(root, builds[0])
+    assert publish(builds[1], root) == 0
+    assert_serves(root, builds[1])
+    assert not (root / ".staging").exists() and not (root / ".trash").exists()
+    assert not list(root.glob(".boot.ipxe.*"))
+
+
 def test_sigterm_mid_copy_cleans_up_and_says_so(builds: list[Path], root: Path) -> None:
     publish(builds[0], root)
     before = served(root)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "amnesiac.cli", "flash", str(builds[1]), "--to", str(root), "--json"],
+        stopping_flash("copy", str(builds[1]), "--to", str(root), "--json"),
         cwd=REPO,
-        env={**os.environ, STOP_ENV: "copy"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -729,19 +740,24 @@ def test_root_script_round_trip() -> None:
 # --- ssh:// roots ---------------------------------------------------------------------------------
 
 
+def parse_ssh_root(url: str) -> SshUrl:
+    """An ssh:// PXE root as `--to` takes it (open_store parses it so)."""
+    return parse_url(url, option="--to", path=True)
+
+
 @pytest.mark.parametrize(
     ("url", "expected"),
     [
-        ("ssh://boot1/srv/pxe", SshRoot(host="boot1", path="/srv/pxe")),
+        ("ssh://boot1/srv/pxe", SshUrl(host="boot1", path="/srv/pxe")),
         (
             "ssh://root@boot1.example.net:2222/srv/pxe/",
-            SshRoot("boot1.example.net", "/srv/pxe", "root", 2222),
+            SshUrl("boot1.example.net", "/srv/pxe", "root", 2222),
         ),
-        ("ssh://ops@[::1]:22/pxe", SshRoot("[::1]", "/pxe", "ops", 22)),
+        ("ssh://ops@[::1]:22/pxe", SshUrl("[::1]", "/pxe", "ops", 22)),
     ],
 )
-def test_ssh_urls(url: str, expected: SshRoot) -> None:
-    assert parse_ssh_url(url) == expected
+def test_ssh_urls(url: str, expected: SshUrl) -> None:
+    assert parse_ssh_root(url) == expected
 
 
 @pytest.mark.parametrize(
@@ -749,12 +765,12 @@ def test_ssh_urls(url: str, expected: SshRoot) -> None:
 )
 def test_bad_ssh_urls(url: str) -> None:
     with pytest.raises(UsageError):
-        parse_ssh_url(url)
+        parse_ssh_root(url)
 
 
 def test_ssh_command_lines() -> None:
     store = SshStore(
-        parse_ssh_url("ssh://ops@boot1:2222/srv/my pxe"), ssh_config=Path("cfg"), ssh_key=Path("k")
+        parse_ssh_root("ssh://ops@boot1:2222/srv/my pxe"), ssh_config=Path("cfg"), ssh_key=Path("k")
     )
     argv = store.ssh_argv("echo $1", "x y")
     assert argv[:3] == ["ssh", "-p", "2222"]

@@ -9,20 +9,27 @@ from typing import Any
 
 import pytest
 
-from amnesiac import fleet, policy, targets, verify
+from amnesiac import policy, ssh, targets, verify
+from amnesiac.checks.results import CheckRecord, title_of
 from amnesiac.errors import UsageError
 from amnesiac.progress import Progress
-from amnesiac.report import model
+from amnesiac.report import fleet, model
 from amnesiac.report.model import Identity, Target, TargetKind
-from amnesiac.verify import build_report, selected_checks
+from amnesiac.targets.inventory import HOST_ID, InventoryHost
+from amnesiac.verify import build_report, group_by_target, selected_checks
 
 REPO = Path(__file__).resolve().parent.parent
 OVPN = policy.load(REPO / "policies/ovpn.yml")
 
 
-def record(check_id: str, host: str, outcome: str = "passed") -> dict[str, Any]:
+def record(check_id: str, host: str, outcome: str = "passed") -> CheckRecord:
+    return CheckRecord.model_validate(_record(check_id, host, outcome))
+
+
+def _record(check_id: str, host: str, outcome: str) -> dict[str, Any]:
     return {
         "id": check_id,
+        "title": title_of(check_id),
         "host": f"ansible://{host}",
         "claims": [],
         "rationale": None,
@@ -33,14 +40,20 @@ def record(check_id: str, host: str, outcome: str = "passed") -> dict[str, Any]:
     }
 
 
-def fake_fleet(failing: str | None = None) -> tuple[list[fleet.Member], dict[str, model.Report]]:
-    members = [fleet.Member(n, "127.0.0.1", 2222, "root") for n in ("vpn1", "vpn2", "vpn/3")]
+def by_host(names: list[str]) -> dict[str, str]:
+    """testinfra's host URL of each inventory host -> its name, as verify maps them."""
+    return {f"{HOST_ID}{n}": n for n in names}
+
+
+def fake_fleet(failing: str | None = None) -> tuple[list[InventoryHost], dict[str, model.Report]]:
+    inventory = Path("fleet.yml")
+    members = [InventoryHost(n, "127.0.0.1", 2222, "root", inventory) for n in ("vpn1", "vpn2", "vpn/3")]
     records = [
         record(c, m.name, "failed" if (m.name, c) == ("vpn2", failing) else "passed")
         for m in members
         for c in selected_checks(OVPN)
     ]
-    grouped = fleet.group_by_host(records)
+    grouped = group_by_target(records, by_host([m.name for m in members]))
     reports = {
         m.name: build_report(
             OVPN,
@@ -53,7 +66,8 @@ def fake_fleet(failing: str | None = None) -> tuple[list[fleet.Member], dict[str
 
 
 def test_results_are_grouped_by_inventory_host() -> None:
-    grouped = fleet.group_by_host([record("ssh.key_only", "vpn1"), record("ssh.key_only", "vpn2", "failed")])
+    records = [record("ssh.key_only", "vpn1"), record("ssh.key_only", "vpn2", "failed")]
+    grouped = group_by_target(records, by_host(["vpn1", "vpn2"]))
     assert sorted(grouped) == ["vpn1", "vpn2"]
     assert grouped["vpn1"]["ssh.key_only"].outcome is model.CheckOutcome.PASSED
     assert grouped["vpn2"]["ssh.key_only"].outcome is model.CheckOutcome.FAILED
@@ -107,7 +121,7 @@ def test_verifier_keys_are_read_and_fingerprinted_as_ssh_keygen_does(tmp_path: P
     keys = verify.read_verifier_keys([pub, pub])  # the same key twice counts once
     assert keys == [pub.read_text().strip()]
     listed = subprocess.run(["ssh-keygen", "-l", "-f", pub], capture_output=True, text=True, check=True)
-    assert verify.fingerprint(keys[0]) == listed.stdout.split()[1]
+    assert ssh.fingerprint(keys[0]) == listed.stdout.split()[1]
 
 
 def test_a_bad_verifier_key_names_the_option_file_and_line(tmp_path: Path) -> None:
@@ -130,6 +144,7 @@ def test_the_login_key_is_not_a_verifier_key_by_default(tmp_path: Path) -> None:
     options = verify.VerifyOptions(
         policy=REPO / "policies/ovpn.yml", target="ssh://root@vpn1.example.net", report_dir=tmp_path
     )
-    spec = targets.parse(options.target)
-    with verify._reach(spec, options, Progress(quiet=True), tmp_path) as session:
-        assert session.test_keys == []
+    assert options.target is not None
+    target = targets.parse(options.target)
+    with target.reach(verify.reach_options(options, tmp_path, Progress(quiet=True))) as connection:
+        assert connection.test_keys == ()

@@ -205,6 +205,20 @@ def _flash(args: argparse.Namespace) -> int:
     return command(options)
 
 
+def _targets_help() -> str:
+    """The forms of --target, from the table of target backends."""
+    import textwrap
+
+    from amnesiac.targets.base import backends
+
+    lines = []
+    for backend in backends():
+        wrapped = textwrap.wrap(backend.help, width=62, break_on_hyphens=False)
+        lines.append(f"  {backend.form:<26}{wrapped[0]}")
+        lines += [" " * 28 + more for more in wrapped[1:]]
+    return "\n".join(lines)
+
+
 def _verify_parser(sub: Any) -> None:
     verify = sub.add_parser(
         "verify",
@@ -215,13 +229,9 @@ identity (image sha256, kernel, command line, boot id) is read first. A check th
 run on this kind of target is reported not applicable with the reason; it never passes.
 
 Targets:
-  qemu:BUILD_DIR            netboot the build in QEMU (a throwaway key arrives in a
-                            boot-time overlay; the image is served unmodified), verify,
-                            power it off
-  ssh://user@host[:port]    a live server (--ssh-key: the private key to log in with;
-                            --build: the build it should be running)
-  chroot:ROOTFS_DIR         an unpacked image root: build-time checks only
-  podman://CONTAINER        a running container (molecule instances)
+"""
+        + _targets_help()
+        + """
 
 --inventory FLEET instead of --target: every host of an Ansible inventory (its ansible_host,
 ansible_port, ansible_user, ansible_ssh_private_key_file, ansible_ssh_common_args), checked
@@ -357,24 +367,25 @@ def _boot(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from amnesiac import policy
     from amnesiac.progress import Progress
-    from amnesiac.report.model import exit_code
     from amnesiac.verify import VerifyOptions, verify
 
     policy_file = args.policy or paths.default_policy()
-    report_dir = args.report or Path("report") / policy.load(policy_file).id
-    if args.inventory is not None:
-        return _verify_fleet(args, policy_file, report_dir)
     options = VerifyOptions(
         policy=policy_file,
+        report_dir=args.report or Path("report") / policy.load(policy_file).id,
         target=args.target,
-        report_dir=report_dir,
+        inventory=args.inventory,
         ssh_key=args.ssh_key,
         build=args.build,
         memory_mib=args.memory,
         verifier_keys=tuple(args.verifier_key),
     )
     progress = Progress(quiet=args.json)
-    report, files = verify(options, progress)
+    result = verify(options, progress)
+    if result.fleet is not None:
+        _say_fleet(result.fleet, result.unreachable, progress, json_out=args.json)
+        return 0 if result.passed else 1
+    report, files = result.report, next(iter(result.files.values()))
     if args.json:
         summary = {
             "verdict": report.verdict.value,
@@ -383,7 +394,7 @@ def _verify(args: argparse.Namespace) -> int:
             "totals": {k.value: v for k, v in report.totals.items()},
             "failed": [c.id for c in report.claims if c.status.value == "failed"],
             "report": {"html": str(files.html), "json": str(files.json), "junit": str(files.junit)},
-            "stages": [{"name": s.name, "seconds": s.seconds, "note": s.note} for s in progress.stages],
+            "stages": _stages(progress),
         }
         print(json.dumps(summary, indent=2))
     else:
@@ -394,41 +405,32 @@ def _verify(args: argparse.Namespace) -> int:
             if claim.status.value == "failed":
                 progress.info(f"  [red]failed[/] {claim.id}: {claim.reason}")
         progress.info(f"report: {files.html}")
-    return exit_code(report)
+    return 0 if result.passed else 1
 
 
-def _verify_fleet(args: argparse.Namespace, policy_file: Path, report_dir: Path) -> int:
-    from amnesiac.fleet import FleetOptions, verify_fleet
-    from amnesiac.progress import Progress
-
-    options = FleetOptions(
-        policy=policy_file,
-        inventory=args.inventory,
-        report_dir=report_dir,
-        build=args.build,
-        verifier_keys=tuple(args.verifier_key),
-    )
-    progress = Progress(quiet=args.json)
-    result = verify_fleet(options, progress)
-    hosts = result.summary["hosts"]
-    if args.json:
+def _say_fleet(fleet: Any, unreachable: dict[str, str], progress: Any, *, json_out: bool) -> None:
+    hosts = fleet.summary["hosts"]
+    if json_out:
         summary = {
-            "verdict": result.summary["verdict"],
+            "verdict": fleet.summary["verdict"],
             "hosts": {
                 n: {k: h[k] for k in ("verdict", "failed", "address") if k in h} for n, h in hosts.items()
             },
-            "unreachable": result.unreachable,
-            "report": {"html": str(result.html), "json": str(result.json)},
-            "stages": [{"name": s.name, "seconds": s.seconds, "note": s.note} for s in progress.stages],
+            "unreachable": unreachable,
+            "report": {"html": str(fleet.html), "json": str(fleet.json)},
+            "stages": _stages(progress),
         }
         print(json.dumps(summary, indent=2))
-    else:
-        for name, host in hosts.items():
-            colour = "green" if host["verdict"] == "pass" else "red"
-            why = host.get("unreachable") or ", ".join(host["failed"])
-            progress.info(f"[bold {colour}]{host['verdict'].upper()}[/] {name} {why}".rstrip())
-        progress.info(f"fleet {result.summary['verdict'].upper()}: {result.html}")
-    return 0 if result.passed else 1
+        return
+    for name, host in hosts.items():
+        colour = "green" if host["verdict"] == "pass" else "red"
+        why = host.get("unreachable") or ", ".join(host["failed"])
+        progress.info(f"[bold {colour}]{host['verdict'].upper()}[/] {name} {why}".rstrip())
+    progress.info(f"fleet {fleet.summary['verdict'].upper()}: {fleet.html}")
+
+
+def _stages(progress: Any) -> list[dict[str, Any]]:
+    return [{"name": s.name, "seconds": s.seconds, "note": s.note} for s in progress.stages]
 
 
 def _container_image(args: argparse.Namespace) -> int:
@@ -500,25 +502,25 @@ def _build(args: argparse.Namespace) -> int:
     out = args.out or Path("build") / loaded.id
     progress = Progress(quiet=args.json)
     result = image.build(plan, out, args.cache or paths.cache_dir(), progress, refresh=args.refresh)
-    made = result.manifest["image"]
+    made = result.manifest.image
     if args.json:
         summary = {
             "out": str(result.out),
             "policy": loaded.id,
-            "image_sha256": made["sha256"],
-            "kernel_release": made["kernel_release"],
-            "cmdline": made["cmdline"],
-            "artifacts": result.manifest["artifacts"],
+            "image_sha256": made.sha256,
+            "kernel_release": made.kernel_release,
+            "cmdline": made.cmdline,
+            "artifacts": {n: a.model_dump() for n, a in result.manifest.artifacts.items()},
             "rootfs_cached": result.rootfs_cached,
             "stages": [{"name": s.name, "seconds": s.seconds, "note": s.note} for s in progress.stages],
         }
         print(json.dumps(summary, indent=2))
     else:
-        size = result.manifest["artifacts"]["initrd.img"]["size"]
+        size = result.manifest.artifacts["initrd.img"].size
         progress.info(
             f"[bold green]built[/] {result.out}: initrd.img {size / 1024**2:.1f} MiB, "
-            f"root {made['root_unpacked_bytes'] / 1024**2:.0f} MiB in a "
-            f"{made['root_tmpfs_size_bytes'] / 1024**2:.0f} MiB tmpfs, image sha256 {made['sha256'][:16]}"
+            f"root {made.root_unpacked_bytes / 1024**2:.0f} MiB in a "
+            f"{made.root_tmpfs_size_bytes / 1024**2:.0f} MiB tmpfs, image sha256 {made.sha256[:16]}"
         )
     return 0
 

@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import shlex
-import subprocess
 import sys
 import time
 from collections.abc import Mapping
@@ -31,7 +30,7 @@ from pathlib import Path
 from amnesiac import paths, policy
 from amnesiac.errors import UsageError
 from amnesiac.image.plan import VARIANT, read_list
-from amnesiac.image.rootfs import mmdebstrap_version
+from amnesiac.image.rootfs import mmdebstrap_argv, mmdebstrap_version
 from amnesiac.roles import catalog
 from amnesiac.run import require_root, require_tools, run
 
@@ -124,7 +123,7 @@ def needs() -> tuple[str, ...]:
     if not Path("/sys/fs/cgroup/cgroup.controllers").exists():
         reasons.append("cgroup v1 or hybrid hierarchy: crun refuses it, runc runs")
     probe = "import resource as r; r.setrlimit(r.RLIMIT_NOFILE, (1048576, 1048576))"
-    raised = subprocess.run([sys.executable, "-c", probe], capture_output=True, check=False)
+    raised = run([sys.executable, "-c", probe], check=False, capture=True)
     if raised.returncode != 0:
         reasons.append("resource limits cannot be raised: containers get lower ones")
     return tuple(reasons)
@@ -185,20 +184,15 @@ def _mmdebstrap(base: BaseImageSpec, tarball: Path) -> None:
     partial = tarball.with_name(f".{tarball.name}.{os.getpid()}.partial")
     try:
         run(
-            [
-                "mmdebstrap",
-                f"--variant={VARIANT}",
-                "--mode=root",
-                "--format=tar",
-                f"--include={','.join(base.packages)}",
-                '--aptopt=Acquire::Languages "none"',
+            mmdebstrap_argv(
+                base.packages,
+                base.suite,
+                base.mirror,
+                partial,
                 *(f"--dpkgopt=path-exclude={p}" for p in PATH_EXCLUDES),
                 # As in the image: no host key is baked in (ssh_admin makes them at boot).
                 '--customize-hook=rm -f "$1"/etc/ssh/ssh_host_*',
-                base.suite,
-                partial,
-                base.mirror,
-            ],
+            ),
             capture=True,
         )
         partial.rename(tarball)

@@ -16,13 +16,12 @@ from typing import Annotated, Any, Literal, NoReturn
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
+from amnesiac.checks import MODULES
 from amnesiac.errors import PolicyError
 from amnesiac.roles import Role, catalog
 
 # Checks live in src/amnesiac/checks/<module>.py and are named <module>.<function>.
-CHECK_MODULES = frozenset(
-    {"storage", "logging", "vpn_confinement", "input", "dns", "ssh", "firewall", "session_records"}
-)
+CHECK_MODULES = frozenset(MODULES)
 # Applied to every image, before the roles the claims name: the system itself, and the key-only
 # management access that `amnesiac verify` and operators reach a server through.
 BASE_ROLES = ("server_base", "ssh_admin")

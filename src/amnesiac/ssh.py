@@ -86,8 +86,9 @@ def parse_url(url: str, *, option: str, path: bool) -> SshUrl:
 def client_config(file: Path, *, identity: Path | None = None, ephemeral_host_keys: bool = False) -> Path:
     """Write an ssh_config (`ssh -F`) with the client options and the key to log in with."""
     options = [*CLIENT_OPTIONS, *(EPHEMERAL_HOST_OPTIONS if ephemeral_host_keys else ())]
+    options.append("IdentitiesOnly yes")  # never the agent's keys: only the one named here
     if identity is not None:
-        options += ["IdentitiesOnly yes", f"IdentityFile {identity}"]
+        options.append(f"IdentityFile {identity}")
     file.write_text("\n".join(["Host *", *(f"    {o}" for o in options)]) + "\n")
     return file
 

@@ -1,68 +1,52 @@
-"""`amnesiac verify`: run the claim checks a policy names against a target, and report.
+"""`amnesiac verify`: run the claim checks a policy names against targets, and report.
 
-Identity first (what image, kernel and boot this is), then the checks through pytest and
-testinfra with `amnesiac.checks.plugin`, then the report a reviewer reads. A qemu: target is
-booted with the boot harness and a throwaway key that arrives in a boot-time overlay, so the
-artifact verified is the artifact that ships.
+One flow for one target and for a fleet (a single target is a fleet of one): reach every target
+(targets/: boot it, for qemu:), read each one's identity before anything else runs on it, run
+the checks through pytest and testinfra with `amnesiac.checks.plugin` in ONE run over every
+reachable target (pytest-xdist when there are several), then write each target's report a
+reviewer reads, and for an inventory the fleet's summary beside them.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import hashlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from amnesiac import __version__, boot, policy
+from amnesiac import __version__, policy, ssh
+from amnesiac.checks import DIRECTORY as CHECKS_DIR
 from amnesiac.checks import MODULES
-from amnesiac.checks.meta import catalogue
+from amnesiac.checks.expectations import Expectations
+from amnesiac.checks.meta import catalogue, integrity_checks
+from amnesiac.checks.results import CheckRecord, CheckResult, Evidence, read_records
 from amnesiac.errors import AmnesiacError
-from amnesiac.image import manifest as manifest_file
+from amnesiac.image.manifest import Manifest
 from amnesiac.image.plan import make_plan
 from amnesiac.policy import ClaimKind, Policy
 from amnesiac.progress import Progress
-from amnesiac.report import model, render
-from amnesiac.report.model import (
-    CheckOutcome,
-    CheckResult,
-    ClaimResult,
-    Evidence,
-    Identity,
-    Report,
-    Target,
-    TargetKind,
-)
+from amnesiac.report import fleet, model, render
+from amnesiac.report.model import CheckOutcome, ClaimResult, Identity, Report
+from amnesiac.report.model import Target as ReportTarget
 from amnesiac.run import run
-from amnesiac.targets import TargetSpec, parse
+from amnesiac.targets import Connection, ReachOptions, Target, parse
+from amnesiac.targets.base import Unreachable
+from amnesiac.targets.inventory import InventoryHost, members
 
-CHECKS_DIR = Path(__file__).resolve().parent / "checks"
-# Run on every target whatever the policy names: the verified image is the shipped image, it
-# carries no key of its own, and the one way in takes keys only.
-INTEGRITY_CHECKS = ("ssh.no_test_key", "ssh.key_only")
 INTEGRITY_CLAIM = "amnesiac-integrity"
 INTEGRITY_TEXT = (
     "The image verified is the image that ships: it carries no SSH key of its own (the "
     "verifier's key arrives in a boot-time overlay), and management access accepts keys only."
 )
 CHECKS_TIMEOUT = 900  # seconds for the whole check run: a hung SSH session must not hang verify
-SSH_OPTIONS = (
-    "StrictHostKeyChecking no",  # host keys are made at every boot: nothing to pin
-    "UserKnownHostsFile /dev/null",
-    "LogLevel ERROR",
-    "IdentitiesOnly yes",
-    "BatchMode yes",
-    "ConnectTimeout 20",
-    "ServerAliveInterval 15",
-)
 
 
 class VerifyError(AmnesiacError):
@@ -72,267 +56,272 @@ class VerifyError(AmnesiacError):
 @dataclass(frozen=True)
 class VerifyOptions:
     policy: Path
-    target: str
     report_dir: Path
+    target: str | None = None  # --target; or:
+    inventory: Path | None = None  # --inventory: every host of it, each an ssh target
     ssh_key: Path | None = None  # ssh:// targets: the private key to log in with
-    build: Path | None = None  # ssh:// and chroot: targets: the build they should be
+    build: Path | None = None  # the build the targets should be (qemu: says so itself)
     memory_mib: int | None = None  # qemu: targets
     boot_timeout: float = 600.0
     # Public key files of keys the verifier itself put on the target to log in: allowed beside
     # the policy's keys by ssh.no_test_key, and named in the report. None by default, so a key
     # an operator logs in with must be one the policy names.
     verifier_keys: tuple[Path, ...] = ()
+    workers: int | None = None  # pytest-xdist workers; None: one per target, at most the CPUs
 
 
-@dataclass
-class Session:
-    """How the checks reach the target, and what verify knows about it before they run."""
+@dataclass(frozen=True)
+class Verification:
+    """What a run found: a report per reachable target, and why the others were not checked."""
 
-    spec: TargetSpec
-    hosts: list[str]
-    work: Path
-    test_keys: list[str] = field(default_factory=list)
-    identity: Identity = field(default_factory=Identity)
-    test_devices_attached: bool = (
-        False  # qemu: the harness attached a USB keyboard and stick and a virtio disk
+    targets: list[Target]
+    reports: dict[str, Report]  # target name -> its report
+    files: dict[str, render.ReportFiles]
+    unreachable: dict[str, str]  # target name -> why
+    fleet: fleet.FleetFiles | None  # an inventory's summary
+
+    @property
+    def passed(self) -> bool:
+        return not self.unreachable and all(r.passed for r in self.reports.values())
+
+    @property
+    def report(self) -> Report:
+        """The report of a single target."""
+        (only,) = self.reports.values()
+        return only
+
+
+def verify(options: VerifyOptions, progress: Progress) -> Verification:
+    """Verify the targets against the policy, write every report and return them."""
+    loaded = policy.load(options.policy)
+    check_ids = selected_checks(loaded)
+    with tempfile.TemporaryDirectory(prefix="amnesiac-verify-") as tmp, contextlib.ExitStack() as stack:
+        work = Path(tmp)
+        targets = resolve(options, work)
+        built = _built(targets, options.build)
+        reach = reach_options(options, work, progress)
+        connections = {t.name: stack.enter_context(t.reach(reach)) for t in targets}
+        identities, unreachable = read_identities(targets, connections, built, progress)
+        if unreachable and options.inventory is None:
+            raise VerifyError(next(iter(unreachable.values())))
+        reachable = [t for t in targets if t.name in identities]
+        results: dict[str, dict[str, CheckResult]] = {}
+        if reachable:
+            kinds = {t.surface for t in reachable}
+            where = f"{len(reachable)} hosts" if len(reachable) > 1 else f"a {kinds.pop().value} target"
+            with progress.stage("checks", f"Checks: {len(check_ids)} on {where}") as stage:
+                chosen = [connections[t.name] for t in reachable]
+                expect = expectations(loaded, built, chosen[0])
+                records = run_checks(
+                    reachable[0],
+                    chosen,
+                    check_ids,
+                    expect,
+                    work=work,
+                    report_dir=options.report_dir,
+                    progress=progress,
+                    workers=options.workers,
+                )
+                results = group_by_target(
+                    records, {c.host: t.name for t, c in zip(reachable, chosen, strict=True)}
+                )
+                stage.note = _count(results)
+    with progress.stage("report", f"Report: {options.report_dir}"):
+        reports, files = {}, {}
+        for target in reachable:
+            report_target = ReportTarget(
+                kind=target.kind,
+                address=target.address,
+                identity=identities[target.name],
+                verifier_keys=[ssh.fingerprint(k) for k in connections[target.name].test_keys],
+            )
+            reports[target.name] = build_report(loaded, report_target, results.get(target.name, {}), built)
+            directory = options.report_dir
+            if isinstance(target, InventoryHost):
+                directory = options.report_dir / target.directory
+            files[target.name] = render.write(reports[target.name], directory)
+        summary = None
+        if options.inventory is not None:
+            hosts = [t for t in targets if isinstance(t, InventoryHost)]
+            summary = fleet.write(
+                loaded,
+                options.inventory,
+                fleet=hosts,
+                reports=reports,
+                unreachable=unreachable,
+                directory=options.report_dir,
+            )
+    return Verification(targets, reports, files, unreachable, summary)
+
+
+def resolve(options: VerifyOptions, work: Path) -> list[Target]:
+    """The targets the command line names: one --target, or every host of --inventory."""
+    if options.inventory is not None:
+        try:
+            return list(members(options.inventory, work))
+        except Unreachable as exc:
+            raise VerifyError(str(exc)) from None
+    if options.target is None:
+        raise VerifyError("nothing to verify: give a target or an inventory")
+    return [parse(options.target)]
+
+
+def reach_options(options: VerifyOptions, work: Path, progress: Progress) -> ReachOptions:
+    """What reaching a target may use, from the command line (keys read and checked here)."""
+    return ReachOptions(
+        work=work,
+        progress=progress,
+        ssh_key=options.ssh_key,
+        verifier_keys=tuple(read_verifier_keys(options.verifier_keys)),
+        memory_mib=options.memory_mib,
+        boot_timeout=options.boot_timeout,
     )
 
 
-def verify(options: VerifyOptions, progress: Progress) -> tuple[Report, render.ReportFiles]:
-    """Verify the target against the policy, write the report and return it."""
-    loaded = policy.load(options.policy)
-    spec = parse(options.target)
-    check_ids = selected_checks(loaded)
-    built = manifest_file.read(spec.path) if spec.kind is TargetKind.QEMU and spec.path else None
-    if built is None and options.build is not None:
-        built = manifest_file.read(options.build)
-    with (
-        tempfile.TemporaryDirectory(prefix="amnesiac-verify-") as tmp,
-        _reach(spec, options, progress, Path(tmp)) as session,
-    ):
-        with progress.stage("identity", "Identity: image, kernel, boot") as stage:
-            session.identity = _identity(session, built)
-            stage.note = f"boot {session.identity.boot_id or '-'}"
-        with progress.stage(
-            "checks", f"Checks: {len(check_ids)} on a {spec.check_kind.value} target"
-        ) as stage:
-            results = _run_checks(session, check_ids, expectations(loaded, built, session), options, progress)
-            stage.note = ", ".join(f"{n} {o}" for o, n in _count(results).items() if n)
-    with progress.stage("report", f"Report: {options.report_dir}"):
-        target = Target(
-            kind=spec.kind,
-            address=spec.address,
-            identity=session.identity,
-            verifier_keys=[fingerprint(k) for k in session.test_keys],
-        )
-        report = build_report(loaded, target, results, built)
-        files = render.write(report, options.report_dir)
-    return report, files
+def _built(targets: Sequence[Target], build: Path | None) -> Manifest | None:
+    """The build the targets should be running: the one a qemu: target boots, else --build."""
+    own = next((t.build_dir for t in targets if t.build_dir is not None), None)
+    where = own or build
+    return Manifest.load(where) if where is not None else None
+
+
+def read_identities(
+    targets: Sequence[Target],
+    connections: Mapping[str, Connection],
+    built: Manifest | None,
+    progress: Progress,
+) -> tuple[dict[str, Identity], dict[str, str]]:
+    """Each target's identity, read in parallel; the ones that did not answer, and why."""
+    title = "Identity: image, kernel, boot" if len(targets) == 1 else f"Identity of {len(targets)} hosts"
+    identities: dict[str, Identity] = {}
+    unreachable: dict[str, str] = {}
+    with progress.stage("identity", title) as stage:
+        with ThreadPoolExecutor(max_workers=min(8, len(targets))) as pool:
+            futures = {t.name: pool.submit(t.identity, connections[t.name], built) for t in targets}
+        for name, future in futures.items():
+            try:
+                identities[name] = future.result()
+            except Unreachable as exc:
+                unreachable[name] = str(exc)
+        if len(targets) == 1 and identities:
+            stage.note = f"boot {next(iter(identities.values())).boot_id or '-'}"
+        else:
+            stage.note = f"{len(identities)} reachable, {len(unreachable)} not"
+    return identities, unreachable
 
 
 def read_verifier_keys(files: Sequence[Path]) -> list[str]:
     """The public keys of --verifier-key files, in order, each once."""
-    return list(dict.fromkeys(k for f in files for k in boot.public_keys(f, "--verifier-key")))
-
-
-def fingerprint(key: str) -> str:
-    """OpenSSH's SHA256 fingerprint of a public key line (`ssh-keygen -l` prints the same)."""
-    blob = base64.b64decode(key.split()[1])
-    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+    return list(dict.fromkeys(k for f in files for k in ssh.public_keys(f, "--verifier-key")))
 
 
 def selected_checks(loaded: Policy) -> list[str]:
     """The checks the policy's technical claims name, in policy order, plus the integrity checks."""
     ids = [c for claim in loaded.technical_claims() for c in claim.checks]
-    return list(dict.fromkeys([*INTEGRITY_CHECKS, *ids]))
+    return list(dict.fromkeys([*integrity_checks(), *ids]))
 
 
-def expectations(loaded: Policy, built: dict[str, Any] | None, session: Session) -> dict[str, Any]:
-    """What the target should be, from the policy (never from the target itself)."""
+def expectations(loaded: Policy, built: Manifest | None, connection: Connection) -> Expectations:
+    """What the target should be, from the policy and the build (never from the target itself)."""
     plan = make_plan(loaded)
     roles = set(plan.roles)
-    expect: dict[str, Any] = {
-        "policy": loaded.id,
-        "authorized_keys": plan.var("ssh_admin_authorized_keys") if "ssh_admin" in roles else [],
-        "test_keys": session.test_keys,
-        "test_devices_attached": session.test_devices_attached,
-    }
-    if "ram_root" in roles:
-        expect["root_tmpfs_size_bytes"] = int(plan.var("ram_root_tmpfs_size_mib")) * 1024**2
-    if "openvpn_server" in roles:
-        expect["openvpn_unit"] = f"openvpn-server@{plan.var('openvpn_server_instance')}.service"
-    if "wireguard_server" in roles:
-        expect["wireguard_interface"] = plan.var("wireguard_server_interface")
-    if built is not None:
-        expect["image_sha256"] = built["image"]["sha256"]
-    return expect
-
-
-@contextlib.contextmanager
-def _reach(spec: TargetSpec, options: VerifyOptions, progress: Progress, work: Path) -> Iterator[Session]:
-    """Make the target reachable for the checks (boot it, for qemu:) for the duration."""
-    if spec.kind is not TargetKind.QEMU:
-        hosts = spec.testinfra_hosts()
-        if spec.kind is TargetKind.SSH:
-            hosts += _ssh_args(work, options.ssh_key)
-        yield Session(spec, hosts, work, test_keys=read_verifier_keys(options.verifier_keys))
-        return
-    if spec.path is None:
-        raise VerifyError(f"{spec.address}: no build directory to boot")
-    key = _throwaway_key(work)
-    boot_options = boot.BootOptions(memory_mib=options.memory_mib, ssh_key=key.with_suffix(".pub"))
-    with contextlib.ExitStack() as stack:  # QEMU runs until the checks are done, whatever happens
-        with progress.stage("boot", f"Boot {spec.path.name} in QEMU over iPXE") as stage:
-            machine = stack.enter_context(boot.running(spec.path, boot_options))
-            seconds = machine.wait_ssh(timeout=options.boot_timeout, on_tick=progress.detail)
-            stage.note = f"SSH after {seconds:.0f} s, {machine.accel.accel}, {machine.memory_mib} MiB"
-        session = Session(spec, spec.testinfra_hosts(machine.ssh_port) + _ssh_args(work, key), work)
-        session.test_keys = read_verifier_keys([key.with_suffix(".pub"), *options.verifier_keys])
-        session.test_devices_attached = boot_options.test_devices
-        session.identity = Identity(artifacts={s.name: s.sha256 for s in machine.served() if s.sha256})
-        yield session
-
-
-def _throwaway_key(work: Path) -> Path:
-    key = work / "id_ed25519"
-    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "amnesiac-verify", "-f", key], capture=True)
-    return key
-
-
-def _ssh_args(work: Path, key: Path | None) -> list[str]:
-    config = work / "ssh_config"
-    lines = ["Host *", *(f"    {o}" for o in SSH_OPTIONS)]
-    if key is not None:
-        lines.append(f"    IdentityFile {key}")
-    config.write_text("\n".join(lines) + "\n")
-    return [f"--ssh-config={config}"]
-
-
-def _identity(session: Session, built: dict[str, Any] | None) -> Identity:
-    """Read who the target is before anything else runs on it."""
-    import testinfra
-
-    spec = session.spec
-    if spec.kind is TargetKind.CHROOT:
-        return Identity(image_sha256=built["image"]["sha256"] if built else None)
-    url = next(a.removeprefix("--hosts=") for a in session.hosts if a.startswith("--hosts="))
-    config = next(
-        (a.removeprefix("--ssh-config=") for a in session.hosts if a.startswith("--ssh-config=")), None
-    )
-    try:
-        host = testinfra.get_host(url, ssh_config=config)
-        values = {
-            name: host.run(command).stdout.strip()
-            for name, command in (
-                ("kernel_release", "uname -r"),
-                ("cmdline", "cat /proc/cmdline"),
-                ("boot_id", "cat /proc/sys/kernel/random/boot_id"),
-                ("hostname", "cat /proc/sys/kernel/hostname"),
-            )
-        }
-    except Exception as exc:
-        raise VerifyError(f"cannot reach {spec.kind}:{spec.address}: {exc}") from None
-    image = next(
-        (w.split("=", 1)[1] for w in values["cmdline"].split() if w.startswith("amnesiac.image=")), None
-    )
-    artifacts = session.identity.artifacts
-    matches = None
-    if built is not None and artifacts:
-        matches = all(
-            built["artifacts"][n]["sha256"] == s for n, s in artifacts.items() if n in built["artifacts"]
-        )
-    return Identity(
-        image_sha256=image if image and len(image) == 64 else None,
-        kernel_release=values["kernel_release"] or None,
-        cmdline=values["cmdline"] or None,
-        boot_id=values["boot_id"] or None,
-        hostname=values["hostname"] or None,
-        artifacts=artifacts,
-        manifest_sha256_matches=matches,
+    return Expectations(
+        policy=loaded.id,
+        authorized_keys=list(plan.var("ssh_admin_authorized_keys")) if "ssh_admin" in roles else [],
+        test_keys=list(connection.test_keys),
+        test_devices_attached=connection.test_devices_attached,
+        root_tmpfs_size_bytes=int(plan.var("ram_root_tmpfs_size_mib")) * 1024**2
+        if "ram_root" in roles
+        else None,
+        openvpn_unit=(
+            f"openvpn-server@{plan.var('openvpn_server_instance')}.service"
+            if "openvpn_server" in roles
+            else None
+        ),
+        wireguard_interface=plan.var("wireguard_server_interface") if "wireguard_server" in roles else None,
+        image_sha256=built.sha256 if built is not None else None,
     )
 
 
-def _run_checks(
-    session: Session, check_ids: list[str], expect: dict[str, Any], options: VerifyOptions, progress: Progress
-) -> dict[str, CheckResult]:
-    records = run_pytest(session, check_ids, expect, options.report_dir, progress)
-    return {r["id"]: check_result(r) for r in records}
-
-
-def run_pytest(
-    session: Session,
-    check_ids: list[str],
-    expect: dict[str, Any],
+def run_checks(
+    kind: Target,
+    connections: Sequence[Connection],
+    check_ids: Sequence[str],
+    expect: Expectations,
+    *,
+    work: Path,
     report_dir: Path,
     progress: Progress,
-    *,
-    extra: Sequence[str] = (),
-    env: Mapping[str, str] | None = None,
-) -> list[dict[str, Any]]:
-    """Run the checks through pytest and return the plugin's records (one per check and host)."""
-    work = session.work
-    (work / "expect.json").write_text(json.dumps(expect, indent=2))
+    workers: int | None = None,
+) -> list[CheckRecord]:
+    """Run the checks on every connection in one pytest run; the plugin's records, one per check
+    and host. The connections share their pytest arguments (one kind of target)."""
+    shared = dict.fromkeys(a for c in connections for a in c.pytest_args)
+    expect_file = expect.write(work / "expect.json")
     results_file = work / "results.json"
     log = report_dir / "pytest.log"  # the checks' own output, for whoever debugs a check
-    argv = [
+    count = len(connections)
+    workers = workers or (min(count, max(2, os.cpu_count() or 2)) if count > 1 else 1)
+    argv: list[str | os.PathLike[str]] = [
         sys.executable, "-m", "pytest",
-        "-c", os.fspath(CHECKS_DIR / "pytest.ini"), "--rootdir", os.fspath(CHECKS_DIR),
+        "-c", CHECKS_DIR / "pytest.ini", "--rootdir", CHECKS_DIR,
         "-p", "amnesiac.checks.plugin", "-p", "no:cacheprovider",
-        *session.hosts,
-        f"--amnesiac-target-kind={session.spec.check_kind.value}",
+        "--hosts=" + ",".join(c.host for c in connections), *shared,
+        f"--amnesiac-target-kind={kind.surface.value}",
         f"--amnesiac-checks={','.join(check_ids)}",
         f"--amnesiac-results={results_file}",
-        f"--amnesiac-expect={work / 'expect.json'}",
-        "-q", "-rA", "--color=no", *extra,
-        *(os.fspath(CHECKS_DIR / f"{m}.py") for m in MODULES),
+        f"--amnesiac-expect={expect_file}",
+        "-q", "-rA", "--color=no",
+        *(["-n", str(workers), "--dist", "load"] if workers > 1 else []),
+        *(CHECKS_DIR / f"{m}.py" for m in MODULES),
     ]  # fmt: skip
     progress.detail(f"pytest, {len(check_ids)} checks")
     report_dir.mkdir(parents=True, exist_ok=True)
-    with log.open("wb") as out:
-        try:
-            proc = subprocess.run(
-                argv, stdout=out, stderr=subprocess.STDOUT, timeout=CHECKS_TIMEOUT, check=False, env=env
-            )
-        except subprocess.TimeoutExpired:
-            raise VerifyError(f"the checks did not finish in {CHECKS_TIMEOUT} s (log: {log})") from None
+    env = next((c.env for c in connections if c.env is not None), None)
+    try:
+        proc = run(argv, check=False, stdout_to=log, merge_stderr=True, timeout=CHECKS_TIMEOUT, env=env)
+    except subprocess.TimeoutExpired:
+        raise VerifyError(f"the checks did not finish in {CHECKS_TIMEOUT} s (log: {log})") from None
     if proc.returncode not in (0, 1) or not results_file.exists():
         tail = " ".join(log.read_text(errors="replace").split()[-30:])
         raise VerifyError(
             f"the checks could not run (pytest exit {proc.returncode}): {tail[-300:]}", hint=f"log: {log}"
         )
-    records: list[dict[str, Any]] = json.loads(results_file.read_text())
-    return records
+    return read_records(results_file)
 
 
-def check_result(record: dict[str, Any]) -> CheckResult:
-    """A check's result from the plugin's record of it."""
-    meta = catalogue()
-    check_id = record["id"]
-    title = check_id.split(".", 1)[1].replace("_", " ").capitalize()
-    return CheckResult(
-        id=check_id,
-        title=title,
-        rationale=meta[check_id].rationale if check_id in meta else record.get("rationale"),
-        outcome=CheckOutcome(record["outcome"]),
-        reason=record["reason"],
-        duration_s=max(0.0, float(record["duration_s"])),
-        evidence=[Evidence(**e) for e in record["evidence"]],
-    )
+def group_by_target(
+    records: Sequence[CheckRecord], names: Mapping[str, str]
+) -> dict[str, dict[str, CheckResult]]:
+    """The plugin's records (one per check and host) as check results by target name; `names`
+    maps testinfra's host URL (Connection.host) to the target's name."""
+    only = set(names.values())
+    grouped: dict[str, dict[str, CheckResult]] = {}
+    for record in records:
+        # One target: every record is its own, whatever id testinfra gave the host.
+        name = next(iter(only)) if len(only) == 1 else names.get(record.host, record.host)
+        grouped.setdefault(name, {})[record.id] = with_catalogue_rationale(record.result())
+    return grouped
 
 
-def identity_result(identity: Identity, built: dict[str, Any] | None) -> CheckResult | None:
+def with_catalogue_rationale(result: CheckResult) -> CheckResult:
+    """The rationale a reviewer reads is the shipped check's, whatever the record says."""
+    meta = catalogue().get(result.id)
+    return result.model_copy(update={"rationale": meta.rationale}) if meta else result
+
+
+def identity_result(identity: Identity, built: Manifest | None) -> CheckResult | None:
     """The target runs the build it should: the image it names and the files it was served."""
     if built is None:
         return None
-    want = built["image"]["sha256"]
+    want = built.sha256
+    artifacts = {n: a.model_dump() for n, a in built.artifacts.items()}
     evidence = [
         Evidence(
             command="cat /proc/cmdline", exit_code=0, output=identity.cmdline or "", note="amnesiac.image="
         ),
-        Evidence(
-            command="", output=json.dumps(identity.artifacts, indent=1), note="files the boot server sent"
-        ),
-        Evidence(command="", output=json.dumps(built["artifacts"], indent=1), note="manifest.json"),
+        Evidence(command="", output=_json(identity.artifacts), note="files the boot server sent"),
+        Evidence(command="", output=_json(artifacts), note="manifest.json"),
     ]
     problems = []
     if identity.cmdline is not None and identity.image_sha256 != want:
@@ -350,14 +339,18 @@ def identity_result(identity: Identity, built: dict[str, Any] | None) -> CheckRe
     )
 
 
+def _json(data: Any) -> str:
+    return json.dumps(data, indent=1)
+
+
 def build_report(
-    loaded: Policy, target: Target, results: dict[str, CheckResult], built: dict[str, Any] | None = None
+    loaded: Policy, target: ReportTarget, results: Mapping[str, CheckResult], built: Manifest | None = None
 ) -> Report:
     """The policy's claims, with the integrity of the target first."""
     report = model.build_report(
         loaded, target, results, generated=datetime.now(UTC), tool_version=__version__
     )
-    checks = [model.result_for(c, results) for c in INTEGRITY_CHECKS]
+    checks = [model.result_for(c, results) for c in integrity_checks()]
     if (identity := identity_result(target.identity, built)) is not None:
         checks.insert(0, identity)
     status, reason = model.claim_status(ClaimKind.TECHNICAL, checks)
@@ -379,8 +372,9 @@ def build_report(
     )
 
 
-def _count(results: dict[str, CheckResult]) -> dict[str, int]:
+def _count(results: Mapping[str, Mapping[str, CheckResult]]) -> str:
     counts: dict[str, int] = {}
-    for result in results.values():
-        counts[result.outcome.value] = counts.get(result.outcome.value, 0) + 1
-    return counts
+    for by_id in results.values():
+        for result in by_id.values():
+            counts[result.outcome.value] = counts.get(result.outcome.value, 0) + 1
+    return ", ".join(f"{n} {o}" for o, n in counts.items() if n)

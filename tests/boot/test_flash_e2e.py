@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from amnesiac import boot
+from amnesiac.image.manifest import Manifest
 from tests.images import Built, build
 from tests.test_flash import keygen, make_report
 
@@ -121,8 +122,8 @@ def ssh(machine: boot.BootedMachine, key: Path, command: str) -> str:
 
 def netboot(root: Path, expected: Path, key: Path) -> dict[str, str]:
     """Netboot from `root`; the harness refuses unless `expected`'s kernel and initrd were served."""
-    options = boot.BootOptions(pxe_root=root, ssh_key=key.with_suffix(".pub"), test_devices=False)
-    with boot.running(expected, options) as machine:
+    options = boot.BootOptions(ssh_key=key.with_suffix(".pub"), test_devices=False)
+    with boot.running(boot.served_from_pxe_root(root, expected), options) as machine:
         machine.wait_ssh(SSH_TIMEOUT)  # raises ImageMismatch if another image was served
         print(f"\nnetbooted {image(expected)[:12]} from {root}: SSH after {machine.ssh_ready_seconds} s")
         served = [r.name for r in machine.served() if r.status == 200]
@@ -197,7 +198,7 @@ def test_usb_image_boots_under_uefi(images: dict[str, Path], allowed: Path, tmp_
     argv = [
         "qemu-system-x86_64", "-machine", "q35", "-accel", accel.accel,
         "-cpu", "host" if accel.accel == "kvm" else "max", "-smp", "2",
-        "-m", str(boot.memory_mib(built) + 128),  # the firmware keeps some for itself
+        "-m", str(boot.memory_mib(Manifest.load(a)) + 128),  # the firmware keeps some for itself
         "-nodefaults", "-display", "none", "-no-reboot",
         "-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
         "-drive", f"if=pflash,format=raw,file={variables}",

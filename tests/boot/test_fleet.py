@@ -111,15 +111,20 @@ def test_a_login_key_the_policy_does_not_name_fails_unless_declared(
         verifier_keys=(private.with_name(private.name + ".pub"),) if declared else (),
     )
     progress = Progress(quiet=True)
-    with verify._reach(targets.parse(options.target), options, progress, tmp_path) as session:
-        expect = verify.expectations(policy.load(OVPN), None, session)
-        records = verify.run_pytest(session, ["ssh.no_test_key"], expect, options.report_dir, progress)
+    assert options.target is not None
+    target = targets.parse(options.target)
+    with target.reach(verify.reach_options(options, tmp_path, progress)) as connection:
+        expect = verify.expectations(policy.load(OVPN), None, connection)
+        records = verify.run_checks(
+            target, [connection], ["ssh.no_test_key"], expect,
+            work=tmp_path, report_dir=options.report_dir, progress=progress,
+        )  # fmt: skip
     (record,) = records
     if declared:
-        assert record["outcome"] == "passed", record["reason"]
+        assert record.outcome == "passed", record.reason
     else:
-        assert record["outcome"] == "failed", record
-        assert "keys the policy does not name" in record["reason"]
+        assert record.outcome == "failed", record
+        assert "keys the policy does not name" in (record.reason or "")
 
 
 def _ssh_keygen_fingerprint(pub: Path) -> str:

@@ -10,4 +10,11 @@ the evidence the check gathered.
 
 from __future__ import annotations
 
-MODULES = ("storage", "logging", "vpn_confinement", "input", "dns", "ssh", "firewall", "session_records")
+import pkgutil
+from pathlib import Path
+
+DIRECTORY = Path(__file__).resolve().parent
+# The machinery; every other module of this package holds checks, and its name is the first
+# part of their ids.
+FRAMEWORK = frozenset({"meta", "plugin", "probe", "results", "expectations"})
+MODULES = tuple(sorted(m.name for m in pkgutil.iter_modules([str(DIRECTORY)]) if m.name not in FRAMEWORK))

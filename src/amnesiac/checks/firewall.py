@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from amnesiac.checks.meta import check
+from amnesiac.checks.meta import Surface, check
 from amnesiac.checks.probe import Probe
 
 PROBE_TABLE = "amnesiac_probe"
 
 
-def _ruleset(probe: Probe, kind: Any) -> str:
-    if kind.value == "booted":
+def _ruleset(probe: Probe, kind: Surface) -> str:
+    if kind is Surface.BOOTED:
         result = probe.run("nft list ruleset")
         assert result.rc == 0, "cannot list the nftables ruleset"
         assert "table" in result.stdout, "positive control: no ruleset is loaded at all"
@@ -32,10 +30,10 @@ def _statements(ruleset: str) -> list[list[str]]:
     rationale="The ruleset has no log statement, and on a booted server the kernel refuses to "
     "load one (the logging modules are not in the image and module loading is locked).",
 )
-def no_log_rules(probe: Probe, kind: Any) -> None:
+def no_log_rules(probe: Probe, kind: Surface) -> None:
     logging = [" ".join(words) for words in _statements(_ruleset(probe, kind)) if "log" in words]
     assert logging == [], f"rules that log: {logging}"
-    if kind.value != "booted":
+    if kind is not Surface.BOOTED:
         return
     # The table and chain must be accepted (positive control: nftables works and root may
     # change the ruleset), so that only the log statement can be what the kernel refuses.
@@ -60,7 +58,7 @@ def no_log_rules(probe: Probe, kind: Any) -> None:
     rationale="No set, meter, named counter or quota is filled from packets, so the firewall "
     "holds no list of client addresses or per-client byte counts.",
 )
-def no_per_client_counters(probe: Probe, kind: Any) -> None:
+def no_per_client_counters(probe: Probe, kind: Surface) -> None:
     statements = _statements(_ruleset(probe, kind))
     recorders = [
         " ".join(w) for w in statements

@@ -6,9 +6,8 @@ controller is on the bus and that nothing drives it, rather than that a setting 
 
 from __future__ import annotations
 
-from typing import Any
-
-from amnesiac.checks.meta import KERNEL, RUNNING, check
+from amnesiac.checks.expectations import Expectations
+from amnesiac.checks.meta import KERNEL, RUNNING, Surface, check
 from amnesiac.checks.probe import Probe
 
 PCI_USB_CLASS = "0x0c03"  # serial bus controller, USB
@@ -22,9 +21,9 @@ GETTY_PROCESSES = ("agetty", "getty", "mingetty", "login", "sulogin", "sushell")
     targets=KERNEL,
     not_applicable="USB enumeration is the booted kernel's; a container or root directory has none",
 )
-def usb_not_enumerated(probe: Probe, expected: dict[str, Any]) -> None:
+def usb_not_enumerated(probe: Probe, expected: Expectations) -> None:
     controllers = probe.pci_devices(PCI_USB_CLASS)
-    if expected.get("test_devices_attached"):
+    if expected.test_devices_attached:
         assert controllers, "positive control: the harness attached a USB controller but it is not on the bus"
     bound = [" ".join(c) for c in controllers if c[2]]
     assert bound == [], f"USB controllers with a driver: {bound}"
@@ -55,7 +54,7 @@ def no_i8042_keyboard(probe: Probe) -> None:
     rationale="No getty or login prompt runs on any virtual terminal or serial line, and the "
     "getty units are masked so nothing can start one.",
 )
-def no_getty(probe: Probe, kind: Any) -> None:
+def no_getty(probe: Probe, kind: Surface) -> None:
     # A unit is masked by a link to /dev/null in /etc; an alias (autovt@ is getty@ in Debian)
     # is masked when the unit it names is.
     masked = probe.run(
@@ -66,7 +65,7 @@ def no_getty(probe: Probe, kind: Any) -> None:
     ).stdout.splitlines()
     unmasked = [line.split()[0] for line in masked if not line.endswith("/dev/null")]
     assert unmasked == [], f"getty units not masked: {unmasked}"
-    if kind.value != "rootfs":
+    if kind is not Surface.ROOTFS:
         running = probe.run("ps -eo comm=").stdout.split()
         found = sorted(set(running) & set(GETTY_PROCESSES))
         assert found == [], f"login processes running: {found}"

@@ -8,9 +8,8 @@ the search would have found it.
 from __future__ import annotations
 
 import secrets
-from typing import Any
 
-from amnesiac.checks.meta import KERNEL, RUNNING, check
+from amnesiac.checks.meta import KERNEL, RUNNING, Surface, check
 from amnesiac.checks.probe import Probe
 
 SYSLOG_PACKAGES = (
@@ -63,13 +62,13 @@ def _installed(probe: Probe, packages: tuple[str, ...]) -> list[str]:
     claims=["no-syslog", "no-activity-logging"],
     rationale="No syslog daemon is installed or running, so nothing turns log messages into files.",
 )
-def no_syslog_daemon(probe: Probe, kind: Any) -> None:
+def no_syslog_daemon(probe: Probe, kind: Surface) -> None:
     assert _installed(probe, SYSLOG_PACKAGES) == [], "a syslog daemon or logrotate is installed"
     binaries = probe.run(
         "ls -1 /usr/sbin/rsyslogd /usr/sbin/syslog-ng /usr/sbin/syslogd /sbin/syslogd 2>/dev/null"
     ).stdout.split()
     assert binaries == [], f"syslog daemons in the image: {binaries}"
-    if kind.value != "rootfs":
+    if kind is not Surface.ROOTFS:
         running = probe.run("ps -eo comm=").stdout.split()
         assert not set(running) & set(SYSLOG_DAEMONS), f"running: {set(running) & set(SYSLOG_DAEMONS)}"
 
@@ -138,14 +137,14 @@ def kernel_canary_not_kept(probe: Probe) -> None:
     rationale="After our own SSH login, no login record (utmp, wtmp, btmp, lastlog, wtmpdb, "
     "lastlog2) exists and the client's address is found in no file.",
 )
-def no_login_records(probe: Probe, kind: Any) -> None:
+def no_login_records(probe: Probe, kind: Surface) -> None:
     present = probe.run(
         # A regular file, even empty, is where the next login would be recorded; a missing file
         # or a link to /dev/null is not (glibc's updwtmp does not create a missing wtmp).
         "for f in " + " ".join(LOGIN_RECORDS) + '; do [ -f "$f" ] && ls -l "$f"; done; true'
     ).stdout.splitlines()
     assert present == [], f"login record files exist: {present}"
-    if kind.value != "booted":
+    if kind is not Surface.BOOTED:
         return
     client = probe.run("echo ${SSH_CONNECTION%% *}").stdout.strip()
     if not client:
@@ -176,10 +175,10 @@ def _only_as_network_peer(probe: Probe, path: str, address: str) -> bool:
     rationale="/var/log holds no file; on a booted server it is read-only, so no program can "
     "start a log file there.",
 )
-def var_log_empty(probe: Probe, kind: Any) -> None:
+def var_log_empty(probe: Probe, kind: Surface) -> None:
     files = probe.run("find /var/log -xdev -type f 2>/dev/null").stdout.split()
     assert files == [], f"files in /var/log: {files}"
-    if kind.value == "booted":
+    if kind is Surface.BOOTED:
         attempt = probe.run(
             "touch /var/log/amnesiac-write-probe 2>&1; rc=$?; rm -f /var/log/amnesiac-write-probe; exit $rc"
         )
@@ -191,9 +190,9 @@ def var_log_empty(probe: Probe, kind: Any) -> None:
     claims=["no-activity-logging", "no-timestamp-logging"],
     rationale="No audit daemon records system calls or logins, and the kernel's audit is off.",
 )
-def no_audit_daemon(probe: Probe, kind: Any) -> None:
+def no_audit_daemon(probe: Probe, kind: Surface) -> None:
     assert _installed(probe, ("auditd",)) == [], "auditd is installed"
-    if kind.value == "booted":
+    if kind is Surface.BOOTED:
         running = probe.run("ps -eo comm=").stdout.split()
         assert "auditd" not in running, "auditd is running"
         cmdline = probe.run("cat /proc/cmdline").stdout.split()

@@ -12,17 +12,18 @@ from typing import Any, TypeVar
 from amnesiac.checks import MODULES
 
 
-class TargetKind(StrEnum):
-    """Where checks run. Each sees a different part of the truth."""
+class Surface(StrEnum):
+    """What a target lets a check see; each kind of target has one (targets.TargetKind), and
+    each sees a different part of the truth."""
 
     ROOTFS = "rootfs"  # an unpacked image root: files only, nothing runs
     CONTAINER = "container"  # a systemd container (molecule): services run, the kernel is the host's
     BOOTED = "booted"  # the image booted in QEMU, or a live server over SSH: everything
 
 
-ALL_TARGETS = frozenset(TargetKind)
-RUNNING = frozenset({TargetKind.CONTAINER, TargetKind.BOOTED})
-KERNEL = frozenset({TargetKind.BOOTED})
+ALL_TARGETS = frozenset(Surface)
+RUNNING = frozenset({Surface.CONTAINER, Surface.BOOTED})
+KERNEL = frozenset({Surface.BOOTED})
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -32,11 +33,13 @@ class CheckMeta:
     id: str  # <module>.<function>
     claims: tuple[str, ...]
     rationale: str
-    targets: frozenset[TargetKind]
+    targets: frozenset[Surface]
     # Why the check cannot run on the other kinds of target (shown as "not applicable").
     not_applicable: str
+    # Run on every target whatever the policy names: the integrity of the target itself.
+    integrity: bool = False
 
-    def reason_not_applicable(self, kind: TargetKind) -> str | None:
+    def reason_not_applicable(self, kind: Surface) -> str | None:
         if kind in self.targets:
             return None
         kinds = ", ".join(sorted(t.value for t in self.targets))
@@ -50,8 +53,9 @@ def check(
     *,
     claims: Iterable[str],
     rationale: str,
-    targets: Iterable[TargetKind] = ALL_TARGETS,
+    targets: Iterable[Surface] = ALL_TARGETS,
     not_applicable: str = "",
+    integrity: bool = False,
 ) -> Callable[[F], F]:
     """Mark a function as a claim check. Its id is `<module>.<function name>`."""
 
@@ -63,6 +67,7 @@ def check(
             rationale=" ".join(rationale.split()),
             targets=frozenset(targets),
             not_applicable=" ".join(not_applicable.split()),
+            integrity=integrity,
         )
         if not meta.claims:
             raise ValueError(f"check {meta.id} names no claim")
@@ -77,6 +82,11 @@ def check(
 def meta_of(obj: object) -> CheckMeta | None:
     meta = getattr(obj, ATTRIBUTE, None)
     return meta if isinstance(meta, CheckMeta) else None
+
+
+def integrity_checks() -> tuple[str, ...]:
+    """The checks verify runs on every target (`@check(integrity=True)`), in catalogue order."""
+    return tuple(i for i, meta in catalogue().items() if meta.integrity)
 
 
 @cache

@@ -9,16 +9,16 @@ to `--amnesiac-results` as JSON.
 from __future__ import annotations
 
 import inspect
-import json
-import os
-from collections.abc import Generator, Iterator
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
 
-from amnesiac.checks.meta import CheckMeta, TargetKind, meta_of
-from amnesiac.checks.probe import Probe, bounded
+from amnesiac.checks.expectations import Expectations
+from amnesiac.checks.meta import CheckMeta, Surface, meta_of
+from amnesiac.checks.probe import Probe
+from amnesiac.checks.results import CheckOutcome, CheckRecord, title_of, write_records
 
 NOT_APPLICABLE = "not applicable: "
 _RESULTS = pytest.StashKey[list[dict[str, Any]]]()
@@ -29,8 +29,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("amnesiac", "amnesiac claim checks")
     group.addoption(
         "--amnesiac-target-kind",
-        choices=[k.value for k in TargetKind],
-        default=TargetKind.BOOTED.value,
+        choices=[k.value for k in Surface],
+        default=Surface.BOOTED.value,
         help="what the target is: rootfs, container or booted (default: booted)",
     )
     group.addoption("--amnesiac-checks", default=None, help="comma-separated check ids to run (default: all)")
@@ -77,8 +77,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items[:] = keep
 
 
-def target_kind(config: pytest.Config) -> TargetKind:
-    return TargetKind(config.getoption("amnesiac_target_kind"))
+def target_kind(config: pytest.Config) -> Surface:
+    return Surface(config.getoption("amnesiac_target_kind"))
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -94,15 +94,14 @@ def probe(host: Any) -> Probe:
 
 
 @pytest.fixture(scope="session")
-def expected(request: pytest.FixtureRequest) -> dict[str, Any]:
+def expected(request: pytest.FixtureRequest) -> Expectations:
     """What the target should be, from the policy and the build's manifest (see verify)."""
     path = request.config.getoption("amnesiac_expect")
-    data: dict[str, Any] = json.loads(Path(path).read_text()) if path else {}
-    return data
+    return Expectations.read(Path(path)) if path else Expectations()
 
 
 @pytest.fixture(scope="session")
-def kind(request: pytest.FixtureRequest) -> TargetKind:
+def kind(request: pytest.FixtureRequest) -> Surface:
     return target_kind(request.config)
 
 
@@ -140,38 +139,41 @@ class _Collector:
 def _record(
     item: pytest.Item, meta: CheckMeta, report: pytest.TestReport, call: pytest.CallInfo[None]
 ) -> dict[str, Any] | None:
-    """One result per check and host: from the phase that decided it."""
+    """One result per check and host, from the phase that decided it (as JSON-ready data: under
+    pytest-xdist it travels to the controller inside the report)."""
     probe = getattr(item, "funcargs", {}).get("probe")
-    evidence = probe.as_data() if isinstance(probe, Probe) else []
+    evidence = list(probe.evidence) if isinstance(probe, Probe) else []
     reason: str | None = None
     if report.when == "setup" and report.passed:
         return None
     if report.when == "teardown" and not report.failed:
         return None
     if report.skipped:
-        outcome = "not-applicable"
-        reason = _skip_reason(report).removeprefix(NOT_APPLICABLE)
+        outcome = CheckOutcome.NOT_APPLICABLE
+        reason = _skip_reason(report).removeprefix(NOT_APPLICABLE) or "skipped without a reason"
     elif report.when == "call" and report.passed:
-        outcome = "passed"
+        outcome = CheckOutcome.PASSED
         if not evidence:
-            outcome, reason = "error", "the check recorded no evidence; silence is not a pass"
+            outcome, reason = CheckOutcome.ERROR, "the check recorded no evidence; silence is not a pass"
     elif report.when == "call" and call.excinfo is not None and call.excinfo.errisinstance(AssertionError):
-        outcome = "failed"
+        outcome = CheckOutcome.FAILED
         reason = _failure(call)
     else:  # an exception that is not an assertion: the check could not look, so it proves nothing
-        outcome = "error"
+        outcome = CheckOutcome.ERROR
         reason = f"{report.when}: {call.excinfo.typename if call.excinfo else 'error'}: {_failure(call)}"
     params = getattr(item, "callspec", None)
-    return {
-        "id": meta.id,
-        "host": params.id if params is not None else "",
-        "claims": list(meta.claims),
-        "rationale": meta.rationale,
-        "outcome": outcome,
-        "reason": reason,
-        "duration_s": round(report.duration, 3),
-        "evidence": evidence,
-    }
+    record = CheckRecord(
+        id=meta.id,
+        title=title_of(meta.id),
+        host=params.id if params is not None else "",
+        claims=list(meta.claims),
+        rationale=meta.rationale,
+        outcome=outcome,
+        reason=reason,
+        duration_s=max(0.0, round(report.duration, 3)),
+        evidence=evidence,
+    )
+    return record.model_dump(mode="json")
 
 
 def _skip_reason(report: pytest.TestReport) -> str:
@@ -189,18 +191,12 @@ def _failure(call: pytest.CallInfo[None]) -> str:
         # pytest appends its own explanation ("assert ... where ..."): the check's message is
         # what a reviewer reads; the evidence carries the rest.
         text = text.split("\nassert ", 1)[0]
-    return bounded(text.strip(), 1500)
+    return text.strip() or call.excinfo.typename
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     path = session.config.getoption("amnesiac_results")
     if not path or _is_worker(session.config):
         return
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(session.config.stash[_RESULTS], indent=2) + "\n")
-    tmp.replace(target)
-
-
-def iter_results(path: Path) -> Iterator[dict[str, Any]]:
-    yield from json.loads(path.read_text())
+    records = [CheckRecord.model_validate(r) for r in session.config.stash[_RESULTS]]
+    write_records(records, Path(path))

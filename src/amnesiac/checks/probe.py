@@ -1,12 +1,12 @@
-"""Evidence: every command a check runs on the target is kept for the report, bounded."""
+"""Evidence: every command a check runs on the target is kept for the report (checks.results
+bounds and cleans it, as everywhere)."""
 
 from __future__ import annotations
 
 import shlex
-from dataclasses import asdict, dataclass
 from typing import Any
 
-OUTPUT_LIMIT = 4000  # characters of output kept per command: head and tail
+from amnesiac.checks.results import Evidence, bound_output
 
 # Exit codes that mean the command never ran on the target, so its silence proves nothing:
 # 125 is the transport's own failure (podman exec: no such container; chroot: no such root),
@@ -20,22 +20,6 @@ DID_NOT_RUN = {
 
 class TargetError(RuntimeError):
     """The target could not run a probe: the check is an error (proved nothing), not a pass."""
-
-
-def bounded(text: str, limit: int = OUTPUT_LIMIT) -> str:
-    """At most `limit` characters: the head and the tail, with what was left out in between."""
-    if len(text) <= limit:
-        return text
-    head, tail = text[: limit // 2], text[-(limit // 2) :]
-    return f"{head}\n[… {len(text) - len(head) - len(tail)} characters omitted …]\n{tail}"
-
-
-@dataclass(frozen=True)
-class Evidence:
-    command: str
-    exit_code: int | None
-    output: str
-    note: str | None = None
 
 
 class Probe:
@@ -58,11 +42,11 @@ class Probe:
         result = self.host.run(command, *args)
         shown = command % tuple(shlex.quote(a) for a in args) if args else command
         output = result.stdout + (f"\n[stderr]\n{result.stderr}" if result.stderr.strip() else "")
-        self.evidence.append(Evidence(shown, result.rc, bounded(output.strip()), note))
+        self.evidence.append(Evidence(command=shown, exit_code=result.rc, output=output.strip(), note=note))
         if result.rc in DID_NOT_RUN:
             detail = (result.stderr.strip() or result.stdout.strip()).splitlines()[-1:] or [""]
             raise TargetError(
-                f"`{bounded(shown, 200)}` did not run: {DID_NOT_RUN[result.rc]} {detail[0]}".strip()
+                f"`{bound_output(shown, 200)}` did not run: {DID_NOT_RUN[result.rc]} {detail[0]}".strip()
             )
         return result
 
@@ -78,7 +62,4 @@ class Probe:
         ]
 
     def note(self, text: str) -> None:
-        self.evidence.append(Evidence("", None, "", bounded(text)))
-
-    def as_data(self) -> list[dict[str, Any]]:
-        return [asdict(e) for e in self.evidence]
+        self.evidence.append(Evidence(command="", note=bound_output(text)))

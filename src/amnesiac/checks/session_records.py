@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from amnesiac.checks.logging import find_everywhere
-from amnesiac.checks.meta import check
+from amnesiac.checks.meta import Surface, check
 from amnesiac.checks.plugin import not_applicable
 from amnesiac.checks.probe import Probe
 
@@ -23,14 +21,14 @@ CLIENT = "198.51.100.77"  # a documentation address: the fake client of the run 
     rationale="The disconnect hook sends the permitted fields off the server and writes no file; "
     "run as OpenVPN runs it, with a unique client address, that address is stored nowhere.",
 )
-def not_stored_locally(probe: Probe, kind: Any) -> None:
+def not_stored_locally(probe: Probe, kind: Surface) -> None:
     script = probe.run(f"cat {HOOK}")
     if script.rc != 0:
         not_applicable("this image sends no session records (no hook installed)")
     lines = [line for line in script.stdout.splitlines() if not line.lstrip().startswith("#")]
     writes = [line for line in lines if ">" in line and "/dev/udp/" not in line and "/dev/null" not in line]
     assert writes == [], f"the hook writes locally: {writes}"
-    if kind.value == "rootfs":
+    if kind is Surface.ROOTFS:
         return
     probe.run(
         f"script_type=client-disconnect trusted_ip={CLIENT} time_unix=1700000000 "

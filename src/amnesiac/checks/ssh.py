@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from amnesiac.checks.meta import RUNNING, check
+from amnesiac.checks.expectations import Expectations
+from amnesiac.checks.meta import RUNNING, Surface, check
 from amnesiac.checks.probe import Probe
 
 
@@ -20,6 +19,7 @@ def _sshd_settings(probe: Probe) -> dict[str, str]:
     "password or keyboard-interactive login is told 'publickey' is the only method.",
     targets=RUNNING,
     not_applicable="sshd does not run in an unpacked root",
+    integrity=True,
 )
 def key_only(probe: Probe) -> None:
     settings = _sshd_settings(probe)
@@ -46,11 +46,12 @@ def key_only(probe: Probe) -> None:
     claims=["no-ip-logging", "no-timestamp-logging"],
     rationale="The image carries no SSH key: every authorised key on the target is one the "
     "policy names for its administrators or the verifier's own boot-time test key.",
+    integrity=True,
 )
-def no_test_key(probe: Probe, kind: Any, expected: dict[str, Any]) -> None:
-    allowed = {" ".join(k.split()[:2]) for k in expected.get("authorized_keys", [])}
-    if kind.value == "booted":
-        allowed |= {" ".join(k.split()[:2]) for k in expected.get("test_keys", [])}
+def no_test_key(probe: Probe, kind: Surface, expected: Expectations) -> None:
+    allowed = {" ".join(k.split()[:2]) for k in expected.authorized_keys}
+    if kind is Surface.BOOTED:
+        allowed |= {" ".join(k.split()[:2]) for k in expected.test_keys}
     found = probe.run(
         "cat /root/.ssh/authorized_keys /root/.ssh/authorized_keys2 /etc/ssh/authorized_keys/* "
         "2>/dev/null; true"
@@ -61,7 +62,7 @@ def no_test_key(probe: Probe, kind: Any, expected: dict[str, Any]) -> None:
     unexpected = sorted(keys - allowed)
     assert unexpected == [], f"keys the policy does not name: {[k[:40] + '…' for k in unexpected]}"
     host_keys = probe.run("ls /etc/ssh/ssh_host_*_key 2>/dev/null").stdout.split()
-    if kind.value == "rootfs":
+    if kind is Surface.ROOTFS:
         assert host_keys == [], f"host keys baked into the image: {host_keys}"
 
 

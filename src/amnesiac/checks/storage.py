@@ -6,9 +6,8 @@ devices that are really there.
 
 from __future__ import annotations
 
-from typing import Any
-
-from amnesiac.checks.meta import KERNEL, check
+from amnesiac.checks.expectations import Expectations
+from amnesiac.checks.meta import KERNEL, Surface, check
 from amnesiac.checks.probe import Probe
 
 STORAGE_MODULES = (
@@ -32,14 +31,14 @@ def _mounts(probe: Probe) -> list[list[str]]:
     targets=KERNEL,
     not_applicable="an unpacked root or a container shares the host's mounts",
 )
-def root_is_size_limited_tmpfs(probe: Probe, expected: dict[str, Any]) -> None:
+def root_is_size_limited_tmpfs(probe: Probe, expected: Expectations) -> None:
     root = [m for m in _mounts(probe) if m[1] == "/"]
     assert root, "no / in /proc/self/mounts"
     source, _, fstype, options = root[-1][:4]  # the last mount on / is the visible one
     assert fstype == "tmpfs", f"/ is {fstype} from {source}, not tmpfs"
     size = probe.run("stat -f -c '%S %b' /").stdout.split()
     size_bytes = int(size[0]) * int(size[1])
-    want = expected.get("root_tmpfs_size_bytes")
+    want = expected.root_tmpfs_size_bytes
     assert want, "the expected root tmpfs size is unknown (no manifest or policy value)"
     assert size_bytes == want, f"/ is a tmpfs of {size_bytes} bytes ({options}), the policy sets {want}"
 
@@ -51,7 +50,7 @@ def root_is_size_limited_tmpfs(probe: Probe, expected: dict[str, Any]) -> None:
     targets=KERNEL,
     not_applicable="an unpacked root or a container shares the host's devices and mounts",
 )
-def no_block_device_mounted(probe: Probe, expected: dict[str, Any]) -> None:
+def no_block_device_mounted(probe: Probe, expected: Expectations) -> None:
     from_devices = [m for m in _mounts(probe) if m[0].startswith("/dev/")]
     assert from_devices == [], f"mounted from block devices: {from_devices}"
     blocks = probe.run("ls -1 /sys/block").stdout.split()
@@ -59,7 +58,7 @@ def no_block_device_mounted(probe: Probe, expected: dict[str, Any]) -> None:
     assert real == [], f"block devices exist: {real}"
     # The controllers are on the bus (the harness attached them) but no driver claims them.
     controllers = probe.pci_devices(PCI_STORAGE_CLASS)
-    if expected.get("test_devices_attached"):
+    if expected.test_devices_attached:
         assert controllers, (
             "positive control: the harness attached a virtio disk but no storage controller is on the bus"
         )
@@ -109,11 +108,11 @@ def fstab_empty(probe: Probe) -> None:
     rationale="The image carries no driver for disks, SCSI, NVMe or USB storage, so an attached "
     "disk cannot even be seen, and no such driver is loaded.",
 )
-def no_storage_drivers(probe: Probe, kind: Any) -> None:
+def no_storage_drivers(probe: Probe, kind: Surface) -> None:
     names = "\\|".join(m.replace("_", "[-_]") for m in STORAGE_MODULES)
     files = probe.run(f"find /usr/lib/modules -regex '.*/\\({names}\\)\\.ko\\(\\.[a-z]+\\)?' 2>/dev/null")
     assert files.stdout.strip() == "", f"storage driver modules in the image: {files.stdout.split()}"
-    if kind.value == "booted":
+    if kind is Surface.BOOTED:
         loaded = probe.run("cat /proc/modules").stdout.split("\n")
         found = [line.split()[0] for line in loaded if line and line.split()[0] in STORAGE_MODULES]
         assert found == [], f"storage drivers loaded: {found}"

@@ -7,9 +7,8 @@ keep something. A positive control proves the same attempt works without the con
 
 from __future__ import annotations
 
-from typing import Any
-
-from amnesiac.checks.meta import KERNEL, RUNNING, check
+from amnesiac.checks.expectations import Expectations
+from amnesiac.checks.meta import KERNEL, RUNNING, Surface, check
 from amnesiac.checks.plugin import not_applicable
 from amnesiac.checks.probe import Probe
 
@@ -24,8 +23,8 @@ ATTEMPT = (
 )
 
 
-def _unit(expected: dict[str, Any]) -> str:
-    return str(expected.get("openvpn_unit") or DEFAULT_UNIT)
+def _unit(expected: Expectations) -> str:
+    return expected.openvpn_unit or DEFAULT_UNIT
 
 
 def _main_pid(probe: Probe, unit: str) -> int:
@@ -52,7 +51,7 @@ def _label(probe: Probe, pid: int) -> str:
     targets=KERNEL,
     not_applicable="AppArmor labels belong to the booted kernel; a container shares the host's",
 )
-def openvpn_confined_by_apparmor(probe: Probe, expected: dict[str, Any]) -> None:
+def openvpn_confined_by_apparmor(probe: Probe, expected: Expectations) -> None:
     enabled = probe.run("cat /sys/module/apparmor/parameters/enabled").stdout.strip()
     assert enabled == "Y", f"AppArmor is not enabled in the kernel ({enabled or 'absent'})"
     pid = _main_pid(probe, _unit(expected))
@@ -76,7 +75,7 @@ def openvpn_confined_by_apparmor(probe: Probe, expected: dict[str, Any]) -> None
     targets=KERNEL,
     not_applicable="needs the booted kernel's AppArmor and the service's own namespaces",
 )
-def openvpn_write_denied(probe: Probe, expected: dict[str, Any]) -> None:
+def openvpn_write_denied(probe: Probe, expected: Expectations) -> None:
     control = probe.run(f"busybox sh -c '{ATTEMPT}'", note="positive control: no confinement, as root")
     assert "WROTE /tmp" in control.stdout, "positive control: root cannot write /tmp even unconfined"
     pid = _main_pid(probe, _unit(expected))
@@ -105,7 +104,7 @@ def openvpn_write_denied(probe: Probe, expected: dict[str, Any]) -> None:
     targets=RUNNING,
     not_applicable="systemd does not run in an unpacked root",
 )
-def openvpn_unit_sandboxed(probe: Probe, expected: dict[str, Any]) -> None:
+def openvpn_unit_sandboxed(probe: Probe, expected: Expectations) -> None:
     unit = _unit(expected)
     props = probe.run(
         f"systemctl show {unit} -p ProtectSystem -p ReadWritePaths -p PrivateTmp -p NoNewPrivileges "
@@ -145,7 +144,7 @@ def openvpn_unit_sandboxed(probe: Probe, expected: dict[str, Any]) -> None:
     "address pool file and no management interface; the running process holds no file open "
     "for writing but /dev/null and the tun device.",
 )
-def openvpn_no_log_or_status_file(probe: Probe, kind: Any, expected: dict[str, Any]) -> None:
+def openvpn_no_log_or_status_file(probe: Probe, kind: Surface, expected: Expectations) -> None:
     configs = probe.run("find /etc/openvpn/server -maxdepth 1 -name '*.conf' -type f").stdout.split()
     assert configs, "no OpenVPN server configuration in /etc/openvpn/server"
     for conf in configs:
@@ -165,7 +164,7 @@ def openvpn_no_log_or_status_file(probe: Probe, kind: Any, expected: dict[str, A
             assert directives["log"] == ["/dev/null"], f"{conf} logs to {directives['log']}"
         else:
             assert "config" in directives, f"{conf} has no `log /dev/null`"
-    if kind.value == "rootfs":
+    if kind is Surface.ROOTFS:
         return
     pid = _main_pid(probe, _unit(expected))
     argv = probe.run(f"tr '\\0' ' ' < /proc/{pid}/cmdline").stdout
@@ -203,8 +202,8 @@ def openvpn_no_log_or_status_file(probe: Probe, kind: Any, expected: dict[str, A
     targets=RUNNING,
     not_applicable="units are not running in an unpacked root",
 )
-def wireguard_no_userspace_writer(probe: Probe, expected: dict[str, Any]) -> None:
-    interface = expected.get("wireguard_interface")
+def wireguard_no_userspace_writer(probe: Probe, expected: Expectations) -> None:
+    interface = expected.wireguard_interface
     if not interface:
         not_applicable("this image has no WireGuard server")
     daemons = probe.run("ps -eo comm=").stdout.split()

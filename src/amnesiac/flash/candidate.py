@@ -9,11 +9,8 @@ ones are checked again after the copy, on the PXE root.
 from __future__ import annotations
 
 import hashlib
-import json
-from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 from pydantic import ValidationError
 
@@ -31,7 +28,7 @@ from amnesiac.flash.model import (
     SignatureInfo,
     now,
 )
-from amnesiac.image.hashing import sha256_file
+from amnesiac.image.manifest import ArtifactMismatch, IdentityMismatch, Manifest, PolicyRef
 from amnesiac.report import model as report_model
 
 Source = Path | bytes  # a file to copy, or bytes to write
@@ -42,7 +39,7 @@ class Candidate:
     """A build, checked, with the files its version directory will hold."""
 
     build: Path
-    manifest: dict[str, Any]
+    manifest: Manifest  # parsed from manifest_bytes, the bytes that are checked and published
     manifest_bytes: bytes
     signature: bytes | None
     files: dict[str, Source]  # name in versions/<sha256>/ -> where it comes from
@@ -53,24 +50,28 @@ class Candidate:
 
     @property
     def image_sha256(self) -> str:
-        return str(self.manifest["image"]["sha256"])
+        return self.manifest.image.sha256
 
     @property
     def short(self) -> str:
         return self.image_sha256[:12]
 
+    @property
+    def policy(self) -> PolicyRef:
+        """The policy the image was built from (load() refuses a manifest that names none)."""
+        return _policy(self.manifest, self.build / MANIFEST)
+
     def record(self, *, serial: int, by: str, forced: list[str]) -> PublishRecord:
-        image, policy = self.manifest["image"], self.manifest["policy"]
         return PublishRecord(
             image_sha256=self.image_sha256,
             serial=serial,
             published=now(),
             published_by=by,
-            policy_id=str(policy["id"]),
-            policy_sha256=str(policy["sha256"]),
-            built=str(self.manifest.get("built", "")),
-            source_date_epoch=self.manifest.get("source_date_epoch"),
-            kernel_release=str(image.get("kernel_release", "")),
+            policy_id=self.policy.id,
+            policy_sha256=self.policy.sha256,
+            built=self.manifest.built,
+            source_date_epoch=self.manifest.source_date_epoch,
+            kernel_release=self.manifest.image.kernel_release,
             files=self.expected,
             report=self.report,
             signature=self.signer,
@@ -84,21 +85,16 @@ def load(build: Path, report: Path | None = None) -> Candidate:
         raise UsageError(f"{build}: no such build directory", hint="run `amnesiac build` first")
     manifest_bytes = _read(build / MANIFEST, f"{build} is not a finished build")
     manifest = _manifest(manifest_bytes, build / MANIFEST)
+    try:
+        manifest.check_artifacts(build, BOOT_FILES)
+    except ArtifactMismatch as exc:
+        raise Refused(f"{exc.message}; refusing to publish it", hint=exc.hint) from None
     expected: dict[str, FileInfo] = {}
     files: dict[str, Source] = {}
     for name in BOOT_FILES:
-        path, meta = build / name, manifest["artifacts"][name]
-        if not path.is_file():
-            raise UsageError(f"{path}: missing; {build} is not a complete build")
-        actual = sha256_file(path)
-        if actual != meta["sha256"] or path.stat().st_size != meta["size"]:
-            raise Refused(
-                f"{path} does not match manifest.json (sha256 {actual[:16]}, manifest "
-                f"{meta['sha256'][:16]}); refusing to publish it",
-                hint="rebuild, or restore the artifact that changed",
-            )
-        files[name] = path
-        expected[name] = FileInfo(sha256=meta["sha256"], size=meta["size"])
+        meta = manifest.artifacts[name]
+        files[name] = build / name
+        expected[name] = FileInfo(sha256=meta.sha256, size=meta.size)
     files[MANIFEST] = manifest_bytes
     expected[MANIFEST] = _info(manifest_bytes)
     signature = _optional(build / SIGNATURE)
@@ -116,7 +112,7 @@ def load(build: Path, report: Path | None = None) -> Candidate:
     return Candidate(build, manifest, manifest_bytes, signature, files, expected, info, objections)
 
 
-def gate(manifest: Mapping[str, Any], data: bytes | None, where: Path) -> tuple[ReportInfo | None, list[str]]:
+def gate(manifest: Manifest, data: bytes | None, where: Path) -> tuple[ReportInfo | None, list[str]]:
     """Read a report.json against a manifest: what it says, and every reason it does not pass.
 
     It passes when `amnesiac verify` wrote it (it validates), its verdict is pass, the image it
@@ -131,7 +127,8 @@ def gate(manifest: Mapping[str, Any], data: bytes | None, where: Path) -> tuple[
         err = exc.errors()[0]
         loc = ".".join(str(p) for p in err["loc"])
         return None, [f"{where} is not a valid verification report ({loc}: {err['msg']})"]
-    want = str(manifest["image"]["sha256"])
+    want = manifest.image.sha256
+    built_from = manifest.policy  # load() refuses a manifest without one
     identity = report.target.identity
     objections = []
     if not report.passed:
@@ -146,10 +143,11 @@ def gate(manifest: Mapping[str, Any], data: bytes | None, where: Path) -> tuple[
         )
     if identity.manifest_sha256_matches is False:
         objections.append("the verification report says the served files did not match the manifest")
-    if report.policy.sha256 != manifest["policy"]["sha256"]:
+    if built_from is None or report.policy.sha256 != built_from.sha256:
+        was = f"{built_from.id} ({built_from.sha256[:12]})" if built_from else "no policy"
         objections.append(
             f"the verification report judged policy {report.policy.id} ({report.policy.sha256[:12]}), "
-            f"the image was built from {manifest['policy']['id']} ({str(manifest['policy']['sha256'])[:12]})"
+            f"the image was built from {was}"
         )
     info = ReportInfo(
         verdict=report.verdict.value,
@@ -180,22 +178,22 @@ def check_signature(candidate: Candidate, allowed_signers: bytes | None, source:
     return replace(candidate, signer=signer)
 
 
-def _manifest(data: bytes, where: Path) -> dict[str, Any]:
+def _manifest(data: bytes, where: Path) -> Manifest:
+    """The manifest in `data`, which must name the policy its image was built from."""
     try:
-        manifest = json.loads(data)
-        for name in BOOT_FILES:
-            meta = manifest["artifacts"][name]
-            if not isinstance(meta["sha256"], str) or not isinstance(meta["size"], int):
-                raise TypeError(f"artifacts.{name}")
-        manifest["image"]["sha256"]
-        manifest["policy"]["id"]
-        manifest["policy"]["sha256"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise UsageError(f"{where}: not an amnesiac manifest (missing or bad {exc})") from None
-    if manifest["image"]["sha256"] != manifest["artifacts"]["initrd.img"]["sha256"]:
-        raise Refused(f"{where}: image.sha256 is not the sha256 of initrd.img; refusing to publish it")
-    result: dict[str, Any] = manifest
-    return result
+        manifest = Manifest.parse(data, where)
+    except IdentityMismatch:
+        raise Refused(
+            f"{where}: image.sha256 is not the sha256 of initrd.img; refusing to publish it"
+        ) from None
+    _policy(manifest, where)
+    return manifest
+
+
+def _policy(manifest: Manifest, where: Path) -> PolicyRef:
+    if manifest.policy is None:
+        raise UsageError(f"{where}: not an amnesiac manifest (policy: Field required)")
+    return manifest.policy
 
 
 def _info(data: bytes) -> FileInfo:

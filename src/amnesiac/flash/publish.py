@@ -41,7 +41,7 @@ from amnesiac.flash.model import (
     parse_root_script,
     root_script,
 )
-from amnesiac.flash.store import Snapshot, Store, fault_point
+from amnesiac.flash.store import Snapshot, Store
 from amnesiac.progress import Progress
 
 DEFAULT_KEEP = 3
@@ -295,10 +295,10 @@ def _copy_in(store: Store, candidate: Candidate, record: PublishRecord) -> None:
                     f"{store.label}: the copy of {name} does not match manifest.json ({what}; "
                     f"expected {want.sha256[:16]}, {want.size} bytes); nothing was switched"
                 )
-        fault_point("staged")
+        store.checkpoint("staged")
         store.commit(staging, candidate.image_sha256)
         staging = None
-        fault_point("committed")
+        store.checkpoint("committed")
     except OSError as exc:
         raise FlashError(
             f"{store.label}: copying {candidate.short} failed ({exc.strerror or exc}); nothing was switched"

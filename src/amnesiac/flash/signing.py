@@ -10,11 +10,11 @@ matched and the key's fingerprint are what flash records.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import tempfile
 from pathlib import Path
 
+from amnesiac.files import write_atomic
 from amnesiac.flash.model import SIGNATURE, Refused, SignatureInfo
 from amnesiac.run import require_tools, run
 
@@ -43,10 +43,7 @@ def sign(manifest: Path, key: Path) -> tuple[Path, str]:
             f"signing {manifest} with {key} failed: {why}",
             hint="use a key without a passphrase, or load it into ssh-agent and pass the .pub",
         )
-    out = manifest.with_name(SIGNATURE)
-    tmp = out.with_name(f".{SIGNATURE}.{os.getpid()}")
-    tmp.write_bytes(result.stdout)
-    tmp.replace(out)
+    out = write_atomic(manifest.with_name(SIGNATURE), result.stdout)
     return out, _fingerprint(result.stdout, data)
 
 

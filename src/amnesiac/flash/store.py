@@ -9,8 +9,8 @@ Over SSH each step is a short POSIX shell script run with `sh -c` on the boot se
 sh, flock, mktemp, sha256sum, mv, sync: coreutils and util-linux), files go by scp, and one
 connection, opened by the process that holds the lock, carries every command (ControlMaster).
 
-`AMNESIAC_FLASH_STOP_AT=copy|staged|committed|switch` stops the flash process (SIGSTOP) at that
-point, for the tests that SIGKILL a publish half-way; nothing else reads it.
+A publish calls `Store.checkpoint` at each of its steps (CHECKPOINTS): a subclass can watch a
+publish go by there, or stop it (the tests kill a publish at each one).
 """
 
 from __future__ import annotations
@@ -22,18 +22,18 @@ import re
 import secrets
 import shlex
 import shutil
-import signal
 import socket
-import subprocess
 import tempfile
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from subprocess import PIPE, CompletedProcess, Popen
 from typing import BinaryIO
 
 from amnesiac.errors import UsageError
+from amnesiac.files import sync_directory, write_atomic
 from amnesiac.flash.model import (
     LOCK,
     LOG,
@@ -48,21 +48,20 @@ from amnesiac.flash.model import (
     now,
 )
 from amnesiac.image.hashing import sha256_file
-from amnesiac.run import require_tools, run
+from amnesiac.run import require_tools, run, spawn, stop_group
+from amnesiac.ssh import SshUrl, client_args, parse_url
 
-STOP_ENV = "AMNESIAC_FLASH_STOP_AT"
-FAULT_POINTS = ("copy", "staged", "committed", "switch")
+# The steps of a publish at which `Store.checkpoint` is called, in order:
+#   copy       the copy is under way: the small files are staged, initrd.img is not yet whole
+#   staged     the copy is whole and its hashes match manifest.json; not yet in versions/
+#   committed  the copy is versions/<sha256>/; the entry point still names the previous version
+#   switch     the new entry point is about to replace the old one (over ssh: it is written beside)
+CHECKPOINTS = ("copy", "staged", "committed", "switch")
 CHUNK = 1 << 20
 HASH_NAME = re.compile(r"^[0-9a-f]{64}$")
 
 Source = Path | bytes
 OnWait = Callable[[str], None]
-
-
-def fault_point(name: str) -> None:
-    """Stop here (SIGSTOP) when the fault tests ask for it; a no-op otherwise."""
-    if os.environ.get(STOP_ENV) == name:
-        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def holder_line() -> str:
@@ -82,6 +81,13 @@ class Store(ABC):
     """A PXE root. Mutating operations are only called while `locked()`."""
 
     label: str
+
+    def checkpoint(self, step: str) -> None:  # noqa: B027 (a hook: by default it does nothing)
+        """Called as a publish reaches `step` (one of CHECKPOINTS); does nothing here.
+
+        The extension point for watching a publish step by step, or interrupting it at one: a
+        subclass that overrides it sees every step of every publish made through it.
+        """
 
     @abstractmethod
     def locked(self, timeout: float, on_wait: OnWait) -> contextlib.AbstractContextManager[None]:
@@ -198,12 +204,14 @@ class LocalStore(Store):
                 with os.fdopen(fd, "wb") as out:
                     if isinstance(source, bytes):
                         out.write(source)
+                    elif name == "initrd.img":  # the largest: the copy is under way once it starts
+                        _copy(source, out, started=lambda: self.checkpoint("copy"))
                     else:
-                        _copy(source, out, stop=name == "initrd.img")
+                        _copy(source, out)
                     out.flush()
                     os.fsync(out.fileno())
                 (staging / name).chmod(0o644)
-            _fsync_dir(staging)
+            sync_directory(staging)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)  # a full disk: give the room back now
             raise
@@ -224,7 +232,7 @@ class LocalStore(Store):
         if target.exists():
             raise FlashError(f"{self.label}: {VERSIONS}/{version} appeared during the publish")
         (self.root / staging).rename(target)
-        _fsync_dir(versions)
+        sync_directory(versions)
         with contextlib.suppress(OSError):
             (self.root / STAGING).rmdir()
 
@@ -232,20 +240,9 @@ class LocalStore(Store):
         shutil.rmtree(self.root / staging, ignore_errors=True)
 
     def switch(self, script: bytes) -> None:
-        tmp = self.root / f".{ROOT_SCRIPT}.{os.getpid()}.tmp"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-            with os.fdopen(fd, "wb") as out:
-                out.write(script)
-                out.flush()
-                os.fsync(out.fileno())
-            tmp.chmod(0o644)
-            fault_point("switch")
-            tmp.replace(self.root / ROOT_SCRIPT)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        _fsync_dir(self.root)
+        self.checkpoint("switch")
+        # Written beside as .boot.ipxe.*.tmp (what tidy() sweeps if we die), then renamed over.
+        write_atomic(self.root / ROOT_SCRIPT, script, mode=0o644)
 
     def append_log(self, line: str) -> None:
         with (self.root / LOG).open("a") as log:
@@ -256,7 +253,7 @@ class LocalStore(Store):
         trash.mkdir(exist_ok=True)
         gone = trash / f"{version}.{os.getpid()}"
         (self.root / VERSIONS / version).rename(gone)
-        _fsync_dir(self.root / VERSIONS)
+        sync_directory(self.root / VERSIONS)
         shutil.rmtree(gone, ignore_errors=True)
 
 
@@ -267,70 +264,18 @@ def _read(path: Path) -> bytes | None:
         return None
 
 
-def _copy(source: Path, out: BinaryIO, *, stop: bool) -> None:
+def _copy(source: Path, out: BinaryIO, *, started: Callable[[], None] | None = None) -> None:
+    """Copy `source` into `out`; `started` is called once the first chunk is on disk."""
     with source.open("rb") as f:
-        first = True
         while chunk := f.read(CHUNK):
             out.write(chunk)
-            if first and stop:
-                out.flush()
-                fault_point("copy")  # half a file on disk: the interrupted-copy test stops here
-            first = False
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+            if started is not None:
+                out.flush()  # part of the file on disk, not all of it
+                started()
+                started = None
 
 
 # --- a directory on a boot server, over SSH -----------------------------------------------------
-
-_SSH_URL = re.compile(
-    r"^ssh://(?:(?P<user>[^@/:\s]+)@)?(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9._-]*)"
-    r"(?::(?P<port>\d+))?(?P<path>/[^\n\r]*)$"
-)
-
-
-@dataclass(frozen=True)
-class SshRoot:
-    """ssh://[user@]host[:port]/absolute/path"""
-
-    host: str
-    path: str
-    user: str | None = None
-    port: int | None = None
-
-    @property
-    def destination(self) -> str:
-        host = self.host.strip("[]")
-        return f"{self.user}@{host}" if self.user else host
-
-    @property
-    def scp_destination(self) -> str:
-        return f"{self.user}@{self.host}" if self.user else self.host
-
-    @property
-    def url(self) -> str:
-        port = f":{self.port}" if self.port else ""
-        user = f"{self.user}@" if self.user else ""
-        return f"ssh://{user}{self.host}{port}{self.path}"
-
-
-def parse_ssh_url(url: str) -> SshRoot:
-    match = _SSH_URL.match(url)
-    if not match:
-        raise UsageError(f"--to {url!r}: expected ssh://[user@]host[:port]/absolute/path")
-    path = match["path"].rstrip("/")
-    if not path or "/../" in f"{path}/" or "\n" in path:
-        raise UsageError(f"--to {url!r}: the PXE root must be an absolute path below /")
-    port = int(match["port"]) if match["port"] else None
-    if port is not None and not 0 < port < 65536:
-        raise UsageError(f"--to {url!r}: port {port} is out of range")
-    return SshRoot(host=match["host"], path=path, user=match["user"], port=port)
-
 
 MISSING = 44  # exit code of the remote scripts for "no such file"
 EXISTS = 17
@@ -431,13 +376,16 @@ rm -rf -- "$t"
 class SshStore(Store):
     """A PXE root on a boot server, reached with OpenSSH (keys, agent and ~/.ssh/config apply)."""
 
-    def __init__(self, root: SshRoot, *, ssh_config: Path | None = None, ssh_key: Path | None = None) -> None:
+    def __init__(self, root: SshUrl, *, ssh_config: Path | None = None, ssh_key: Path | None = None) -> None:
+        if root.path is None:
+            raise UsageError(f"--to {root.url!r}: the PXE root must be an absolute path below /")
         self.root = root
+        self.path = root.path
         self.label = root.url
         self.ssh_config = ssh_config
         self.ssh_key = ssh_key
         self._control: Path | None = None  # the lock holder's ControlMaster socket
-        self._holder: subprocess.Popen[bytes] | None = None  # the ssh that holds the lock
+        self._holder: Popen[bytes] | None = None  # the ssh that holds the lock
         self._token = secrets.token_hex(4)
 
     # -- command lines (pure, unit-tested) --
@@ -448,8 +396,7 @@ class SshStore(Store):
             opts += ["-F", os.fspath(self.ssh_config)]
         if self.ssh_key is not None:
             opts += ["-i", os.fspath(self.ssh_key), "-o", "IdentitiesOnly=yes"]
-        opts += ["-o", "BatchMode=yes", "-o", "ConnectTimeout=20"]
-        opts += ["-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4"]
+        opts += client_args()
         if self._control is not None:
             opts += ["-o", f"ControlPath={self._control}", "-o", "ControlMaster=no"]
         return opts
@@ -460,12 +407,12 @@ class SshStore(Store):
         if master is not None:
             opts += ["-o", f"ControlPath={master}", "-o", "ControlMaster=yes", "-o", "ControlPersist=no"]
         port = ["-p", str(self.root.port)] if self.root.port else []
-        remote = shlex.join(["sh", "-c", script, "amnesiac-flash", self.root.path, *args])
+        remote = shlex.join(["sh", "-c", script, "amnesiac-flash", self.path, *args])
         return ["ssh", *port, *opts, self.root.destination, remote]
 
     def scp_argv(self, local: Path, remote_dir: str) -> list[str]:
         port = ["-P", str(self.root.port)] if self.root.port else []
-        target = f"{self.root.scp_destination}:{self.root.path}/{remote_dir}/"
+        target = f"{self.root.scp_destination}:{self.path}/{remote_dir}/"
         return ["scp", "-q", *port, *self.ssh_options(), os.fspath(local), target]
 
     # -- running them --
@@ -484,13 +431,7 @@ class SshStore(Store):
             argv = self.ssh_argv(LOCK_SCRIPT, str(int(timeout)), holder_line(), master=master)
             # Not run(): this ssh lives as long as the lock. If we die, even by SIGKILL, its stdin
             # closes, the remote `cat` ends and the lock goes with it.
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                start_new_session=True,
-            )
+            proc = spawn(argv, stdin=PIPE, stdout=PIPE, stderr=PIPE)
             try:
                 self._await_lock(proc, timeout, on_wait)
                 self._control, self._holder = master, proc
@@ -499,7 +440,7 @@ class SshStore(Store):
                 self._control, self._holder = None, None
                 _release(proc)
 
-    def _await_lock(self, proc: subprocess.Popen[bytes], timeout: float, on_wait: OnWait) -> None:
+    def _await_lock(self, proc: Popen[bytes], timeout: float, on_wait: OnWait) -> None:
         if proc.stdout is None:
             raise FlashError(f"{self.label}: the lock holder has no output")
         while line := proc.stdout.readline().decode(errors="replace"):
@@ -561,7 +502,7 @@ class SshStore(Store):
                     else:
                         local.symlink_to(source.resolve())
                     if file_name == "initrd.img":
-                        fault_point("copy")  # the other files are there, the largest is not
+                        self.checkpoint("copy")  # the other files are there, the largest is not
                     result = run(self.scp_argv(local, staging), capture=True, check=False)
                     if result.returncode != 0:
                         raise FlashError(f"{self.label}: copying {file_name} failed: {_why(result)}")
@@ -597,7 +538,7 @@ class SshStore(Store):
 
     def switch(self, script: bytes) -> None:
         self._remote("writing the new boot.ipxe", WRITE_SCRIPT, self._token, data=script)
-        fault_point("switch")
+        self.checkpoint("switch")
         self._still_locked()
         self._remote("switching boot.ipxe", RENAME_SCRIPT, self._token)
 
@@ -608,23 +549,18 @@ class SshStore(Store):
         self._remote(f"removing {VERSIONS}/{version[:12]}", REMOVE_SCRIPT, version)
 
 
-def _release(proc: subprocess.Popen[bytes]) -> None:
+def _release(proc: Popen[bytes]) -> None:
     """End the lock holder: close its stdin (the remote `cat` ends), then make sure it is gone."""
     with contextlib.suppress(OSError):
         if proc.stdin is not None:
             proc.stdin.close()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    stop_group(proc, grace=20.0, term_timeout=5.0)
     for stream in (proc.stdout, proc.stderr):
         if stream is not None:
             stream.close()
 
 
-def _why(result: subprocess.CompletedProcess[bytes]) -> str:
+def _why(result: CompletedProcess[bytes]) -> str:
     lines = [ln.strip() for ln in result.stderr.decode(errors="replace").splitlines() if ln.strip()]
     return " / ".join(lines[-2:]) or f"exit code {result.returncode}"
 
@@ -632,7 +568,7 @@ def _why(result: subprocess.CompletedProcess[bytes]) -> str:
 def open_store(to: str, *, ssh_config: Path | None = None, ssh_key: Path | None = None) -> Store:
     """The PXE root `--to` names: ssh://… or a local directory."""
     if to.startswith("ssh://"):
-        return SshStore(parse_ssh_url(to), ssh_config=ssh_config, ssh_key=ssh_key)
+        return SshStore(parse_url(to, option="--to", path=True), ssh_config=ssh_config, ssh_key=ssh_key)
     if "://" in to:
         raise UsageError(f"--to {to!r}: a local directory or ssh://[user@]host[:port]/path")
     return LocalStore(Path(to))

@@ -24,9 +24,10 @@ import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from amnesiac.errors import UsageError
+from amnesiac.files import write_atomic
 from amnesiac.flash import candidate as candidates
 from amnesiac.flash.model import MANIFEST, RECORD, REPORT, SIGNATURE, FlashError, Refused
 from amnesiac.flash.publish import admit, allowed_signers, operator
@@ -103,7 +104,7 @@ def command(options: FlashOptions, progress: Progress) -> UsbResult:
                 files[f"amnesiac/{SIGNATURE}"] = admitted.signature
             if REPORT in admitted.files:
                 files[f"amnesiac/{REPORT}"] = admitted.files[REPORT]
-            image = make_image(work, admitted.manifest, files)
+            image = make_image(work, admitted, files)
             check_copy(image, {n: admitted.expected[n].sha256 for n in ("vmlinuz", "initrd.img")}, work)
             digest = sha256_file(image)
             stage.note = f"{image.stat().st_size / MIB:.0f} MiB, kernel and initrd checked on it"
@@ -117,30 +118,30 @@ def command(options: FlashOptions, progress: Progress) -> UsbResult:
 # --- the image ----------------------------------------------------------------------------------
 
 
-def loader_entry(manifest: dict[str, Any]) -> str:
+def loader_entry(found: candidates.Candidate) -> str:
     """The systemd-boot entry: the kernel with the manifest's command line, nothing added."""
-    image, policy = manifest["image"], manifest["policy"]
     return (
-        f"title amnesiac {policy['id']} {str(image['sha256'])[:12]}\n"
+        f"title amnesiac {found.policy.id} {found.short}\n"
         "linux /vmlinuz\n"
-        f"options {image['cmdline']}\n"
+        f"options {found.manifest.image.cmdline}\n"
     )
 
 
 LOADER_CONF = "default amnesiac.conf\ntimeout 0\neditor no\nauto-entries no\nauto-firmware no\n"
 
 
-def make_image(work: Path, manifest: dict[str, Any], files: dict[str, Path | bytes]) -> Path:
+def make_image(work: Path, found: candidates.Candidate, files: dict[str, Path | bytes]) -> Path:
     """A GPT disk image with one FAT EFI system partition holding systemd-boot and `files`."""
-    image_sha = str(manifest["image"]["sha256"])
+    image_sha = found.image_sha256
     content = dict(files)
     content["EFI/BOOT/BOOTX64.EFI"] = SYSTEMD_BOOT
     content["loader/loader.conf"] = LOADER_CONF.encode()
-    content["loader/entries/amnesiac.conf"] = loader_entry(manifest).encode()
+    content["loader/entries/amnesiac.conf"] = loader_entry(found).encode()
     payload = sum(len(d) if isinstance(d, bytes) else d.stat().st_size for d in content.values())
     esp_mib = max(MIN_ESP_MIB, -(-int(payload * 1.1 + 4 * MIB) // MIB))
     esp = work / "esp.img"
-    env = {**os.environ, "MTOOLS_SKIP_CHECK": "1", "SOURCE_DATE_EPOCH": str(_epoch(manifest))}
+    epoch = found.manifest.source_date_epoch or 0
+    env = {**os.environ, "MTOOLS_SKIP_CHECK": "1", "SOURCE_DATE_EPOCH": str(epoch)}
     volume_id = image_sha[:8]
     run(["mkfs.vfat", "-F", "32", "-S", str(SECTOR), "-n", "AMNESIAC", "-i", volume_id,
          "-C", esp, str(esp_mib * 1024)], capture=True, env=env)  # fmt: skip
@@ -185,11 +186,6 @@ def check_copy(image: Path, expected: dict[str, str], work: Path) -> None:
         if (got := sha256_file(out)) != want:
             raise Refused(f"{name} as written (sha256 {got[:16]}) does not match manifest.json ({want[:16]})")
         out.unlink()
-
-
-def _epoch(manifest: dict[str, Any]) -> int:
-    value = manifest.get("source_date_epoch")
-    return value if isinstance(value, int) else 0
 
 
 # --- the target ---------------------------------------------------------------------------------
@@ -289,14 +285,10 @@ def write(image: Path, target: Path, *, device: bool) -> None:
         except OSError as exc:
             raise FlashError(f"--usb {target}: writing failed ({exc.strerror})") from None
         return
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
-        shutil.copyfile(image, tmp)
-        with tmp.open("rb+") as f:
-            os.fsync(f.fileno())
-        tmp.replace(target)
+        # In memory: the image is the size of its kernel and initrd, which a machine boots from RAM.
+        write_atomic(target, image.read_bytes())
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise FlashError(f"--usb {target}: writing failed ({exc.strerror})") from None
 
 

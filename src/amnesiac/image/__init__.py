@@ -15,7 +15,6 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from amnesiac.image import configure, manifest, minimise, pack, rootfs
 from amnesiac.image.plan import BuildPlan
@@ -28,7 +27,7 @@ HOST_TOOLS = ("mmdebstrap", "tar", "zstd", "chroot", "dpkg-query")
 @dataclass(frozen=True)
 class BuildResult:
     out: Path
-    manifest: dict[str, Any]
+    manifest: manifest.Manifest
     rootfs_cached: bool
 
 
@@ -110,7 +109,7 @@ def build(
                 tmpfs_size_bytes=packed.tmpfs_size_bytes,
                 initrd_pieces=[dataclasses.asdict(p) for p in packed.pieces],
             )
-            stage.note = data["image"]["sha256"][:16]
+            stage.note = data.sha256[:16]
         _replace(staging, out)
         return BuildResult(out, data, cached.cached)
     finally:

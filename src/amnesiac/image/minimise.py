@@ -79,7 +79,7 @@ def minimise(root: Path, vmlinuz_out: Path, wanted: Iterable[str] = ()) -> Minim
             _remove(path)
     _empty_logs(root)
     (root / "etc/machine-id").write_text("")  # systemd makes a fresh one at every boot
-    kept, removed = _prune_modules(root, release)
+    kept, removed = prune_modules(root, release)
     return MinimiseResult(release, vmlinuz_out, kept, removed)
 
 
@@ -190,7 +190,7 @@ def _wanted(root: Path) -> tuple[list[str], list[str]]:
     return keep, deny
 
 
-def _prune_modules(root: Path, release: str) -> tuple[int, int]:
+def prune_modules(root: Path, release: str) -> tuple[int, int]:
     moddir = root / "usr/lib/modules" / release
     deps: dict[str, list[str]] = {}
     for line in (moddir / "modules.dep").read_text().splitlines():

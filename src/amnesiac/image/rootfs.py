@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,19 +46,14 @@ def ensure(plan: BuildPlan, cache: Path, *, refresh: bool = False) -> CachedRoot
     release = cache / f".{tarball.name}.{os.getpid()}.release"
     try:
         run(
-            [
-                "mmdebstrap",
-                f"--variant={VARIANT}",
-                "--mode=root",
-                "--format=tar",
-                f"--include={','.join(plan.packages)}",
-                '--aptopt=Acquire::Languages "none"',
+            mmdebstrap_argv(
+                plan.packages,
+                plan.suite,
+                plan.mirror,
+                tmp_tar,
                 # The Release file's date says which state of the archive this root comes from.
                 f"--customize-hook=grep -h '^Date:' \"$1\"/var/lib/apt/lists/*Release > {release} || true",
-                plan.suite,
-                tmp_tar,
-                plan.mirror,
-            ],
+            ),
             capture=True,
             env={**os.environ, "SOURCE_DATE_EPOCH": str(sde)},
         )
@@ -78,6 +74,25 @@ def ensure(plan: BuildPlan, cache: Path, *, refresh: bool = False) -> CachedRoot
         tmp_tar.unlink(missing_ok=True)
         release.unlink(missing_ok=True)
     return CachedRootfs(tarball, key, sde, release_date, cached=False)
+
+
+def mmdebstrap_argv(
+    packages: Sequence[str], suite: str, mirror: str, tarball: Path, *options: str
+) -> list[str | os.PathLike[str]]:
+    """mmdebstrap making a root as a tar file: the variant and options every root here shares
+    (the image's and the molecule base image's), then the caller's `options`."""
+    return [
+        "mmdebstrap",
+        f"--variant={VARIANT}",
+        "--mode=root",
+        "--format=tar",
+        f"--include={','.join(packages)}",
+        '--aptopt=Acquire::Languages "none"',
+        *options,
+        suite,
+        tarball,
+        mirror,
+    ]
 
 
 def extract(rootfs: CachedRootfs, dest: Path) -> None:

@@ -11,7 +11,6 @@ technical claim is verified only when at least one of its checks passed and none
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -19,27 +18,57 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
 
+from amnesiac.checks.results import (
+    MISSING_CHECK_REASON,
+    OUTPUT_LIMIT,
+    REASON_LIMIT,
+    CheckOutcome,
+    CheckResult,
+    Evidence,
+    bound_output,
+    printable,
+)
 from amnesiac.policy import Claim, ClaimKind, Control, Permits, Policy
+from amnesiac.targets.base import TargetKind
+
+# The check-level types (checks.results) are part of the report too: named here for its readers.
+__all__ = [
+    "FORMAT",
+    "MISSING_CHECK_REASON",
+    "NO_CHECKS_REASON",
+    "OUTPUT_LIMIT",
+    "REASON_LIMIT",
+    "TOOL_NAME",
+    "CheckOutcome",
+    "CheckResult",
+    "ClaimResult",
+    "ClaimStatus",
+    "Evidence",
+    "Identity",
+    "PolicyInfo",
+    "Report",
+    "Target",
+    "TargetKind",
+    "Tool",
+    "Verdict",
+    "bound_output",
+    "build_report",
+    "claim_status",
+    "count_statuses",
+    "exit_code",
+    "first_line",
+    "load",
+    "printable",
+    "result_for",
+    "verdict_of",
+]
 
 FORMAT: Literal[1] = 1
 TOOL_NAME = "amnesiac"
 
-OUTPUT_LIMIT = 4000  # characters of command output kept per piece of evidence
-REASON_LIMIT = 2000  # characters of an assertion message kept as a check's reason
-_MARKER_ROOM = 48  # room for the "[… N bytes omitted …]" line, so a bounded text stays in its limit
-
-MISSING_CHECK_REASON = "no such check in the suite"
 NO_CHECKS_REASON = "no check verifies this claim"
 
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
-CheckId = Annotated[str, Field(pattern=r"^[a-z_]+\.[a-z0-9_]+$")]
-
-
-class CheckOutcome(StrEnum):
-    PASSED = "passed"
-    FAILED = "failed"
-    NOT_APPLICABLE = "not-applicable"
-    ERROR = "error"
 
 
 class ClaimStatus(StrEnum):
@@ -54,117 +83,11 @@ class Verdict(StrEnum):
     FAIL = "fail"
 
 
-class TargetKind(StrEnum):
-    QEMU = "qemu"
-    SSH = "ssh"
-    CHROOT = "chroot"
-    PODMAN = "podman"
-
-
-# --- text hygiene -------------------------------------------------------------------------------
-
-# Colour and style escapes carry no evidence; other control characters are shown, not dropped.
-_SGR = re.compile(r"\x1b\[[0-9;]*m")
-# What XML 1.0 cannot carry (and HTML shows as garbage): C0 controls but tab/LF/CR, DEL, lone
-# surrogates and the two non-characters.
-_UNPRINTABLE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff\ufffe\uffff]")
-
-
-def printable(text: str) -> str:
-    """`text` with colour escapes removed and other control characters spelt out (``\\x1b``)."""
-    text = _SGR.sub("", text).replace("\r\n", "\n")
-    return _UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
-
-
-def bound_output(text: str, limit: int = OUTPUT_LIMIT) -> str:
-    """At most `limit` characters of `text`: its head and tail around an omission marker.
-
-    The cut falls on line boundaries where one is near, and the marker counts the UTF-8 bytes
-    left out, so a reader knows how much is missing. Bounding a bounded text changes nothing.
-    """
-    if len(text) <= limit:
-        return text
-    budget = max(limit - _MARKER_ROOM, 2)
-    head_len = budget // 2
-    tail_len = budget - head_len
-    head, tail = text[:head_len], text[len(text) - tail_len :]
-    if (cut := head.rfind("\n")) >= head_len // 2:
-        head = head[: cut + 1]
-    if 0 <= (cut := tail.find("\n")) < tail_len // 2:
-        tail = tail[cut + 1 :]
-    omitted = text[len(head) : len(text) - len(tail)]
-    size = len(omitted.encode("utf-8", errors="surrogatepass"))
-    marker = f"[… {size} bytes omitted …]"
-    return f"{head}{'' if head.endswith(chr(10)) else chr(10)}{marker}\n{tail}"
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
 # --- the model ----------------------------------------------------------------------------------
 
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Evidence(_Model):
-    """What a check ran or read on the target and what came back."""
-
-    command: str
-    exit_code: int | None = None
-    output: str = ""
-    note: str | None = None
-
-    @field_validator("command", "note")
-    @classmethod
-    def _printable(cls, value: str | None) -> str | None:
-        return None if value is None else printable(value)
-
-    @field_validator("output")
-    @classmethod
-    def _bounded(cls, value: str) -> str:
-        return bound_output(printable(value))
-
-
-class CheckResult(_Model):
-    """One check's outcome on the target; a failure or error carries its assertion message."""
-
-    id: CheckId
-    title: str = Field(min_length=1)
-    rationale: str | None = None
-    outcome: CheckOutcome
-    reason: str | None = None
-    duration_s: float = Field(default=0.0, ge=0)
-    evidence: list[Evidence] = Field(default_factory=list)
-
-    @field_validator("title", "rationale")
-    @classmethod
-    def _fold(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        if not (folded := _one_line(printable(value))):
-            raise ValueError("must not be blank")
-        return folded
-
-    @field_validator("reason")
-    @classmethod
-    def _bounded(cls, value: str | None) -> str | None:
-        if value is None or not value.strip():
-            return None
-        return bound_output(printable(value.strip()), REASON_LIMIT)
-
-    @model_validator(mode="after")
-    def _reason_given(self) -> CheckResult:
-        if self.outcome is not CheckOutcome.PASSED and self.reason is None:
-            raise ValueError(f"check '{self.id}' is {self.outcome} but gives no reason")
-        return self
-
-    @classmethod
-    def missing(cls, check_id: str) -> CheckResult:
-        """The result of a check the policy names but the suite does not have: an error."""
-        return cls(id=check_id, title=check_id, outcome=CheckOutcome.ERROR, reason=MISSING_CHECK_REASON)
 
 
 def claim_status(kind: ClaimKind, checks: Sequence[CheckResult]) -> tuple[ClaimStatus, str | None]:
@@ -262,8 +185,7 @@ class Target(_Model):
     @property
     def spec(self) -> str:
         """The target as the command line names it: qemu:build/ovpn, ssh://host, podman://name."""
-        separator = "://" if self.kind in {TargetKind.SSH, TargetKind.PODMAN} else ":"
-        return f"{self.kind}{separator}{self.address}"
+        return f"{self.kind.backend.prefix}{self.address}"
 
 
 class Tool(_Model):

@@ -115,7 +115,8 @@ def render_json(report: Report) -> str:
 
 
 @cache
-def _environment() -> jinja2.Environment:
+def environment() -> jinja2.Environment:
+    """The Jinja2 environment of every HTML page amnesiac writes (report.html, fleet.html)."""
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("amnesiac.report", "templates"),
         autoescape=True,
@@ -141,7 +142,7 @@ def _environment() -> jinja2.Environment:
 
 def render_html(report: Report) -> str:
     """One self-contained page: inline styles, no scripts, fonts or images from anywhere."""
-    return _environment().get_template("report.html.j2").render(report=report, **_html_context(report))
+    return environment().get_template("report.html.j2").render(report=report, **_html_context(report))
 
 
 def _html_context(report: Report) -> dict[str, Any]:

@@ -1,0 +1,45 @@
+"""`amnesiac boot`: netboot a build in QEMU and run it until Ctrl-C or power-off."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from amnesiac.boot.errors import BootError
+from amnesiac.boot.machine import BootOptions, running
+from amnesiac.boot.qemu import GUEST_HTTP
+from amnesiac.progress import Progress
+
+
+def command(build_dir: Path, options: BootOptions, *, wait: bool, json_out: bool, timeout: float) -> int:
+    """Boot, say how to reach the machine, maybe wait for SSH, run until Ctrl-C."""
+    progress = Progress(quiet=json_out)
+
+    def say(text: str) -> None:
+        if not progress.quiet:  # soft wrap: the ssh command must stay one line to copy
+            progress.console.print(text, soft_wrap=True)
+
+    with running(build_dir, options) as machine:
+        say(
+            f"[bold]booting[/] {machine.image.dir} (image {machine.image.sha256[:12]}): "
+            f"{machine.memory_mib} MiB, {machine.cpus} vCPUs, {machine.accel.reason}"
+        )
+        say(f"  netboot: {machine.http_url} (the guest's http://{GUEST_HTTP}/; guest network isolated)")
+        say(f"  serial console: {machine.serial_log}")
+        if machine.devices:
+            say("  test devices: " + ", ".join(d.description for d in machine.devices))
+        say(f"  ssh: {machine.ssh_command()}")
+        if wait or json_out:
+            with progress.stage("boot", "waiting for SSH") as stage:
+                seconds = machine.wait_ssh(timeout, on_tick=progress.detail)
+                stage.note = f"{machine.ssh_banner}; served files match manifest.json"
+            if json_out:
+                print(json.dumps(machine.summary(), indent=2), flush=True)
+            say(f"[bold green]ready[/] in {seconds:.1f} s: {machine.ssh_command()}")
+        say("[dim]running until Ctrl-C, which powers the machine off and removes its files[/]")
+        code = machine.wait_exit()
+        console = machine.console(3)
+    if "Kernel panic" in console or "amnesiac:" in console:
+        raise BootError(f"the machine stopped (QEMU exit {code}): {' / '.join(console.splitlines())}")
+    say(f"the machine powered off (QEMU exit {code})")
+    return 0

@@ -1,0 +1,359 @@
+"""The running machine: QEMU netbooting a build, how to reach it, and its cleanup.
+
+`running()` is the API (verify uses it). The NIC's iPXE ROM gets its first script from QEMU's
+DHCP (`bootfile=`) and fetches everything over HTTP from a server on 127.0.0.1 (boot.http).
+Every response is hashed as it is sent and vmlinuz and initrd.img must match manifest.json, so
+what booted is what was built. On the way out, even on Ctrl-C or SIGTERM, QEMU is stopped (QMP
+`quit`, then signals) and the temporary directory and the HTTP server are removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from amnesiac.boot.accel import Accel, AccelChoice, choose_accel
+from amnesiac.boot.errors import BootError, ImageMismatch
+from amnesiac.boot.http import FileServer, Served
+from amnesiac.boot.image import MUST_MATCH, BootImage, ServedFiles, memory_mib, served_from_build, served_name
+from amnesiac.boot.overlay import OverlayFile, authorized_key, harness
+from amnesiac.boot.qemu import (
+    GUEST_HTTP,
+    EmulatedDevice,
+    die_with_parent,
+    emulated_devices,
+    find_tools,
+    qemu_argv,
+    read_log,
+)
+from amnesiac.boot.qmp import Qmp
+from amnesiac.run import spawn, stop_group
+
+
+@dataclass(frozen=True)
+class BootOptions:
+    memory_mib: int | None = None  # None: memory_mib(manifest)
+    cpus: int = 2
+    accel: Accel | None = None  # None: $AMNESIAC_ACCEL, else "auto" (probe KVM, fall back to TCG)
+    ssh_key: Path | None = None  # a public key authorised for root through the overlay
+    overlay_files: tuple[OverlayFile, ...] = ()  # more boot-time files (a VPN identity)
+    test_devices: bool = True  # USB keyboard + USB stick on xhci, and a virtio disk
+    ssh_port: int | None = None  # host port forwarded to the guest's 22; None: a free one
+    serial_log: Path | None = None  # keep the console log here; None: in the temp dir
+
+
+@dataclass
+class BootedMachine:
+    """A QEMU guest netbooted from a build; valid inside `running()`."""
+
+    image: BootImage
+    accel: AccelChoice
+    memory_mib: int
+    cpus: int
+    ssh_port: int
+    ports: dict[str, int]  # "tcp/22" -> host port on 127.0.0.1
+    serial_log: Path
+    ssh_key: Path | None
+    devices: list[EmulatedDevice]
+    overlay_sha256: str | None
+    process: subprocess.Popen[bytes]
+    started: float  # time.monotonic() when QEMU started
+    _server: FileServer
+    _qmp: Qmp | None
+    _qemu_log: Path
+    ssh_ready_seconds: float | None = None
+    ssh_banner: str = ""
+    _stopped: bool = field(default=False, repr=False)
+
+    @property
+    def http_url(self) -> str:
+        return self._server.url
+
+    def served(self) -> list[Served]:
+        """Every request the HTTP server answered, in order."""
+        return self._server.records()
+
+    def is_running(self) -> bool:
+        return self.process.poll() is None
+
+    def console(self, lines: int = 0) -> str:
+        """The serial console so far (the last `lines` non-empty lines when given), plain text."""
+        text = _plain(read_log(self.serial_log))
+        if lines:
+            return "\n".join([ln for ln in text.splitlines() if ln.strip()][-lines:])
+        return text
+
+    def qmp(self, command: str, **arguments: object) -> Any:
+        """A QMP command (`device_add`, `query-status`, ...) to the running QEMU."""
+        if self._qmp is None:
+            raise BootError("QMP is not connected")
+        return self._qmp.execute(command, **arguments)
+
+    def wait_ssh(self, timeout: float = 600.0, on_tick: Callable[[str], None] | None = None) -> float:
+        """Block until sshd answers with its banner on the forwarded port; seconds since start.
+
+        Raises BootError if QEMU stops first (with the console's last lines) or on timeout, and
+        ImageMismatch if what was served is not what manifest.json lists.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            self._check_alive("before SSH came up")
+            banner = read_ssh_banner(self.ssh_port)
+            if banner:
+                self.ssh_banner = banner
+                self.ssh_ready_seconds = round(time.monotonic() - self.started, 1)
+                self.check_served()
+                return self.ssh_ready_seconds
+            if time.monotonic() > deadline:
+                raise BootError(
+                    f"no SSH banner on 127.0.0.1:{self.ssh_port} {timeout:.0f} s after start",
+                    hint=f"console: {self._tail()}",
+                )
+            if on_tick is not None:
+                on_tick(self.console(1)[-100:])
+            time.sleep(1.0)
+
+    def wait_console(self, text: str, timeout: float = 600.0) -> float:
+        """Block until `text` appears on the serial console; seconds since start."""
+        deadline = time.monotonic() + timeout
+        while text not in self.console():
+            self._check_alive(f"before {text!r} on the console")
+            if time.monotonic() > deadline:
+                raise BootError(f"{text!r} not on the console after {timeout:.0f} s", hint=self._tail())
+            time.sleep(0.5)
+        return round(time.monotonic() - self.started, 1)
+
+    def wait_exit(self) -> int:
+        """Block until QEMU ends (the guest powered off, or a failed boot); its exit code."""
+        while True:
+            try:
+                return self.process.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                continue
+
+    def check_served(self) -> None:
+        """vmlinuz and initrd.img were served whole and match manifest.json."""
+        records = self.served()
+        for name in MUST_MATCH:
+            done = [r for r in records if served_name(r.name) == name and r.status == 200 and r.bytes]
+            if not done:
+                raise BootError(f"{name} was never served to the guest")
+            for record in done:
+                if not record.complete or record.sha256 != self.image.expected(name):
+                    raise ImageMismatch(
+                        f"{name} as served (sha256 {str(record.sha256)[:16]}, {record.bytes} bytes) "
+                        f"does not match manifest.json ({self.image.expected(name)[:16]})"
+                    )
+
+    def ssh_command(self) -> str:
+        key = self.ssh_key
+        private = key.with_suffix("") if key and key.suffix == ".pub" else None
+        ident = f"-i {shlex.quote(str(private))} " if private else ("-i KEY " if key else "")
+        # Host keys are made at each boot: do not record them.
+        return (
+            f"ssh {ident}-p {self.ssh_port} -o StrictHostKeyChecking=no "
+            f"-o UserKnownHostsFile=/dev/null root@127.0.0.1"
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """What booted and how to reach it, for JSON output and reports."""
+        return {
+            "build": str(self.image.dir),
+            "image_sha256": self.image.sha256,
+            "cmdline": self.image.cmdline,
+            "accel": self.accel.accel,
+            "accel_reason": self.accel.reason,
+            "memory_mib": self.memory_mib,
+            "cpus": self.cpus,
+            "qemu_pid": self.process.pid,
+            "ssh": {"host": "127.0.0.1", "port": self.ssh_port, "command": self.ssh_command()},
+            "ports": self.ports,
+            "ssh_ready_seconds": self.ssh_ready_seconds,
+            "ssh_banner": self.ssh_banner,
+            "serial_log": str(self.serial_log),
+            "http": {"url": self.http_url, "guest_url": f"http://{GUEST_HTTP}/"},
+            "overlay_sha256": self.overlay_sha256,
+            "served": [r.as_dict() for r in self.served()],
+            "devices": [d.as_dict() for d in self.devices],
+        }
+
+    def _check_alive(self, when: str) -> None:
+        code = self.process.poll()
+        if code is None:
+            return
+        self._refuse_mismatch()  # the likeliest reason, when it applies
+        raise BootError(f"QEMU stopped (exit {code}) {when}: {self._tail()}")
+
+    def _refuse_mismatch(self) -> None:
+        for record in self.served():
+            name = served_name(record.name)
+            if name in MUST_MATCH and record.bytes and record.sha256 != self.image.expected(name):
+                raise ImageMismatch(f"{record.name} changed on disk while being served; the boot was stopped")
+
+    def _tail(self) -> str:
+        return failure_summary(self.console(), read_log(self._qemu_log))
+
+    def stop(self) -> None:
+        """Power off now: QMP quit, then SIGTERM, then SIGKILL; idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self.process.poll() is None and self._qmp is not None:
+            with contextlib.suppress(Exception):
+                self._qmp.execute("quit")
+        if self._qmp is not None:
+            self._qmp.close()
+        # QEMU's relay children (busybox nc) share its process group: stop_group sweeps them.
+        stop_group(self.process, grace=10, term_timeout=5)
+
+
+@contextlib.contextmanager
+def running(build: Path | ServedFiles, options: BootOptions | None = None) -> Iterator[BootedMachine]:
+    """Netboot a build directory (or what a `ServedFiles` serves) in QEMU; on exit (or Ctrl-C)
+    stop it and remove everything.
+
+    Refuses to start when an artifact differs from manifest.json (ImageMismatch), when a tool
+    is missing (UsageError), or when QEMU does not start (BootError). Does not wait for the
+    guest: call `wait_ssh()`.
+    """
+    options = options or BootOptions()
+    served = build if isinstance(build, ServedFiles) else served_from_build(build)
+    image = served.image
+    overlay_files = list(options.overlay_files)
+    if options.ssh_key is not None:
+        overlay_files.append(authorized_key(options.ssh_key))
+    qemu, busybox = find_tools()
+    accel = choose_accel(options.accel, image.path("vmlinuz"))
+    memory = options.memory_mib or memory_mib(image.manifest)
+    ssh_port = options.ssh_port or _free_port()
+
+    work = Path(tempfile.mkdtemp(prefix="amnesiac-boot-"))
+    stack = contextlib.ExitStack()
+    stack.callback(shutil.rmtree, work, ignore_errors=True)
+    try:
+        first = harness(overlay_files, image.manifest.source_date_epoch or 0)
+        server = stack.enter_context(FileServer({**served.table, **first.files}))
+
+        devices, device_args = emulated_devices(work) if options.test_devices else ([], [])
+        serial_log = options.serial_log or work / "serial.log"
+        serial_log.parent.mkdir(parents=True, exist_ok=True)
+        qemu_log, qmp_socket = work / "qemu.log", work / "qmp.sock"
+        argv = qemu_argv(
+            qemu=qemu,
+            relay=busybox,
+            accel=accel.accel,
+            memory_mib=memory,
+            cpus=options.cpus,
+            http_port=server.port,
+            first_script=first.first_script,
+            forwards=[("tcp", ssh_port, 22)],
+            serial_log=serial_log,
+            qmp_socket=qmp_socket,
+            device_args=device_args,
+        )
+        with qemu_log.open("wb") as err:
+            # Its own session (spawn): Ctrl-C reaches us and we stop QEMU ourselves.
+            process = spawn(argv, stdout=err, stderr=err, preexec_fn=die_with_parent)
+        machine = BootedMachine(
+            image=image,
+            accel=accel,
+            memory_mib=memory,
+            cpus=options.cpus,
+            ssh_port=ssh_port,
+            ports={"tcp/22": ssh_port},
+            serial_log=serial_log,
+            ssh_key=options.ssh_key,
+            devices=devices,
+            overlay_sha256=first.overlay_sha256,
+            process=process,
+            started=time.monotonic(),
+            _server=server,
+            _qmp=None,
+            _qemu_log=qemu_log,
+        )
+        stack.callback(_shielded_stop, machine)
+        machine._qmp = _connect_qmp(machine, qmp_socket)
+        yield machine
+    finally:
+        with _shielded():
+            stack.close()
+
+
+_WHY = re.compile(r"^amnesiac: |Kernel panic|Out of memory|\bFAILED\b|No bootable device|Connection reset")
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][0-9A-Za-z]|\r")
+
+
+def failure_summary(console: str, qemu_log: str = "") -> str:
+    """One line: the console line that says why a boot failed, its last lines, QEMU's errors."""
+    text = [ln.strip() for ln in _plain(console).splitlines() if ln.strip()]
+    why = [ln for ln in text if _WHY.search(ln)][-1:]
+    lines = why + [ln for ln in text[-3:] if ln not in why]
+    lines += [ln.strip() for ln in qemu_log.splitlines() if ln.strip()][-2:]
+    return " / ".join(lines) or "(nothing on the console)"
+
+
+def _plain(text: str) -> str:
+    return _ANSI.sub("", text)
+
+
+def read_ssh_banner(port: int, timeout: float = 3.0) -> str:
+    """The SSH identification line, if sshd answers (slirp accepts, then closes, before it does)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+            data = sock.recv(256)
+    except OSError:
+        return ""
+    line = data.split(b"\r\n", 1)[0].split(b"\n", 1)[0].decode(errors="replace")
+    return line if line.startswith("SSH-") else ""
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def _shielded() -> Iterator[None]:
+    """Cleanup must finish: Ctrl-C and SIGTERM are ignored while it runs (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def _shielded_stop(machine: BootedMachine) -> None:
+    with _shielded():
+        machine.stop()
+
+
+def _connect_qmp(machine: BootedMachine, path: Path, timeout: float = 15.0) -> Qmp:
+    """QEMU is up once its QMP socket answers; a bad option or a busy port ends it first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if machine.process.poll() is not None:
+            raise BootError(f"QEMU did not start: {machine._tail()}")
+        if path.exists():
+            with contextlib.suppress(OSError):
+                return Qmp(path)
+        if time.monotonic() > deadline:
+            raise BootError(f"QEMU did not open its QMP socket in {timeout:.0f} s: {machine._tail()}")
+        time.sleep(0.1)

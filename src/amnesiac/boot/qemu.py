@@ -1,0 +1,170 @@
+"""The QEMU command line: the tools it needs, its isolated network and the emulated test devices.
+
+The guest network is isolated (`restrict=on`): the guest reaches only QEMU's DHCP and the HTTP
+server, through a `guestfwd` rule at 10.0.2.100:80 (slirp refuses forward rules on the host
+address 10.0.2.2), and the host reaches the guest's SSH through a forward on 127.0.0.1. Nothing
+the image sends can leave the machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import shutil
+import signal
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from amnesiac.errors import UsageError
+
+MIB = 1024**2
+QEMU = "qemu-system-x86_64"
+IPXE_ROMS = (Path("/usr/lib/ipxe/qemu/efi-virtio.rom"), Path("/usr/lib/ipxe/qemu/pxe-virtio.rom"))
+GUEST_HTTP = "10.0.2.100"  # where the guest finds the HTTP server (a guestfwd rule, port 80)
+NETDEV = "n0"  # the guest NIC's user-mode network (QMP's hostfwd_add names it)
+TEST_DISK_BYTES = 64 * MIB
+TEST_STICK_BYTES = 16 * MIB
+
+
+def find_tools() -> tuple[str, str]:
+    """qemu-system-x86_64, an iPXE ROM for virtio-net and busybox (the guestfwd relay)."""
+    qemu = shutil.which(QEMU)
+    if qemu is None:
+        raise UsageError(
+            f"missing host tool: {QEMU}", hint="apt-get install qemu-system-x86, or `make setup`"
+        )
+    rom = next((r for r in IPXE_ROMS if r.is_file()), None)
+    if rom is None:
+        raise UsageError(
+            f"no iPXE ROM for virtio-net ({IPXE_ROMS[0]})", hint="apt-get install ipxe-qemu, or `make setup`"
+        )
+    busybox = shutil.which("busybox")
+    if busybox is None:
+        raise UsageError("missing host tool: busybox", hint="apt-get install busybox-static, or `make setup`")
+    return qemu, busybox
+
+
+def qemu_argv(
+    *,
+    qemu: str,
+    relay: str,
+    accel: Literal["kvm", "tcg"],
+    memory_mib: int,
+    cpus: int,
+    http_port: int,
+    first_script: str,
+    forwards: Sequence[tuple[str, int, int]],
+    serial_log: Path,
+    qmp_socket: Path,
+    device_args: Sequence[str] = (),
+) -> list[str]:
+    """The QEMU command line. `forwards` are (protocol, host port, guest port)."""
+    netdev = [
+        "user",
+        f"id={NETDEV}",
+        "restrict=on",  # the guest reaches nothing but DHCP and the guestfwd rule below
+        f"bootfile=http://{GUEST_HTTP}/{first_script}",
+        f"guestfwd=tcp:{GUEST_HTTP}:80-cmd:{relay} nc 127.0.0.1 {http_port}",
+        *(f"hostfwd={proto}:127.0.0.1:{host}-:{guest}" for proto, host, guest in forwards),
+    ]
+    return [
+        qemu,
+        "-name", "amnesiac-boot",
+        "-machine", "q35,graphics=off",  # firmware and iPXE print to the serial console too
+        "-accel", accel,
+        "-cpu", "host" if accel == "kvm" else "max",
+        "-smp", str(cpus),
+        "-m", str(memory_mib),
+        "-nodefaults",
+        "-display", "none",
+        "-no-reboot",  # a failed boot (panic=, the early init's reboot) ends QEMU
+        "-boot", "order=n,strict=on,reboot-timeout=0",  # a failed netboot ends it too
+        "-chardev", f"file,id=serial0,path={_opt(serial_log)}",
+        "-serial", "chardev:serial0",
+        "-qmp", f"unix:{_opt(qmp_socket)},server=on,wait=off",
+        "-netdev", _opt_join(netdev),
+        # QEMU finds Debian's iPXE ROM by itself; naming it with romfile= stops SeaBIOS from
+        # booting it (measured with QEMU 7.2), so find_tools() only checks that it is there.
+        "-device", f"virtio-net-pci,netdev={NETDEV}",
+        *device_args,
+    ]  # fmt: skip
+
+
+def _opt(value: object) -> str:
+    """A value inside a QEMU option list: commas are doubled."""
+    return str(value).replace(",", ",,")
+
+
+def _opt_join(parts: Sequence[str]) -> str:
+    return ",".join(p.split("=", 1)[0] + "=" + _opt(p.split("=", 1)[1]) if "=" in p else p for p in parts)
+
+
+# --- emulated devices ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EmulatedDevice:
+    """An emulated device attached so that lockdown and diskless checks meet real hardware."""
+
+    qemu_id: str
+    kind: str  # virtio-blk, usb-storage, usb-kbd
+    description: str
+    serial: str = ""
+    backing: Path | None = None  # the raw image behind a disk (removed at exit)
+    size: int = 0
+
+    def is_blank(self) -> bool:
+        """True while nothing has written to the backing image (it was created all zeros)."""
+        if self.backing is None:
+            return True
+        with self.backing.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                if chunk.count(0) != len(chunk):
+                    return False
+        return True
+
+    def as_dict(self) -> dict[str, object]:
+        return {"id": self.qemu_id, "kind": self.kind, "description": self.description, "serial": self.serial}
+
+
+def emulated_devices(work: Path) -> tuple[list[EmulatedDevice], list[str]]:
+    """The devices and their QEMU arguments; disks are sparse zero files in `work`."""
+    disk, stick = work / "disk.img", work / "stick.img"
+    for path, size in ((disk, TEST_DISK_BYTES), (stick, TEST_STICK_BYTES)):
+        with path.open("wb") as f:
+            f.truncate(size)
+    devices = [
+        EmulatedDevice("disk0", "virtio-blk", "virtio disk", "amnesiac-disk", disk, TEST_DISK_BYTES),
+        EmulatedDevice("kbd0", "usb-kbd", "USB keyboard on xhci"),
+        EmulatedDevice(
+            "stick0", "usb-storage", "USB stick on xhci", "amnesiac-stick", stick, TEST_STICK_BYTES
+        ),
+    ]
+    args = [
+        "-drive", f"if=none,id=disk0-drive,format=raw,file={_opt(disk)}",
+        "-device", "virtio-blk-pci,drive=disk0-drive,id=disk0,serial=amnesiac-disk",
+        "-device", "qemu-xhci,id=xhci",
+        "-device", "usb-kbd,bus=xhci.0,id=kbd0",
+        "-drive", f"if=none,id=stick0-drive,format=raw,file={_opt(stick)}",
+        "-device", "usb-storage,bus=xhci.0,drive=stick0-drive,id=stick0,serial=amnesiac-stick",
+    ]  # fmt: skip
+    return devices, args
+
+
+# --- the process --------------------------------------------------------------------------------
+
+
+def die_with_parent() -> None:
+    """In the child: SIGTERM when the harness dies (even by SIGKILL), so QEMU never lingers."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def read_log(path: Path) -> str:
+    """A file QEMU writes (the serial console, its stderr): '' until it exists."""
+    try:
+        return path.read_bytes().decode(errors="replace")
+    except FileNotFoundError:
+        return ""

@@ -1,0 +1,37 @@
+"""What the checks expect of the target: from the policy and the build, never from the target.
+
+`amnesiac verify` writes it as JSON (`--amnesiac-expect`); the plugin's `expected` fixture
+reads it back. A run without it (a role developer's molecule scenario) gets the defaults, and a
+check that needs a value the defaults leave unknown fails saying so.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from amnesiac.files import write_atomic
+
+
+class Expectations(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    policy: str = ""  # the policy's id
+    # Keys the policy names for its administrators (ssh_admin_authorized_keys).
+    authorized_keys: list[str] = Field(default_factory=list)
+    # Keys the verifier itself put on the target to log in (qemu:'s boot-time key, --verifier-key).
+    test_keys: list[str] = Field(default_factory=list)
+    # qemu: the harness attached a USB keyboard and stick and a virtio disk for the checks to find.
+    test_devices_attached: bool = False
+    root_tmpfs_size_bytes: int | None = None  # ram_root's size limit
+    openvpn_unit: str | None = None  # the OpenVPN server's systemd unit
+    wireguard_interface: str | None = None
+    image_sha256: str | None = None  # the build the target should be running
+
+    def write(self, path: Path) -> Path:
+        return write_atomic(path, self.model_dump_json(indent=2) + "\n")
+
+    @classmethod
+    def read(cls, path: Path) -> Expectations:
+        return cls.model_validate_json(path.read_bytes())

@@ -1,0 +1,166 @@
+"""The protocol every kind of target implements, and the table of kinds."""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, cast
+
+from amnesiac.checks.meta import Surface
+from amnesiac.errors import AmnesiacError, UsageError
+
+if TYPE_CHECKING:
+    from amnesiac.boot import BootedMachine
+    from amnesiac.image.manifest import Manifest
+    from amnesiac.progress import Progress
+    from amnesiac.report.model import Identity
+
+
+class TargetKind(StrEnum):
+    """How a target is reached: the table of backends. A member's backend is the class `BACKEND`
+    in the module `amnesiac.targets.<value>` (imported when first needed)."""
+
+    QEMU = "qemu"
+    SSH = "ssh"
+    CHROOT = "chroot"
+    PODMAN = "podman"
+
+    @property
+    def backend(self) -> type[Target]:
+        module = importlib.import_module(f"amnesiac.targets.{self.value}")
+        return cast(type[Target], module.BACKEND)
+
+
+class Unreachable(AmnesiacError):
+    """The target could not be reached, or did not answer who it is."""
+
+
+@dataclass(frozen=True)
+class ReachOptions:
+    """What reaching a target may use, from the command line."""
+
+    work: Path  # this run's private temporary directory
+    progress: Progress
+    ssh_key: Path | None = None  # ssh targets: the private key to log in with
+    verifier_keys: tuple[str, ...] = ()  # public keys the verifier put on the target (--verifier-key)
+    memory_mib: int | None = None  # qemu: guest RAM
+    boot_timeout: float = 600.0  # qemu: seconds until SSH answers
+
+
+@dataclass(frozen=True)
+class Connection:
+    """How the checks reach one target for the duration of a run.
+
+    `host` is testinfra's host URL, and the id the results of this target are filed under;
+    `pytest_args` are what every host of one check run shares (an ssh_config, testinfra's
+    connection type, an inventory).
+    """
+
+    host: str
+    pytest_args: tuple[str, ...] = ()
+    ssh_config: Path | None = None
+    ansible_inventory: Path | None = None  # an inventory host: the inventory says how to log in
+    env: Mapping[str, str] | None = None  # the environment pytest and testinfra run in
+    # Keys the verifier itself put on the target to log in: allowed beside the policy's keys.
+    test_keys: tuple[str, ...] = ()
+    test_devices_attached: bool = False  # qemu: a USB keyboard and stick and a virtio disk
+    served: Mapping[str, str] = field(default_factory=dict)  # qemu: file -> sha256 the target was sent
+    # The machine the backend runs itself (qemu:, driven through QMP): the capabilities only some
+    # kinds of target have (guest memory dumps, hot-plug, a TPM) hang off it; None elsewhere.
+    machine: BootedMachine | None = None
+
+    def testinfra_host(self) -> Any:
+        import testinfra
+
+        options = {"ssh_config": self.ssh_config, "ansible_inventory": self.ansible_inventory}
+        return testinfra.get_host(self.host, **{k: str(v) for k, v in options.items() if v is not None})
+
+
+IDENTITY_COMMANDS = (
+    ("kernel_release", "uname -r"),
+    ("cmdline", "cat /proc/cmdline"),
+    ("boot_id", "cat /proc/sys/kernel/random/boot_id"),
+    ("hostname", "cat /proc/sys/kernel/hostname"),
+)
+
+
+class Target(abc.ABC):
+    """One thing to verify. Subclasses set the class attributes and implement `parse` and `reach`."""
+
+    kind: ClassVar[TargetKind]
+    surface: ClassVar[Surface]  # what it lets a check see
+    prefix: ClassVar[str]  # how --target starts: "qemu:", "ssh://"
+    form: ClassVar[str]  # the whole form, for help and errors: "qemu:BUILD_DIR"
+    help: ClassVar[str]  # one line
+
+    def __init__(self, address: str, name: str | None = None) -> None:
+        self.address = address  # as the report shows it after the prefix
+        self.name = name or address  # a short name: an inventory's hostname
+
+    @classmethod
+    @abc.abstractmethod
+    def parse(cls, value: str, spec: str) -> Target:
+        """The target `spec` names (`value` is spec without the prefix); a UsageError if malformed."""
+
+    @abc.abstractmethod
+    def reach(self, options: ReachOptions) -> contextlib.AbstractContextManager[Connection]:
+        """Make the target reachable for the checks (boot it, for qemu:) until the context ends."""
+
+    @property
+    def spec(self) -> str:
+        return f"{self.prefix}{self.address}"
+
+    @property
+    def build_dir(self) -> Path | None:
+        """The build this target is made from, where it says so itself (qemu:)."""
+        return None
+
+    def identity(self, connection: Connection, built: Manifest | None) -> Identity:
+        """Read who the target is before anything else runs on it (Unreachable if it cannot)."""
+        from amnesiac.report.model import Identity
+
+        try:
+            host = connection.testinfra_host()
+            values = {name: host.run(command).stdout.strip() for name, command in IDENTITY_COMMANDS}
+        except Exception as exc:
+            raise Unreachable(f"cannot reach {self.spec}: {exc}") from None
+        image = next(
+            (w.split("=", 1)[1] for w in values["cmdline"].split() if w.startswith("amnesiac.image=")), None
+        )
+        matches = None
+        if built is not None and connection.served:
+            matches = all(
+                built.artifacts[n].sha256 == s for n, s in connection.served.items() if n in built.artifacts
+            )
+        return Identity(
+            image_sha256=image if image and len(image) == 64 else None,
+            kernel_release=values["kernel_release"] or None,
+            cmdline=values["cmdline"] or None,
+            boot_id=values["boot_id"] or None,
+            hostname=values["hostname"] or None,
+            artifacts=dict(connection.served),
+            manifest_sha256_matches=matches,
+        )
+
+
+def backends() -> list[type[Target]]:
+    return [kind.backend for kind in TargetKind]
+
+
+def forms() -> str:
+    """Every form of --target, for an error message."""
+    found = [b.form for b in backends()]
+    return ", ".join(found[:-1]) + " or " + found[-1]
+
+
+def parse(spec: str) -> Target:
+    """Read a --target value; a malformed one is a one-line usage error that shows the forms."""
+    for backend in backends():
+        if spec.startswith(backend.prefix):
+            return backend.parse(spec.removeprefix(backend.prefix), spec)
+    raise UsageError(f"--target {spec!r}: expected {forms()}")

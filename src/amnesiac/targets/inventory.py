@@ -1,0 +1,88 @@
+"""--inventory FLEET — every host of an Ansible inventory, each an ssh target.
+
+The inventory is read with testinfra's Ansible support (ansible_host, ansible_port,
+ansible_user, ansible_ssh_private_key_file, ansible_ssh_common_args), and the checks reach each
+host through testinfra's ansible backend, so the inventory alone says how to log in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from amnesiac.targets.base import Connection, ReachOptions, Unreachable
+from amnesiac.targets.ssh import SshTarget
+
+HOST_ID = "ansible://"  # testinfra's id of an inventory host: ansible://<inventory name>
+_SAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+class InventoryHost(SshTarget):
+    """One server of the inventory, reached as the inventory says."""
+
+    def __init__(self, name: str, host: str, port: int, user: str, inventory: Path) -> None:
+        super().__init__(user, host, port, name=name)
+        self.inventory = inventory
+
+    @property
+    def directory(self) -> str:
+        """Where this host's report goes under the fleet's directory."""
+        return _SAFE.sub("_", self.name).lstrip(".") or "_"
+
+    @contextlib.contextmanager
+    def reach(self, options: ReachOptions) -> Iterator[Connection]:
+        yield Connection(
+            host=f"{HOST_ID}{self.name}",
+            pytest_args=(f"--ansible-inventory={self.inventory}",),
+            ansible_inventory=self.inventory,
+            env=tool_env(options.work),
+            test_keys=options.verifier_keys,
+        )
+
+
+def tool_env(work: Path) -> dict[str, str]:
+    """The environment testinfra reads the inventory in.
+
+    This Python's bin first on PATH (testinfra runs `ansible-inventory` from it), and an empty
+    Ansible configuration: the inventory alone says how to reach a host. (testinfra 10 reads
+    `become = false` from an ansible.cfg as the string "false", which is true, and so would run
+    every command through sudo.)
+    """
+    config = work / "ansible.cfg"
+    config.touch()
+    bindir = os.fspath(Path(sys.executable).parent)
+    path = os.pathsep.join([bindir, os.environ.get("PATH", "")])
+    return {**os.environ, "PATH": path, "ANSIBLE_CONFIG": os.fspath(config)}
+
+
+def members(inventory: Path, work: Path) -> list[InventoryHost]:
+    """Every host of the inventory, with how to reach it."""
+    from testinfra.utils.ansible_runner import AnsibleRunner
+
+    inventory = inventory.resolve()
+    env = tool_env(work)  # the identity reads run in this process
+    os.environ["PATH"], os.environ["ANSIBLE_CONFIG"] = env["PATH"], env["ANSIBLE_CONFIG"]
+    try:
+        runner = AnsibleRunner(os.fspath(inventory))
+        names = runner.get_hosts("all")
+    except Exception as exc:
+        raise Unreachable(f"cannot read the inventory {inventory}: {exc}") from None
+    found = []
+    for name in names:
+        hostvars = runner.get_variables(name)
+        found.append(
+            InventoryHost(
+                name=name,
+                host=str(hostvars.get("ansible_host", name)),
+                port=int(hostvars.get("ansible_port", 22)),
+                user=str(hostvars.get("ansible_user", "root")),
+                inventory=inventory,
+            )
+        )
+    if not found:
+        raise Unreachable(f"the inventory {inventory} names no hosts")
+    return found

@@ -1,0 +1,76 @@
+"""qemu:BUILD_DIR — the build netbooted in QEMU as a server boots (iPXE, the boot harness), then
+verified over SSH with a throwaway key that arrives in a boot-time overlay: the artifact
+verified is the artifact that ships. The only kind with a machine of its own to drive (QMP)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+from amnesiac import boot, ssh
+from amnesiac.checks.meta import Surface
+from amnesiac.errors import UsageError
+from amnesiac.image.manifest import NAME as MANIFEST
+from amnesiac.run import run
+from amnesiac.targets.base import Connection, ReachOptions, Target, TargetKind
+from amnesiac.targets.ssh import client_config
+
+
+class QemuTarget(Target):
+    kind = TargetKind.QEMU
+    surface = Surface.BOOTED
+    prefix = "qemu:"
+    form = "qemu:BUILD_DIR"
+    help = (
+        "netboot the build in QEMU (a throwaway key arrives in a boot-time overlay; the image is "
+        "served unmodified), verify, power it off"
+    )
+
+    def __init__(self, address: str, build: Path) -> None:
+        super().__init__(address)
+        self.build = build
+
+    @classmethod
+    def parse(cls, value: str, spec: str) -> QemuTarget:
+        path = Path(value)
+        if not (path / MANIFEST).is_file():
+            raise UsageError(f"--target {spec}: {path} is not a build directory (no {MANIFEST})")
+        return cls(value, path.resolve())
+
+    @property
+    def build_dir(self) -> Path:
+        return self.build
+
+    @contextlib.contextmanager
+    def reach(self, options: ReachOptions) -> Iterator[Connection]:
+        """Boot the build; QEMU runs until the context ends, whatever happens."""
+        key = throwaway_key(options.work)
+        boot_options = boot.BootOptions(memory_mib=options.memory_mib, ssh_key=key.with_suffix(".pub"))
+        progress = options.progress
+        with contextlib.ExitStack() as stack:
+            with progress.stage("boot", f"Boot {self.build.name} in QEMU over iPXE") as stage:
+                machine = stack.enter_context(boot.running(self.build, boot_options))
+                seconds = machine.wait_ssh(timeout=options.boot_timeout, on_tick=progress.detail)
+                stage.note = f"SSH after {seconds:.0f} s, {machine.accel.accel}, {machine.memory_mib} MiB"
+            config = client_config(options.work, key)
+            own = ssh.public_keys(key.with_suffix(".pub"), "--ssh-key")
+            yield Connection(
+                host=f"ssh://root@127.0.0.1:{machine.ssh_port}",
+                pytest_args=(f"--ssh-config={config}",),
+                ssh_config=config,
+                test_keys=tuple(dict.fromkeys([*own, *options.verifier_keys])),
+                test_devices_attached=boot_options.test_devices,
+                served={s.name: s.sha256 for s in machine.served() if s.sha256},
+                machine=machine,
+            )
+
+
+def throwaway_key(work: Path) -> Path:
+    """A key made for this run only; its public half reaches the guest in the boot overlay."""
+    key = work / "id_ed25519"
+    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "amnesiac-verify", "-f", key], capture=True)
+    return key
+
+
+BACKEND = QemuTarget
