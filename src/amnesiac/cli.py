@@ -6,18 +6,21 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 from rich.console import Console
+from rich.markup import escape
 
 from amnesiac import __version__, paths, signals
-from amnesiac.errors import AmnesiacError, UsageError
+from amnesiac.errors import AmnesiacError, ExitCode, UsageError, exit_code_table
 
-EPILOG = """\
+EPILOG = (
+    """\
 examples:
   amnesiac policy show policies/ovpn.yml     claim -> control -> check table
   amnesiac build                             build the default (OVPN) image into build/ovpn
@@ -26,11 +29,50 @@ examples:
   amnesiac verify --target qemu:build/ovpn --report report/        boot it and prove every claim
 
 A build needs root and Debian's mmdebstrap; `make build` installs everything first.
+
+exit codes:
 """
+    + exit_code_table()
+    + "\n"
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with amnesiac's one-line errors (exit 2) instead of a usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(ExitCode.USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 < value < 65536:
+        raise ValueError(text)
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise ValueError(text)
+    return value
+
+
+# How argparse names these in its errors: "argument --cpus: invalid positive integer value: '0'".
+_positive_int.__name__ = "positive integer"
+_port.__name__ = "port"
+_seconds.__name__ = "positive number of seconds"
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="amnesiac",
         description="Turn a VPN provider's privacy policy into a diskless RAM-boot server image, "
         "and prove that it keeps nothing.",
@@ -39,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"amnesiac {__version__}")
     parser.add_argument("--debug", action="store_true", help="show commands as they run, and tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     policy = sub.add_parser("policy", help="read and validate policy files")
     policy_sub = policy.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
@@ -81,7 +123,7 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument(
         "--source-date-epoch",
         type=int,
-        default=_env_int("SOURCE_DATE_EPOCH"),
+        default=None,
         help="timestamp for reproducible output (default: $SOURCE_DATE_EPOCH, else the cached rootfs's)",
     )
     build.add_argument(
@@ -117,9 +159,11 @@ def _flash_parser(sub: Any) -> None:
         help="publish a verified, signed build to PXE boot servers atomically; list, roll back; USB media",
         description="""\
 Publish BUILD_DIR to a PXE root (a local directory, or ssh://user@host[:port]/path on a
-boot server) that a fleet netboots from. The files go to PXE_ROOT/versions/<image sha256>/,
-each checked against manifest.json after the copy; only then is PXE_ROOT/boot.ipxe, which
-chains into one version, replaced by an atomic rename. A machine that netboots meanwhile gets
+boot server) that a fleet netboots from. The files go to PXE_ROOT/versions/<version>/, named
+by a hash of all of them, each checked against manifest.json after the copy; only then is
+PXE_ROOT/boot.ipxe, which chains into one version, replaced by an atomic rename. The same image
+with another boot.ipxe, kernel, manifest, signature or report is another version; a build whose
+every file is already served is "already current". A machine that netboots meanwhile gets
 the old image or the new one, never a mix; a publish killed at any point (or a full disk)
 leaves the previous image served. Concurrent flashes to one root wait for its lock.
 
@@ -134,15 +178,18 @@ Signing: `amnesiac flash BUILD_DIR --sign KEY` writes BUILD_DIR/manifest.json.si
 `ssh-keygen -Y sign -n amnesiac-manifest` (a key without passphrase, or KEY.pub with the
 private key in ssh-agent); --sign with --to signs, then publishes. Allowed signers are
 OpenSSH's format: `ops@example.net ssh-ed25519 AAAA...`. The signer's principal and key are
-recorded in versions/<sha256>/publish.json and shown by --list.
+recorded in versions/<version>/publish.json and shown by --list, which also hashes every
+version and shows one whose files differ from its record as damaged.
 
 --usb writes a GPT disk image with an EFI system partition (systemd-boot, the build's kernel
 and initrd, started with the manifest's command line) to a file, a USB stick or a BMC's
 virtual media, after the same gate. A mounted or busy device is refused; one holding a
 filesystem or partition table too, unless --force.
 
-Exit codes: 0 done, 1 failed (the root serves what it served), 2 bad usage, 3 refused
-(gate, signature, changed artifact), 75 the root stayed locked past --lock-timeout.""",
+Exit codes: 0 done, 1 failed (the root serves what it served), 2 bad usage or input (options,
+--to, BUILD_DIR or its manifest.json, the --sign key, a PXE root or version that is not there:
+checked before anything is signed, locked or copied), 3 refused (gate, signature, changed or
+damaged artifact), 75 the root stayed locked past --lock-timeout.""",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="""examples:
   amnesiac flash build/ovpn --sign ~/.ssh/release_ed25519        sign the build
@@ -158,7 +205,7 @@ Exit codes: 0 done, 1 failed (the root serves what it served), 2 bad usage, 3 re
     flash.add_argument("--list", action="store_true", help="list the published versions of --to")
     flash.add_argument(
         "--rollback", nargs="?", const="", default=None, metavar="VERSION",
-        help="switch --to back to VERSION (sha256 or prefix), default the previous one",
+        help="switch --to back to VERSION (version or image sha256, or a prefix), default the previous one",
     )  # fmt: skip
     flash.add_argument("--prune", action="store_true", help="only prune --to down to --keep versions")
     flash.add_argument("--check", action="store_true", help="run every check of a publish, publish nothing")
@@ -243,8 +290,10 @@ except the verifier's own: qemu:'s throwaway key, and any you declare with --ver
 (a key put on the servers only to verify them). The report names those by fingerprint. An
 operator's key the policy does not name fails the integrity claim, as it should.
 
-Exit code: 0 when every technical claim that applies to the target is verified, 1 when
-one failed, 2 on bad input.""",
+Exit code: 0 when every technical claim that applies to the target is verified, 1 when one
+failed (a fleet: on any host), 2 on bad input, 4 when the target could not be reached or the
+checks could not run (a fleet: when no host failed but some could not be checked); no report
+is written then, since nothing was proved either way.""",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
         "  amnesiac verify --target qemu:build/ovpn --report report/ovpn\n"
@@ -279,7 +328,9 @@ one failed, 2 on bad input.""",
         "you log in with must be one the policy names",
     )
     verify.add_argument("--build", type=Path, default=None, help="the build the target should be running")
-    verify.add_argument("--memory", type=int, default=None, metavar="MIB", help="qemu: targets: guest RAM")
+    verify.add_argument(
+        "--memory", type=_positive_int, default=None, metavar="MIB", help="qemu: targets: guest RAM"
+    )
     verify.add_argument("--json", action="store_true", help="no live display; print a JSON summary on stdout")
 
 
@@ -323,15 +374,15 @@ temporary file removed. With --wait (or --json) it first waits for sshd and says
         "--json", action="store_true", help="like --wait, and print the ready information as JSON on stdout"
     )
     boot.add_argument(
-        "--timeout", type=float, default=600, metavar="S", help="give up waiting after S seconds (600)"
+        "--timeout", type=_seconds, default=600, metavar="S", help="give up waiting after S seconds (600)"
     )
     boot.add_argument(
         "--memory",
-        type=int,
+        type=_positive_int,
         metavar="MIB",
         help="guest RAM (default: the smallest the image needs, from its manifest)",
     )
-    boot.add_argument("--cpus", type=int, default=2, help="virtual CPUs (2)")
+    boot.add_argument("--cpus", type=_positive_int, default=2, help="virtual CPUs (2)")
     boot.add_argument(
         "--accel",
         choices=("auto", "kvm", "tcg"),
@@ -342,7 +393,7 @@ temporary file removed. With --wait (or --json) it first waits for sshd and says
         "--no-test-devices", action="store_true", help="attach no USB keyboard, USB stick or virtio disk"
     )
     boot.add_argument(
-        "--ssh-port", type=int, metavar="PORT", help="host port for the guest's SSH (default: a free one)"
+        "--ssh-port", type=_port, metavar="PORT", help="host port for the guest's SSH (default: a free one)"
     )
     boot.add_argument(
         "--serial-log", type=Path, metavar="FILE", help="keep the serial console here (default: a temp file)"
@@ -384,7 +435,11 @@ def _verify(args: argparse.Namespace) -> int:
     result = verify(options, progress)
     if result.fleet is not None:
         _say_fleet(result.fleet, result.unreachable, progress, json_out=args.json)
-        return 0 if result.passed else 1
+        if result.passed:
+            return ExitCode.OK
+        # A host that broke the policy, or only hosts that could not be checked: CI tells them apart.
+        failed = any(not r.passed for r in result.reports.values())
+        return ExitCode.FAILED if failed else ExitCode.UNREACHABLE
     report, files = result.report, next(iter(result.files.values()))
     if args.json:
         summary = {
@@ -400,12 +455,14 @@ def _verify(args: argparse.Namespace) -> int:
     else:
         colour = "green" if report.passed else "red"
         totals = ", ".join(f"{n} {k.value}" for k, n in report.totals.items() if n)
-        progress.info(f"[bold {colour}]{report.verdict.value.upper()}[/] {report.target.spec}: {totals}")
+        progress.info(
+            f"[bold {colour}]{report.verdict.value.upper()}[/] {escape(report.target.spec)}: {totals}"
+        )
         for claim in report.claims:
             if claim.status.value == "failed":
-                progress.info(f"  [red]failed[/] {claim.id}: {claim.reason}")
-        progress.info(f"report: {files.html}")
-    return 0 if result.passed else 1
+                progress.info(f"  [red]failed[/] {claim.id}: {escape(claim.reason or '')}")
+        progress.info(f"report: {escape(str(files.html))}")
+    return ExitCode.OK if result.passed else ExitCode.FAILED
 
 
 def _say_fleet(fleet: Any, unreachable: dict[str, str], progress: Any, *, json_out: bool) -> None:
@@ -425,8 +482,8 @@ def _say_fleet(fleet: Any, unreachable: dict[str, str], progress: Any, *, json_o
     for name, host in hosts.items():
         colour = "green" if host["verdict"] == "pass" else "red"
         why = host.get("unreachable") or ", ".join(host["failed"])
-        progress.info(f"[bold {colour}]{host['verdict'].upper()}[/] {name} {why}".rstrip())
-    progress.info(f"fleet {fleet.summary['verdict'].upper()}: {fleet.html}")
+        progress.info(f"[bold {colour}]{host['verdict'].upper()}[/] {escape(f'{name} {why}'.rstrip())}")
+    progress.info(f"fleet {fleet.summary['verdict'].upper()}: {escape(str(fleet.html))}")
 
 
 def _stages(progress: Any) -> list[dict[str, Any]]:
@@ -446,6 +503,9 @@ def _container_image(args: argparse.Namespace) -> int:
         done = "built and imported" if image.built else "imported" if image.imported else "cached"
         print(f"{image.tag} ({done}, {image.seconds:.1f} s)")
     return 0
+
+
+SUITE = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")  # trixie, bookworm-backports, sid
 
 
 def _env_int(name: str) -> int | None:
@@ -468,7 +528,10 @@ def _parse_vars(items: list[str]) -> dict[str, Any]:
         var = next((r.variables[name] for r in catalog().values() if name in r.variables), None)
         if var is None:
             raise UsageError(f"--var {name}: no role declares this variable")
-        value = yaml.safe_load(raw)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise UsageError(f"--var {name}: VALUE is not YAML ({' '.join(str(exc).split())})") from None
         if problem := var.problem_with(value):
             raise UsageError(f"--var {problem}")
         result[name] = value
@@ -495,13 +558,20 @@ def _build(args: argparse.Namespace) -> int:
 
     loaded = policy.load(args.policy or paths.default_policy())
     extra = _parse_vars(args.var)
-    plan = make_plan(loaded, source_date_epoch=args.source_date_epoch, extra_vars=extra, suite=args.suite)
+    epoch = args.source_date_epoch if args.source_date_epoch is not None else _env_int("SOURCE_DATE_EPOCH")
+    if epoch is not None and epoch < 0:
+        raise UsageError(f"--source-date-epoch {epoch}: a time before 1970")
+    if args.suite is not None and not SUITE.match(args.suite):
+        raise UsageError(f"--suite {args.suite!r}: not a Debian suite name (trixie, bookworm, sid, ...)")
+    plan = make_plan(loaded, source_date_epoch=epoch, extra_vars=extra, suite=args.suite)
     unapplied = [n for n in extra if not any(n in plan.effective_vars()[r] for r in plan.roles)]
     if unapplied:
         raise UsageError(f"--var {unapplied[0]}: its role is not applied by policy {loaded.id}")
-    out = args.out or Path("build") / loaded.id
+    out = args.out if args.out is not None else Path("build") / loaded.id
+    cache = args.cache or paths.cache_dir()
+    image.check_destination(out, cache)  # before anything is made, and before asking for root
     progress = Progress(quiet=args.json)
-    result = image.build(plan, out, args.cache or paths.cache_dir(), progress, refresh=args.refresh)
+    result = image.build(plan, out, cache, progress, refresh=args.refresh)
     made = result.manifest.image
     if args.json:
         summary = {
@@ -518,7 +588,7 @@ def _build(args: argparse.Namespace) -> int:
     else:
         size = result.manifest.artifacts["initrd.img"].size
         progress.info(
-            f"[bold green]built[/] {result.out}: initrd.img {size / 1024**2:.1f} MiB, "
+            f"[bold green]built[/] {escape(str(result.out))}: initrd.img {size / 1024**2:.1f} MiB, "
             f"root {made.root_unpacked_bytes / 1024**2:.0f} MiB in a "
             f"{made.root_tmpfs_size_bytes / 1024**2:.0f} MiB tmpfs, image sha256 {made.sha256[:16]}"
         )
@@ -545,13 +615,21 @@ def main(argv: list[str] | None = None) -> int:
     except AmnesiacError as exc:
         if args.debug:
             raise
-        console.print(f"[red]amnesiac:[/] {exc}", soft_wrap=True)
+        # What the user typed or named is shown as text, never read as markup.
+        console.print(f"[red]amnesiac:[/] {escape(_one_line(str(exc)))}", soft_wrap=True)
         return exc.exit_code
     except Exception as exc:  # a bug, not bad input: still one line, the traceback on --debug
         if args.debug:
             raise
-        console.print(f"[red]amnesiac: internal error:[/] {type(exc).__name__}: {exc} (rerun with --debug)")
-        return 70
+        what = _one_line(str(exc)) or type(exc).__name__
+        console.print(
+            f"[red]amnesiac: internal error:[/] {escape(what)} (rerun with --debug)", soft_wrap=True
+        )
+        return ExitCode.INTERNAL
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from rich.console import Console
+from rich.markup import escape
 from rich.status import Status
 
 
@@ -23,6 +24,8 @@ class Progress:
     """Shows one spinner line per running stage and a tick line when it ends.
 
     With `quiet` nothing is drawn (the caller prints JSON); stages are recorded either way.
+    Titles, notes and details are plain text (they carry paths and names from the user, never
+    markup); `info` takes rich markup, so its callers escape what they did not write.
     """
 
     quiet: bool = False
@@ -37,6 +40,7 @@ class Progress:
         self.stages.append(record)
         self._current = record
         start = time.monotonic()
+        title = escape(title)
         status = None if self.quiet else self.console.status(f"[bold]{title}[/]")
         self._status = status
         self._title = title
@@ -52,7 +56,7 @@ class Progress:
                 status.stop()
             if not self.quiet:
                 mark = "[green]✓[/]" if ok else "[red]✗[/]"
-                note = f" [dim]({record.note})[/]" if record.note else ""
+                note = f" [dim]({escape(record.note)})[/]" if record.note else ""
                 self.console.print(f"{mark} {title} [dim]{record.seconds:.1f} s[/]{note}")
             self._status = None
             self._current = None
@@ -60,7 +64,7 @@ class Progress:
     def detail(self, text: str) -> None:
         """Show what the current stage is doing now (an Ansible task, a file count)."""
         if self._status is not None:
-            self._status.update(f"[bold]{self._title}[/] [dim]{text}[/]")
+            self._status.update(f"[bold]{self._title}[/] [dim]{escape(text)}[/]")
 
     def info(self, text: str) -> None:
         if not self.quiet:

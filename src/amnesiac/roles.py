@@ -40,6 +40,9 @@ class RoleVariable:
         # bool is an int in Python; an `int` variable must not accept `true`.
         if (isinstance(value, bool) and bool not in allowed) or not isinstance(value, allowed):
             return f"{self.name} must be of type {self.type}, got {type(value).__name__} {value!r}"
+        # argument_specs has no ranges: a size (a name ending in _mib) is at least 1 MiB.
+        if self.name.endswith("_mib") and isinstance(value, int) and value < 1:
+            return f"{self.name} is a size in MiB: at least 1, got {value!r}"
         # For a list, `choices` constrain its elements (as in Ansible's argument_specs).
         items = value if isinstance(value, list) else [value]
         bad = [item for item in items if self.choices and item not in self.choices]

@@ -19,7 +19,7 @@ _state: dict[str, object] = {"deferred": False, "pending": None}
 def _handler(signum: int, _frame: FrameType | None) -> None:
     _state["pending"] = signum
     if not _state["deferred"]:
-        raise Interrupted(f"interrupted by {signal.Signals(signum).name}; cleaned up")
+        raise Interrupted(signum)
 
 
 def install() -> None:
@@ -36,4 +36,4 @@ def deferred() -> Iterator[Callable[[], bool]]:
     finally:
         _state["deferred"] = False
     if (signum := _state["pending"]) is not None:
-        raise Interrupted(f"interrupted by {signal.Signals(int(signum)).name}; cleaned up")  # type: ignore[call-overload]
+        raise Interrupted(int(signum))  # type: ignore[call-overload]

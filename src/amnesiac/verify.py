@@ -28,7 +28,7 @@ from amnesiac.checks import MODULES
 from amnesiac.checks.expectations import Expectations
 from amnesiac.checks.meta import catalogue, integrity_checks
 from amnesiac.checks.results import CheckRecord, CheckResult, Evidence, read_records
-from amnesiac.errors import AmnesiacError
+from amnesiac.errors import UnreachableError, UsageError
 from amnesiac.image.manifest import Manifest
 from amnesiac.image.plan import make_plan
 from amnesiac.policy import ClaimKind, Policy
@@ -49,8 +49,9 @@ INTEGRITY_TEXT = (
 CHECKS_TIMEOUT = 900  # seconds for the whole check run: a hung SSH session must not hang verify
 
 
-class VerifyError(AmnesiacError):
-    """The target could not be reached or the checks could not run at all."""
+class VerifyError(UnreachableError):
+    """The target could not be reached or the checks could not run at all: an error of the run
+    (exit 4), never a claim that failed."""
 
 
 @dataclass(frozen=True)
@@ -101,9 +102,9 @@ def verify(options: VerifyOptions, progress: Progress) -> Verification:
         built = _built(targets, options.build)
         reach = reach_options(options, work, progress)
         connections = {t.name: stack.enter_context(t.reach(reach)) for t in targets}
-        identities, unreachable = read_identities(targets, connections, built, progress)
-        if unreachable and options.inventory is None:
-            raise VerifyError(next(iter(unreachable.values())))
+        identities, unreachable = read_identities(
+            targets, connections, built, progress, fleet=options.inventory
+        )
         reachable = [t for t in targets if t.name in identities]
         results: dict[str, dict[str, CheckResult]] = {}
         if reachable:
@@ -157,10 +158,7 @@ def verify(options: VerifyOptions, progress: Progress) -> Verification:
 def resolve(options: VerifyOptions, work: Path) -> list[Target]:
     """The targets the command line names: one --target, or every host of --inventory."""
     if options.inventory is not None:
-        try:
-            return list(members(options.inventory, work))
-        except Unreachable as exc:
-            raise VerifyError(str(exc)) from None
+        return list(members(options.inventory, work))
     if options.target is None:
         raise VerifyError("nothing to verify: give a target or an inventory")
     return [parse(options.target)]
@@ -168,6 +166,8 @@ def resolve(options: VerifyOptions, work: Path) -> list[Target]:
 
 def reach_options(options: VerifyOptions, work: Path, progress: Progress) -> ReachOptions:
     """What reaching a target may use, from the command line (keys read and checked here)."""
+    if options.ssh_key is not None and not options.ssh_key.is_file():
+        raise UsageError(f"--ssh-key {options.ssh_key}: no such file")
     return ReachOptions(
         work=work,
         progress=progress,
@@ -190,9 +190,11 @@ def read_identities(
     connections: Mapping[str, Connection],
     built: Manifest | None,
     progress: Progress,
+    fleet: Path | None = None,
 ) -> tuple[dict[str, Identity], dict[str, str]]:
-    """Each target's identity, read in parallel; the ones that did not answer, and why."""
-    title = "Identity: image, kernel, boot" if len(targets) == 1 else f"Identity of {len(targets)} hosts"
+    """Each target's identity, read in parallel; the ones that did not answer, and why (a
+    single target that does not answer is a VerifyError; a fleet's are reported)."""
+    title = "Identity: image, kernel, boot" if fleet is None else f"Identity of {len(targets)} hosts"
     identities: dict[str, Identity] = {}
     unreachable: dict[str, str] = {}
     with progress.stage("identity", title) as stage:
@@ -203,7 +205,9 @@ def read_identities(
                 identities[name] = future.result()
             except Unreachable as exc:
                 unreachable[name] = str(exc)
-        if len(targets) == 1 and identities:
+        if fleet is None and unreachable:  # one target: nothing to verify, an error of the run
+            raise VerifyError(next(iter(unreachable.values())))
+        if fleet is None:
             stage.note = f"boot {next(iter(identities.values())).boot_id or '-'}"
         else:
             stage.note = f"{len(identities)} reachable, {len(unreachable)} not"

@@ -140,7 +140,7 @@ def test_tmpfs_too_small_is_refused(ovpn: Built, tmp_path: Path) -> None:
 
 
 def test_interrupted_build_leaves_nothing(ovpn: Built, tmp_path: Path) -> None:
-    """SIGTERM during the Ansible stage: exit 130, no --out, no work directory, no mount."""
+    """SIGTERM during the Ansible stage: exit 143, no --out, no work directory, no mount."""
     out = tmp_path / "interrupted"
     proc = subprocess.Popen(
         [sys.executable, "-m", "amnesiac.cli", "build", "--out", str(out)],
@@ -158,7 +158,7 @@ def test_interrupted_build_leaves_nothing(ovpn: Built, tmp_path: Path) -> None:
     assert work is not None, "the build never reached the configure stage"
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr
+    assert proc.returncode == 143, stderr  # 128 + SIGTERM
     assert "interrupted" in stderr.strip().splitlines()[-1]
     assert not out.exists()
     assert list(tmp_path.glob(".interrupted.*")) == []

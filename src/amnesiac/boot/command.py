@@ -5,9 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from rich.markup import escape
+
 from amnesiac.boot.errors import BootError
+from amnesiac.boot.image import memory_mib
 from amnesiac.boot.machine import BootOptions, running
 from amnesiac.boot.qemu import GUEST_HTTP
+from amnesiac.errors import UsageError
+from amnesiac.image.manifest import Manifest
 from amnesiac.progress import Progress
 
 
@@ -19,23 +24,28 @@ def command(build_dir: Path, options: BootOptions, *, wait: bool, json_out: bool
         if not progress.quiet:  # soft wrap: the ssh command must stay one line to copy
             progress.console.print(text, soft_wrap=True)
 
+    if options.memory_mib is not None:
+        # Too little RAM does not fail loudly: the root's unpacking stops short of the whole tree.
+        need = memory_mib(Manifest.load(build_dir))
+        if options.memory_mib < need:
+            raise UsageError(f"--memory {options.memory_mib}: this image needs at least {need} MiB")
     with running(build_dir, options) as machine:
         say(
-            f"[bold]booting[/] {machine.image.dir} (image {machine.image.sha256[:12]}): "
+            f"[bold]booting[/] {escape(str(machine.image.dir))} (image {machine.image.sha256[:12]}): "
             f"{machine.memory_mib} MiB, {machine.cpus} vCPUs, {machine.accel.reason}"
         )
         say(f"  netboot: {machine.http_url} (the guest's http://{GUEST_HTTP}/; guest network isolated)")
-        say(f"  serial console: {machine.serial_log}")
+        say(f"  serial console: {escape(str(machine.serial_log))}")
         if machine.devices:
             say("  test devices: " + ", ".join(d.description for d in machine.devices))
-        say(f"  ssh: {machine.ssh_command()}")
+        say(f"  ssh: {escape(machine.ssh_command())}")
         if wait or json_out:
             with progress.stage("boot", "waiting for SSH") as stage:
                 seconds = machine.wait_ssh(timeout, on_tick=progress.detail)
                 stage.note = f"{machine.ssh_banner}; served files match manifest.json"
             if json_out:
                 print(json.dumps(machine.summary(), indent=2), flush=True)
-            say(f"[bold green]ready[/] in {seconds:.1f} s: {machine.ssh_command()}")
+            say(f"[bold green]ready[/] in {seconds:.1f} s: {escape(machine.ssh_command())}")
         say("[dim]running until Ctrl-C, which powers the machine off and removes its files[/]")
         code = machine.wait_exit()
         console = machine.console(3)

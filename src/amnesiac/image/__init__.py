@@ -16,12 +16,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from amnesiac.errors import UsageError
 from amnesiac.image import configure, manifest, minimise, pack, rootfs
 from amnesiac.image.plan import BuildPlan
 from amnesiac.progress import Progress
 from amnesiac.run import require_root, require_tools
 
 HOST_TOOLS = ("mmdebstrap", "tar", "zstd", "chroot", "dpkg-query")
+# The directories a build makes beside --out: .<out>.<kind>-<pid> (swept once their pid is gone).
+WORK_KINDS = ("work", "new", "old")
 
 
 @dataclass(frozen=True)
@@ -44,14 +47,42 @@ def _pid_alive(pid: int) -> bool:
 def _sweep_stale(out: Path) -> None:
     """Remove work directories that a killed build (SIGKILL, power loss) left behind."""
     for stale in out.parent.glob(f".{out.name}.*-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        kind, _, pid = stale.name.removeprefix(f".{out.name}.").rpartition("-")
+        if kind in WORK_KINDS and pid.isdigit() and not _pid_alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
+
+
+def check_destination(out: Path, cache: Path) -> None:
+    """Refuse, before anything is made, an --out this build may not replace, and a bad --cache.
+
+    --out is replaced at the end of a build: it must be new, or an amnesiac build (its
+    manifest.json reads as one); anything else is someone's, and is never touched.
+    """
+    if str(out) in {"", "."} or out.resolve() == Path.cwd():
+        raise UsageError(f"--out {str(out)!r}: the current directory is not a build to replace")
+    for parent in [out.parent, *out.parent.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"--out {out}: {parent} is not a directory")
+            break
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise UsageError(f"--out {out}: exists and is not a directory; refusing to replace it")
+    if out.is_dir() and any(out.iterdir()):  # an empty directory holds nothing to lose
+        if not (out / manifest.NAME).is_file():
+            raise UsageError(
+                f"--out {out}: exists and is not an amnesiac build (no {manifest.NAME}); "
+                "refusing to replace it",
+                hint="name a new directory, or a previous build",
+            )
+        manifest.Manifest.load(out)  # a manifest.json of someone else's is refused by its shape
+    if cache.exists() and not cache.is_dir():
+        raise UsageError(f"--cache {cache}: not a directory")
 
 
 def build(
     plan: BuildPlan, out: Path, cache: Path, progress: Progress, *, refresh: bool = False
 ) -> BuildResult:
+    check_destination(out, cache)
     require_root("amnesiac build")
     require_tools(*HOST_TOOLS)
     out = out.resolve()

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from amnesiac.checks.meta import Surface
-from amnesiac.errors import AmnesiacError, UsageError
+from amnesiac.errors import UnreachableError, UsageError
 
 if TYPE_CHECKING:
     from amnesiac.boot import BootedMachine
@@ -36,7 +36,7 @@ class TargetKind(StrEnum):
         return cast(type[Target], module.BACKEND)
 
 
-class Unreachable(AmnesiacError):
+class Unreachable(UnreachableError):
     """The target could not be reached, or did not answer who it is."""
 
 
@@ -126,9 +126,13 @@ class Target(abc.ABC):
 
         try:
             host = connection.testinfra_host()
-            values = {name: host.run(command).stdout.strip() for name, command in IDENTITY_COMMANDS}
+            results = {name: host.run(command) for name, command in IDENTITY_COMMANDS}
         except Exception as exc:
-            raise Unreachable(f"cannot reach {self.spec}: {exc}") from None
+            raise Unreachable(f"cannot reach {self.spec}: {' '.join(str(exc).split())}") from None
+        if (first := results["kernel_release"]).rc != 0:  # e.g. podman exec into no such container
+            why = " ".join((first.stderr or first.stdout or "").split())[-300:] or f"exit {first.rc}"
+            raise Unreachable(f"cannot reach {self.spec}: {why}")
+        values = {name: result.stdout.strip() for name, result in results.items()}
         image = next(
             (w.split("=", 1)[1] for w in values["cmdline"].split() if w.startswith("amnesiac.image=")), None
         )

@@ -14,7 +14,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from amnesiac.targets.base import Connection, ReachOptions, Unreachable
+from amnesiac.errors import UsageError
+from amnesiac.targets.base import Connection, ReachOptions
 from amnesiac.targets.ssh import SshTarget
 
 HOST_ID = "ansible://"  # testinfra's id of an inventory host: ansible://<inventory name>
@@ -63,6 +64,8 @@ def members(inventory: Path, work: Path) -> list[InventoryHost]:
     """Every host of the inventory, with how to reach it."""
     from testinfra.utils.ansible_runner import AnsibleRunner
 
+    if not inventory.is_file():
+        raise UsageError(f"--inventory {inventory}: no such file")
     inventory = inventory.resolve()
     env = tool_env(work)  # the identity reads run in this process
     os.environ["PATH"], os.environ["ANSIBLE_CONFIG"] = env["PATH"], env["ANSIBLE_CONFIG"]
@@ -70,7 +73,7 @@ def members(inventory: Path, work: Path) -> list[InventoryHost]:
         runner = AnsibleRunner(os.fspath(inventory))
         names = runner.get_hosts("all")
     except Exception as exc:
-        raise Unreachable(f"cannot read the inventory {inventory}: {exc}") from None
+        raise UsageError(f"--inventory {inventory}: not an Ansible inventory ({exc})") from None
     found = []
     for name in names:
         hostvars = runner.get_variables(name)
@@ -84,5 +87,5 @@ def members(inventory: Path, work: Path) -> list[InventoryHost]:
             )
         )
     if not found:
-        raise Unreachable(f"the inventory {inventory} names no hosts")
+        raise UsageError(f"--inventory {inventory}: names no hosts")
     return found
