@@ -1,4 +1,9 @@
-"""`amnesiac policy show`: the claim → control → check table, for people and for machines."""
+"""`amnesiac policy show`: the claim → control → check table, for people and for machines.
+
+Everything in the table comes from a policy file, which is untrusted input: it is printed as
+rich `Text`, never parsed as console markup or emoji codes, so a title such as `OVPN [/] policy`
+or a path holding `[/red]` prints as written.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from amnesiac.policy import Policy
 
@@ -37,9 +43,12 @@ def as_data(policy: Policy) -> dict[str, Any]:
 def render(policy: Policy, console: Console) -> None:
     technical = policy.technical_claims()
     console.print(
-        f"[bold]{policy.policy.title}[/] ({policy.id}, {policy.path}): {len(policy.claims)} claims, "
-        f"{len(technical)} technical, {len(policy.claims) - len(technical)} organisational; "
-        f"languages: {', '.join(policy.policy.sources)}"
+        Text.assemble(
+            (policy.policy.title, "bold"),
+            f" ({policy.id}, {policy.path}): {len(policy.claims)} claims, "
+            f"{len(technical)} technical, {len(policy.claims) - len(technical)} organisational; "
+            f"languages: {', '.join(policy.policy.sources)}",
+        )
     )
     # Ids never wrap (they are what a reader greps for); titles and variables do.
     table = Table(show_lines=True)
@@ -49,14 +58,21 @@ def render(policy: Policy, console: Console) -> None:
     width = max((len(c) for claim in policy.claims for c in claim.checks), default=6)
     table.add_column("checks", no_wrap=True, min_width=width)
     for claim in policy.claims:
-        controls = "\n".join(
-            f"{c.role}" + (": " + ", ".join(f"{k}={v}" for k, v in c.vars.items()) if c.vars else "")
-            for c in claim.controls
+        controls = Text(
+            "\n".join(
+                f"{c.role}" + (": " + ", ".join(f"{k}={v}" for k, v in c.vars.items()) if c.vars else "")
+                for c in claim.controls
+            )
         )
         kind = claim.kind.value
         if claim.permits:
             kind += f"\npermits {', '.join(claim.permits.records)}"
         if not claim.technical:
-            controls = "[dim]not verifiable by software[/]"
-        table.add_row(f"{claim.id}\n[dim]{claim.title}[/]", kind, controls, "\n".join(claim.checks))
+            controls = Text.assemble(("not verifiable by software", "dim"))
+        table.add_row(
+            Text.assemble(claim.id, "\n", (claim.title, "dim")),
+            Text(kind),
+            controls,
+            Text("\n".join(claim.checks)),
+        )
     console.print(table)
