@@ -59,7 +59,7 @@ def main(argv: list[str]) -> int:
     def open_stopping(to: str, *, ssh_config: Path | None = None, ssh_key: Path | None = None) -> Store:
         return stopping(open_store(to, ssh_config=ssh_config, ssh_key=ssh_key), step)
 
-    command.open_store = open_stopping  # the PXE root the flash command opens
+    vars(command)["open_store"] = open_stopping  # the PXE root the flash command opens
     return cli.main(args)
 
 

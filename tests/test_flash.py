@@ -14,6 +14,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -27,6 +28,7 @@ from typing import Any
 import pytest
 
 from amnesiac.errors import UsageError
+from amnesiac.flash import command as command_module
 from amnesiac.flash import publish as ops
 from amnesiac.flash.candidate import load as load_candidate
 from amnesiac.flash.command import FlashOptions, action, command
@@ -100,6 +102,19 @@ def make_build(path: Path, name: str, *, initrd_mib: int = 3) -> Path:
 
 def image_of(build: Path) -> str:
     return str(json.loads((build / "manifest.json").read_text())["image"]["sha256"])
+
+
+def version_of(build: Path, report: Path | None = None) -> str:
+    """The name of the version that publishes `build` (with `report`, by default its own): the
+    sha256 of the `sha256sum` lines of every file it holds but publish.json, sorted by name."""
+    files = {
+        n: build / n for n in ("vmlinuz", "initrd.img", "boot.ipxe", "manifest.json", "manifest.json.sig")
+    }
+    files["report.json"] = report if report is not None else build / "report.json"
+    lines = "".join(
+        f"{sha256(path.read_bytes())}  {n}\n" for n, path in sorted(files.items()) if path.is_file()
+    )
+    return sha256(lines.encode())
 
 
 def make_report(
@@ -224,7 +239,7 @@ def assert_serves(root: Path, build: Path) -> None:
 
 def test_publish_layout_entry_point_and_record(builds: list[Path], root: Path) -> None:
     assert publish(builds[0], root) == 0
-    image = image_of(builds[0])
+    image = version_of(builds[0])
     version = root / "versions" / image
     assert sorted(p.name for p in version.iterdir()) == [
         "boot.ipxe", "initrd.img", "manifest.json", "manifest.json.sig", "publish.json", "report.json",
@@ -253,7 +268,9 @@ def test_list_shows_policy_build_date_report_and_signer(builds: list[Path], root
     publish(builds[0], root)
     publish(builds[1], root, force=True, report=builds[0] / "report.json")  # a report for another image
     found = listing(root)
-    assert found["current"] == image_of(builds[1]) and found["previous"] == image_of(builds[0])
+    assert found["current"] == version_of(builds[1], builds[0] / "report.json")
+    assert found["previous"] == version_of(builds[0])
+    assert found["versions"][0]["image"] == image_of(builds[1])
     newest, oldest = found["versions"]
     assert newest["current"] and newest["report_passed"] is False and newest["forced"]
     assert "not this build's" in newest["forced"][0]
@@ -265,6 +282,7 @@ def test_list_shows_policy_build_date_report_and_signer(builds: list[Path], root
     for word in (
         "current",
         "previous",
+        found["current"][:12],
         image_of(builds[1])[:12],
         "ovpn",
         "pass",
@@ -281,7 +299,7 @@ def test_second_publish_then_rollback_and_back(builds: list[Path], root: Path) -
     assert command(FlashOptions(to=str(root), rollback="", json=True)) == 0
     assert_serves(root, builds[0])
     state = listing(root)
-    assert state["current"] == image_of(builds[0]) and state["previous"] == image_of(builds[1])
+    assert state["current"] == version_of(builds[0]) and state["previous"] == version_of(builds[1])
     assert state["state"]["action"] == "rollback"
     assert command(FlashOptions(to=str(root), rollback="", json=True)) == 0  # previous is now builds[1]
     assert_serves(root, builds[1])
@@ -308,18 +326,143 @@ def test_republishing_the_current_image_switches_nothing(builds: list[Path], roo
     assert (root / "boot.ipxe").read_bytes() == before
 
 
+def rewrite(build: Path, name: str, data: bytes, key: Path) -> None:
+    """Replace one boot file of `build` (initrd.img stays), list it in manifest.json, sign again."""
+    (build / name).write_bytes(data)
+    manifest = json.loads((build / "manifest.json").read_text())
+    manifest["artifacts"][name] = {"sha256": sha256(data), "size": len(data)}
+    (build / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    command(FlashOptions(build=build, sign=key, json=True))
+
+
+@pytest.mark.parametrize("change", ["boot.ipxe", "vmlinuz", "report.json"])
+def test_the_same_image_with_other_files_is_a_new_version(
+    builds: list[Path], root: Path, keys: dict[str, Path], change: str
+) -> None:
+    """initrd.img (the image) unchanged, another file changed: published, never "already current"."""
+    build = builds[0]
+    assert publish(build, root) == 0
+    first = version_of(build)
+    if change == "report.json":
+        time.sleep(1.1)  # another `generated` second: another report for the same image
+        (build / "report.json").write_bytes(make_report(build))
+    elif change == "boot.ipxe":
+        rewrite(
+            build, "boot.ipxe", b"#!ipxe\nkernel vmlinuz initrd=initrd.img console=tty0\nboot\n", keys["ops"]
+        )
+    else:
+        rewrite(build, "vmlinuz", os.urandom(64 * 1024), keys["ops"])
+    second = version_of(build)
+    assert second != first
+    result = amnesiac("flash", str(build), "--to", str(root), "--json")
+    assert result.returncode == 0, result.stderr
+    outcome = json.loads(result.stdout)
+    assert outcome["switched"] and outcome["copied"]
+    assert outcome["version"] == second and outcome["previous"] == first
+    assert outcome["image"] == image_of(build)
+    assert_serves(root, build)
+    for name in ("manifest.json", "manifest.json.sig", "report.json"):
+        assert (root / "versions" / second / name).read_bytes() == (build / name).read_bytes()
+    found = listing(root)
+    assert [v["version"] for v in found["versions"]] == [second, first]
+    assert {v["image"] for v in found["versions"]} == {image_of(build)}
+    # Only when every file is the same is it "already current".
+    again = amnesiac("flash", str(build), "--to", str(root))
+    assert again.returncode == 0 and "already current" in again.stderr, again.stderr
+    # Both versions of the one image can be gone back to: by name, or by the image (ambiguous here).
+    assert command(FlashOptions(to=str(root), rollback=first[:10], json=True)) == 0
+    assert (root / "versions" / first / "manifest.json").read_bytes() == served_file(root, "manifest.json")
+    with pytest.raises(UsageError, match="ambiguous"):
+        command(FlashOptions(to=str(root), rollback=image_of(build)[:10]))
+    # Publishing the changed build again switches back to its version, without a copy.
+    outcome = ops.publish(
+        LocalStore(root),
+        ops.admit(load_candidate(build), (root / "allowed_signers").read_bytes(), "x", force=False),
+        Progress(quiet=True),
+    )
+    assert outcome.switched and not outcome.copied and outcome.version == second
+
+
+def served_file(root: Path, name: str) -> bytes:
+    """A file of the version the entry point chains to now."""
+    state = parse_root_script((root / ROOT_SCRIPT).read_text(), "test")
+    assert state is not None
+    return (root / "versions" / state.current / name).read_bytes()
+
+
+def test_a_version_is_named_by_the_sha256sum_of_its_files(builds: list[Path], root: Path) -> None:
+    """What model.version_id promises: the boot server's coreutils recompute a version's name."""
+    publish(builds[0], root)
+    version = version_of(builds[0])
+    line = "ls | grep -vx publish.json | LC_ALL=C sort | xargs sha256sum | sha256sum"
+    out = subprocess.run(
+        ["sh", "-c", line], cwd=root / "versions" / version, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split()[0] == version
+
+
+def test_versions_named_by_their_image_are_still_served(builds: list[Path], root: Path) -> None:
+    """A root published before versions were named by their files: versions/<image sha256>/."""
+    for build in builds[:2]:
+        publish(build, root)
+    for build in builds[:2]:
+        (root / "versions" / version_of(build)).rename(root / "versions" / image_of(build))
+    state = State(
+        current=image_of(builds[1]), previous=image_of(builds[0]), action="publish", switched="x", by="u@h"
+    )
+    (root / ROOT_SCRIPT).write_text(root_script(state))
+    found = listing(root)
+    assert [v["version"] for v in found["versions"]] == [image_of(builds[1]), image_of(builds[0])]
+    assert not any(v["damaged"] for v in found["versions"])
+    before = (root / ROOT_SCRIPT).read_bytes()
+    assert publish(builds[1], root) == 0  # the same files, under the old name: already current
+    assert (root / ROOT_SCRIPT).read_bytes() == before
+    assert command(FlashOptions(to=str(root), rollback="", json=True)) == 0
+    assert_serves(root, builds[0])
+
+
+def test_list_shows_damaged_versions(builds: list[Path], root: Path) -> None:
+    for build in builds[:3]:
+        publish(build, root)
+    oldest, middle, newest = (root / "versions" / version_of(b) for b in builds[:3])
+    with (oldest / "vmlinuz").open("r+b") as f:  # the same size, other bytes
+        f.write(b"evil")
+    (middle / "boot.ipxe").unlink()
+    (newest / "publish.json").unlink()
+    result = amnesiac("flash", "--to", str(root), "--list", "--json")
+    assert result.returncode == 0, result.stderr
+    found = {v["version"]: v for v in json.loads(result.stdout)["versions"]}
+    assert found[oldest.name]["damaged"] and found[oldest.name]["problem"] == "damaged: vmlinuz changed"
+    assert found[middle.name]["damaged"] and found[middle.name]["problem"] == "damaged: boot.ipxe missing"
+    assert found[newest.name]["damaged"] and found[newest.name]["problem"] == "no publish.json"
+    assert found[middle.name]["image"] == image_of(builds[1])  # still told what it was
+    text = amnesiac("flash", "--to", str(root), "--list")
+    assert text.returncode == 0, text.stderr
+    rows = {name[:12]: [ln for ln in text.stdout.splitlines() if name[:12] in ln] for name in found}
+    assert "damaged: vmlinuz changed" in rows[oldest.name[:12]][0]
+    assert "damaged: boot.ipxe missing" in rows[middle.name[:12]][0]
+    assert "no publish.json" in rows[newest.name[:12]][0]
+    # Whole versions are not: the listing hashed them, and they matched.
+    (oldest / "vmlinuz").write_bytes((builds[0] / "vmlinuz").read_bytes())
+    found = {
+        v["version"]: v
+        for v in json.loads(amnesiac("flash", "--to", str(root), "--list", "--json").stdout)["versions"]
+    }
+    assert not found[oldest.name]["damaged"] and found[oldest.name]["problem"] is None
+
+
 def test_prune_keeps_the_newest_and_never_current_or_previous(builds: list[Path], root: Path) -> None:
     for build in builds[:4]:
         publish(build, root, keep=2)
     names = {p.name for p in (root / "versions").iterdir()}
-    assert names == {image_of(builds[2]), image_of(builds[3])}
+    assert names == {version_of(builds[2]), version_of(builds[3])}
     # Roll back to the older of the two, then publish two more with keep=1: the current and
     # previous versions survive even though only one version is "kept".
     command(FlashOptions(to=str(root), rollback="", json=True))
     assert_serves(root, builds[2])
     publish(builds[4], root, keep=1)
     names = {p.name for p in (root / "versions").iterdir()}
-    assert names == {image_of(builds[4]), image_of(builds[2])}  # current, previous
+    assert names == {version_of(builds[4]), version_of(builds[2])}  # current, previous
     assert command(FlashOptions(to=str(root), rollback="", json=True)) == 0
     assert_serves(root, builds[2])
 
@@ -328,21 +471,22 @@ def test_prune_alone(builds: list[Path], root: Path) -> None:
     for build in builds[:4]:
         publish(build, root, keep=10)
     assert command(FlashOptions(to=str(root), prune=True, keep=1, json=True)) == 0
-    assert {p.name for p in (root / "versions").iterdir()} == {image_of(builds[3]), image_of(builds[2])}
+    assert {p.name for p in (root / "versions").iterdir()} == {version_of(builds[3]), version_of(builds[2])}
     log = (root / "flash.log").read_text().splitlines()
     assert json.loads(log[-1])["action"] == "prune"
 
 
 def test_rollback_needs_something_to_go_back_to(builds: list[Path], root: Path, tmp_path: Path) -> None:
-    with pytest.raises(FlashError, match="no such PXE root"):
+    with pytest.raises(UsageError, match="no such PXE root"):
         command(FlashOptions(to=str(tmp_path / "nowhere"), rollback=""))
     assert not (tmp_path / "nowhere").exists()
-    with pytest.raises(FlashError, match="nothing published"):
+    with pytest.raises(UsageError, match="nothing published"):
         command(FlashOptions(to=str(root), rollback=""))
+    assert not (root / LOCK).exists()  # refused before taking the lock: nothing written
     publish(builds[0], root)
-    with pytest.raises(FlashError, match="no previous version"):
+    with pytest.raises(UsageError, match="no previous version"):
         command(FlashOptions(to=str(root), rollback=""))
-    with pytest.raises(FlashError, match="no version"):
+    with pytest.raises(UsageError, match="no version"):
         command(FlashOptions(to=str(root), rollback="abcdef"))
 
 
@@ -391,7 +535,8 @@ def test_report_elsewhere_is_attached(builds: list[Path], root: Path, tmp_path: 
     report_dir.mkdir()
     (builds[0] / "report.json").rename(report_dir / "report.json")
     publish(builds[0], root, report=report_dir)
-    assert (root / "versions" / image_of(builds[0]) / "report.json").is_file()
+    version = root / "versions" / version_of(builds[0], report_dir / "report.json")
+    assert (version / "report.json").read_bytes() == (report_dir / "report.json").read_bytes()
 
 
 # --- signatures and tampering -------------------------------------------------------------------
@@ -458,14 +603,14 @@ def test_a_changed_copy_is_caught_before_the_switch(builds: list[Path], root: Pa
     with pytest.raises(FlashError, match=r"copy of initrd\.img does not match manifest\.json"):
         ops.publish(store, found, Progress(quiet=True))
     assert served(root) == before
-    assert not (root / "versions" / image_of(builds[1])).exists()
+    assert not (root / "versions" / version_of(builds[1])).exists()
     assert not list((root / ".staging").glob("*")) if (root / ".staging").exists() else True
 
 
 def test_rollback_refuses_a_damaged_version(builds: list[Path], root: Path) -> None:
     publish(builds[0], root)
     publish(builds[1], root)
-    with (root / "versions" / image_of(builds[0]) / "vmlinuz").open("r+b") as f:
+    with (root / "versions" / version_of(builds[0]) / "vmlinuz").open("r+b") as f:
         f.write(b"evil")
     before = served(root)
     with pytest.raises(Refused, match="damaged"):
@@ -490,7 +635,7 @@ def test_rollback_checks_the_stored_signature_against_todays_signers(
 
 def test_a_damaged_current_version_is_not_replaced_in_place(builds: list[Path], root: Path) -> None:
     publish(builds[0], root)
-    (root / "versions" / image_of(builds[0]) / "initrd.img").write_bytes(b"truncated")
+    (root / "versions" / version_of(builds[0]) / "initrd.img").write_bytes(b"truncated")
     with pytest.raises(Refused, match="current but damaged"):
         publish(builds[0], root)
 
@@ -508,7 +653,7 @@ def test_sign_and_publish_in_one_run(tmp_path: Path, root: Path, keys: dict[str,
     build = make_build(tmp_path / "b", "x")
     (build / "report.json").write_bytes(make_report(build))
     assert publish(build, root, sign=keys["ops"]) == 0
-    record = json.loads((root / "versions" / image_of(build) / "publish.json").read_text())
+    record = json.loads((root / "versions" / version_of(build) / "publish.json").read_text())
     assert record["signature"]["principal"] == "release@example.net"
 
 
@@ -549,7 +694,9 @@ def kill_at(point: str, build: Path, to: Path | str, *extra: str) -> None:
     )
     deadline = time.monotonic() + WAIT
     while not stopped(proc.pid):
-        assert proc.poll() is None, f"flash ended before {point}: {proc.stderr.read() if proc.stderr else ''}"
+        assert proc.poll() is None, (
+            f"flash ended before {point}: {proc.stderr.read().decode() if proc.stderr else ''}"
+        )
         assert time.monotonic() < deadline, f"flash never reached {point}"
         time.sleep(0.05)
     proc.kill()
@@ -582,9 +729,9 @@ def test_a_publish_killed_at_any_step_leaves_the_previous_image_served(
 def test_the_next_flash_sweeps_up_what_a_dead_one_left(builds: list[Path], root: Path) -> None:
     """A copy under way, a version being removed, a new entry point written but not renamed."""
     publish(builds[0], root)
-    (root / ".staging" / f"{image_of(builds[1])}.4242").mkdir(parents=True)
-    (root / ".staging" / f"{image_of(builds[1])}.4242" / "initrd.img").write_bytes(b"half")
-    (root / ".trash" / f"{image_of(builds[2])}.4242").mkdir(parents=True)
+    (root / ".staging" / f"{version_of(builds[1])}.4242").mkdir(parents=True)
+    (root / ".staging" / f"{version_of(builds[1])}.4242" / "initrd.img").write_bytes(b"half")
+    (root / ".trash" / f"{version_of(builds[2])}.4242").mkdir(parents=True)
     (root / ".boot.ipxe.4242.tmp").write_text("#!ipxe\nchain versions/nothing/boot.ipxe\n")
     (root / ".boot.ipxe.k2_x9q.tmp").write_text("#!ipxe\n")
     assert_serves(root, builds[0])
@@ -611,7 +758,7 @@ def test_sigterm_mid_copy_cleans_up_and_says_so(builds: list[Path], root: Path) 
     proc.send_signal(signal.SIGTERM)  # pending until it runs again
     proc.send_signal(signal.SIGCONT)
     _, err = proc.communicate(timeout=WAIT)
-    assert proc.returncode == 130
+    assert proc.returncode == 128 + signal.SIGTERM
     assert err.strip().count("\n") == 0 and "interrupted by SIGTERM" in err
     assert served(root) == before
     assert not list((root / ".staging").glob("*")) if (root / ".staging").exists() else True
@@ -672,8 +819,11 @@ def test_a_held_lock_times_out_with_one_line(builds: list[Path], root: Path) -> 
     assert result.stderr.strip().count("\n") == 0, result.stderr
     assert "locked by another flash (pid 1 on a test)" in result.stderr
     assert not (root / "boot.ipxe").exists()
+    publish(builds[0], root)
+    publish(builds[1], root)
     with held_lock(root), pytest.raises(LockBusy):
         command(FlashOptions(to=str(root), rollback="", lock_timeout=0))
+    assert_serves(root, builds[1])
 
 
 def test_concurrent_flashes_are_serialised(builds: list[Path], root: Path) -> None:
@@ -724,6 +874,188 @@ def test_cli_errors_are_one_line_with_exit_codes(tmp_path: Path) -> None:
     assert "no such build directory" in result.stderr
     result = amnesiac("flash", "--to", "ftp://x/y", "--list")
     assert result.returncode == 2 and "ssh://" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory, keys: dict[str, Path]) -> dict[str, Path]:
+    """A signed build with its report, a PXE root it is published to, and bad inputs beside them."""
+    base = tmp_path_factory.mktemp("world")
+    build = make_build(base / "build", "w")
+    (build / "report.json").write_bytes(make_report(build))
+    command(FlashOptions(build=build, sign=keys["ops"], json=True))
+    pxe = base / "pxe"
+    pxe.mkdir()
+    shutil.copy(keys["allowed"], pxe / "allowed_signers")
+    assert publish(build, pxe) == 0
+    garbled = make_build(base / "garbled", "g")
+    (garbled / "manifest.json").write_text('{"format": 1, "image": ')
+    dir_manifest = make_build(base / "dir-manifest", "d")
+    (dir_manifest / "manifest.json").unlink()
+    (dir_manifest / "manifest.json").mkdir()
+    foreign = make_build(base / "foreign", "f")
+    (foreign / "manifest.json").write_text('{"name": "not an amnesiac manifest"}')
+    (base / "a-file").write_text("not a directory\n")
+    (base / "not-a-key").write_text("hello\n")
+    (base / "key-dir").mkdir()
+    return {
+        "base": base,
+        "build": build,
+        "pxe": pxe,
+        "garbled": garbled,
+        "dir_manifest": dir_manifest,
+        "foreign": foreign,
+        "file": base / "a-file",
+        "missing": base / "missing",
+        "key": keys["ops"],
+        "not_a_key": base / "not-a-key",
+        "key_dir": base / "key-dir",
+    }
+
+
+def tree(base: Path) -> dict[str, str]:
+    """Every path under `base` with its kind, mode and sha256: what "nothing changed" compares."""
+    found = {}
+    for path in sorted(base.rglob("*")):
+        info = path.lstat()
+        if path.is_symlink():
+            what = f"-> {path.readlink()}"
+        elif path.is_dir():
+            what = "dir"
+        else:
+            what = sha256(path.read_bytes())
+        found[str(path.relative_to(base))] = f"{oct(info.st_mode)} {what}"
+    return found
+
+
+USAGE = 2
+BAD_COMMAND_LINES = [
+    # BUILD_DIR
+    pytest.param(["{missing}", "--to", "{pxe}"], USAGE, "no such build directory", id="missing-build"),
+    pytest.param(["{file}", "--to", "{pxe}"], USAGE, "not a directory", id="build-is-a-file"),
+    pytest.param(["{garbled}", "--to", "{pxe}"], USAGE, "not an amnesiac manifest", id="malformed-manifest"),
+    pytest.param(["{foreign}", "--to", "{pxe}"], USAGE, "not an amnesiac manifest", id="foreign-manifest"),
+    pytest.param(["{dir_manifest}", "--to", "{pxe}"], USAGE, "cannot read it", id="manifest-is-a-directory"),
+    pytest.param(["{garbled}", "--check"], USAGE, "not an amnesiac manifest", id="check-malformed-manifest"),
+    pytest.param(
+        ["{build}", "--to", "{pxe}", "--report", "{missing}"], USAGE, "--report", id="missing-report"
+    ),
+    pytest.param(
+        ["{build}", "--to", "{pxe}", "--allowed-signers", "{missing}"],
+        USAGE,
+        "cannot read",
+        id="missing-signers",
+    ),
+    # --to
+    pytest.param(["{build}", "--to", ""], USAGE, "name a PXE root", id="to-empty"),
+    pytest.param(["{build}", "--to", "   "], USAGE, "name a PXE root", id="to-blank"),
+    pytest.param(["{build}", "--to", "ssh://"], USAGE, "expected ssh://", id="to-ssh-nothing"),
+    pytest.param(["{build}", "--to", "ssh://host"], USAGE, "absolute path", id="to-ssh-no-path"),
+    pytest.param(["{build}", "--to", "ftp://host/pxe"], USAGE, "ssh://", id="to-other-scheme"),
+    pytest.param(["{build}", "--to", "{file}"], USAGE, "not a directory", id="to-a-file"),
+    pytest.param(["{build}", "--to", "{file}/pxe"], USAGE, "is not a directory", id="to-below-a-file"),
+    pytest.param(
+        ["{build}", "--to", "{base}/" + "x" * 300], USAGE, "File name too long", id="to-name-too-long"
+    ),
+    pytest.param(
+        ["{build}", "--to", "ssh://pxe-test/srv/pxe", "--ssh-config", "{missing}"],
+        USAGE,
+        "--ssh-config",
+        id="missing-ssh-config",
+    ),
+    # options that do not go together, or are out of range
+    pytest.param([], USAGE, "say where", id="nothing"),
+    pytest.param(["--to", "{pxe}"], USAGE, "BUILD_DIR is needed", id="no-build"),
+    pytest.param(["--list"], USAGE, "--list needs --to", id="list-without-to"),
+    pytest.param(["--to", "{pxe}", "--list", "--prune"], USAGE, "choose one", id="list-and-prune"),
+    pytest.param(["--to", "{pxe}", "--rollback", "--check"], USAGE, "choose one", id="rollback-and-check"),
+    pytest.param(["{build}", "--to", "{pxe}", "--list"], USAGE, "takes no BUILD_DIR", id="list-with-build"),
+    pytest.param(
+        ["--to", "{pxe}", "--list", "--sign", "{key}"], USAGE, "takes no --sign", id="list-with-sign"
+    ),
+    pytest.param(
+        ["--to", "{pxe}", "--rollback", "--report", "{missing}", "--force"],
+        USAGE,
+        "--rollback takes no --report / --force",
+        id="rollback-with-report-force",
+    ),
+    pytest.param(["{build}", "--to", "{pxe}", "--usb", "{base}/u.img"], USAGE, "separate", id="usb-and-to"),
+    pytest.param(["{build}", "--to", "{pxe}", "--keep", "0"], USAGE, "--keep", id="keep-0"),
+    pytest.param(["{build}", "--to", "{pxe}", "--keep", "-2"], USAGE, "--keep", id="keep-negative"),
+    pytest.param(["{build}", "--to", "{pxe}", "--keep", "many"], USAGE, "--keep", id="keep-not-a-number"),
+    pytest.param(
+        ["{build}", "--to", "{pxe}", "--lock-timeout", "-1"], USAGE, "--lock-timeout", id="timeout-neg"
+    ),
+    pytest.param(
+        ["{build}", "--to", "{pxe}", "--lock-timeout", "nan"], USAGE, "--lock-timeout", id="timeout-nan"
+    ),
+    pytest.param(["{build}", "--to", "{pxe}", "--frobnicate"], USAGE, "--frobnicate", id="unknown-option"),
+    pytest.param(["{build}", "{build}", "--to", "{pxe}"], USAGE, "unrecognized", id="two-builds"),
+    # --sign KEY
+    pytest.param(
+        ["{build}", "--to", "{pxe}", "--sign", "{missing}"], USAGE, "no such key", id="sign-missing-key"
+    ),
+    pytest.param(["{build}", "--sign", "{key_dir}"], USAGE, "a directory", id="sign-key-is-a-directory"),
+    pytest.param(
+        ["{build}", "--sign", "{not_a_key}"], USAGE, "not an OpenSSH private key", id="sign-not-a-key"
+    ),
+    pytest.param(
+        ["{garbled}", "--sign", "{key}"], USAGE, "not an amnesiac manifest", id="sign-malformed-manifest"
+    ),
+    pytest.param(["{build}", "--to", "", "--sign", "{key}"], USAGE, "name a PXE root", id="sign-then-bad-to"),
+    pytest.param(
+        ["{build}", "--to", "{pxe}", "--sign", "{key}", "--keep", "0"],
+        USAGE,
+        "--keep",
+        id="sign-then-bad-keep",
+    ),
+    # a PXE root or a version that is not there
+    pytest.param(["--to", "{missing}", "--list"], USAGE, "no such PXE root", id="list-missing-root"),
+    pytest.param(
+        ["--to", "{missing}", "--list", "--json"], USAGE, "no such PXE root", id="list-json-missing"
+    ),
+    pytest.param(["--to", "{missing}", "--rollback"], USAGE, "no such PXE root", id="rollback-missing-root"),
+    pytest.param(["--to", "{missing}", "--prune"], USAGE, "no such PXE root", id="prune-missing-root"),
+    pytest.param(["--to", "{file}", "--list"], USAGE, "not a directory", id="list-a-file"),
+    pytest.param(["--to", "{pxe}", "--rollback", "zz"], USAGE, "hex digits", id="rollback-not-hex"),
+    pytest.param(
+        ["--to", "{pxe}", "--rollback", "abcdef12"], USAGE, "no version abcdef12", id="rollback-unknown"
+    ),
+    pytest.param(["--to", "{pxe}", "--rollback"], USAGE, "no previous version", id="rollback-no-previous"),
+]
+
+
+@pytest.mark.parametrize(("args", "code", "message"), BAD_COMMAND_LINES)
+def test_bad_command_lines_cost_nothing(
+    world: dict[str, Path], args: list[str], code: int, message: str
+) -> None:
+    """Each: one line on stderr naming the problem, its exit code, and not a byte changed anywhere."""
+    argv = [arg.format(**world) for arg in args]
+    before = tree(world["base"])
+    result = amnesiac("flash", *argv)
+    assert result.returncode == code, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert re.match(r"^amnesiac( flash)?: ", lines[0]), lines[0]
+    assert message in lines[0]
+    for python in ("Traceback", "Errno", "Error(", "internal error"):
+        assert python not in lines[0]
+    assert result.stdout == ""
+    assert tree(world["base"]) == before
+
+
+def test_an_os_error_is_words_naming_the_file(
+    builds: list[Path], root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An OSError no step expected (permissions, as root hard to provoke) is still one line of words."""
+
+    class Unreadable(LocalStore):
+        def snapshot(self) -> Any:
+            raise PermissionError(13, "Permission denied", str(self.root / "versions"))
+
+    monkeypatch.setattr(command_module, "open_store", lambda to, **_: Unreadable(Path(to)))
+    with pytest.raises(FlashError) as raised:
+        command(FlashOptions(to=str(root), list=True))
+    assert str(raised.value) == f"flash: {root}/versions: Permission denied"
 
 
 def test_root_script_round_trip() -> None:
@@ -843,10 +1175,11 @@ def test_ssh_publish_list_rollback(
         result = amnesiac("flash", str(build), "--to", url, "--keep", "2", *args)
         assert result.returncode == 0, result.stderr
     assert_serves(root, builds[2])
-    record = json.loads((root / "versions" / image_of(builds[2]) / "publish.json").read_text())
+    record = json.loads((root / "versions" / version_of(builds[2]) / "publish.json").read_text())
     assert record["signature"]["principal"] == "release@example.net"
     found = json.loads(amnesiac("flash", "--to", url, "--list", *args).stdout)
-    assert [v["version"] for v in found["versions"]] == [image_of(builds[2]), image_of(builds[1])]
+    assert [v["version"] for v in found["versions"]] == [version_of(builds[2]), version_of(builds[1])]
+    assert [v["image"] for v in found["versions"]] == [image_of(builds[2]), image_of(builds[1])]
     assert found["versions"][0]["current"] and found["versions"][1]["previous"]
     result = amnesiac("flash", "--to", url, "--rollback", *args)
     assert result.returncode == 0, result.stderr
@@ -1040,7 +1373,7 @@ def test_playbook_publishes_to_every_boot_server(
         assert all(recap(result.stdout)[name]["changed"] == 1 for name in roots)
     for root in roots.values():
         assert_serves(root, builds[1])
-        assert listing(root)["previous"] == image_of(builds[0])
+        assert listing(root)["previous"] == version_of(builds[0])
     # Again: nothing to switch anywhere.
     result = playbook(inventory, tmp_path, "-e", f"amnesiac_publish_build={builds[1]}", *signers)
     assert result.returncode == 0 and all(recap(result.stdout)[name]["changed"] == 0 for name in roots)
@@ -1076,6 +1409,6 @@ def test_playbook_reaches_boot_servers_over_ssh(
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:]
     said = " ".join(result.stdout.split())  # the YAML callback folds long lines
-    assert f"ssh://root@pxe-test{root} serves {image_of(builds[0])[:12]}" in said
+    assert f"ssh://root@pxe-test{root} serves {version_of(builds[0])[:12]}" in said
     assert_serves(root, builds[0])
     assert_serves(local, builds[0])

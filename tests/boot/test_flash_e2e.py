@@ -5,7 +5,7 @@ the same policy with another host name ($AMNESIAC_FLASH_BUILD_B, else built here
 minutes with the rootfs cache). Both are copied, signed and given a passing report made with the
 report model (a full `amnesiac verify` of each would add minutes and is tested elsewhere), then
 published with `amnesiac flash`. QEMU's iPXE fetches the root's boot.ipxe, which chains into
-versions/<sha256>/: the boot harness checks that the kernel and initrd it served are the
+versions/<version>/: the boot harness checks that the kernel and initrd it served are the
 expected image's, and the machine's host name and command line say which one runs.
 """
 
@@ -145,7 +145,10 @@ def test_publish_two_versions_netboot_the_new_roll_back_boot_the_old(
     flash(str(a), "--to", str(root))
     flash(str(b), "--to", str(root))
     listed = json.loads(flash("--to", str(root), "--list", "--json").stdout)
-    assert (listed["current"], listed["previous"]) == (image(b), image(a))
+    # A version is named by all its files; each holds one image.
+    image_of = {v["version"]: v["image"] for v in listed["versions"]}
+    version = {image_of[v]: v for v in (listed["current"], listed["previous"])}
+    assert (image_of[listed["current"]], image_of[listed["previous"]]) == (image(b), image(a))
     assert all(
         v["report_passed"] and v["signature"]["principal"] == "release@example.net"
         for v in listed["versions"]
@@ -155,15 +158,16 @@ def test_publish_two_versions_netboot_the_new_roll_back_boot_the_old(
     served = seen["served"].split()
     # The harness script, the root's boot.ipxe, then only B's files: nothing of A's.
     assert served[:3] == ["amnesiac-harness.ipxe", "overlay.cpio", "boot.ipxe"], served
-    assert f"versions/{image(b)}/boot.ipxe" in served and f"versions/{image(b)}/initrd.img" in served
-    assert not [name for name in served if image(a) in name]
+    new, old = version[image(b)], version[image(a)]
+    assert f"versions/{new}/boot.ipxe" in served and f"versions/{new}/initrd.img" in served
+    assert not [name for name in served if old in name]
     assert seen["hostname"] == "amnesiac-b"
     assert f"amnesiac.image={image(b)}" in seen["cmdline"]
 
     flash("--to", str(root), "--rollback")
     seen = netboot(root, a, key)
     served = seen["served"].split()
-    assert f"versions/{image(a)}/initrd.img" in served and not [n for n in served if image(b) in n]
+    assert f"versions/{old}/initrd.img" in served and not [n for n in served if new in n]
     assert seen["hostname"] == "amnesiac"
     assert f"amnesiac.image={image(a)}" in seen["cmdline"]
 

@@ -81,7 +81,7 @@ def served_from_pxe_root(root: Path, expected: Path) -> ServedFiles:
     """Every regular file under a PXE root, by its path relative to it (hidden ones left out),
     as it is now; `expected` is the build whose kernel and initrd must be the ones served.
 
-    The root's boot.ipxe chains into versions/<sha256>/: which image boots is the root's choice,
+    The root's boot.ipxe chains into versions/<version>/: which image boots is the root's choice,
     and the machine refuses (ImageMismatch) if it is not `expected`.
     """
     image = load_image(expected)
@@ -109,5 +109,5 @@ def memory_mib(manifest: Manifest) -> int:
 
 
 def served_name(name: str) -> str:
-    """A served path without its directories: versions/<sha256>/initrd.img is an initrd.img."""
+    """A served path without its directories: versions/<version>/initrd.img is an initrd.img."""
     return name.rsplit("/", 1)[-1]

@@ -27,6 +27,7 @@ from amnesiac.flash.model import (
     ReportInfo,
     SignatureInfo,
     now,
+    version_id,
 )
 from amnesiac.image.manifest import ArtifactMismatch, IdentityMismatch, Manifest, PolicyRef
 from amnesiac.report import model as report_model
@@ -42,7 +43,7 @@ class Candidate:
     manifest: Manifest  # parsed from manifest_bytes, the bytes that are checked and published
     manifest_bytes: bytes
     signature: bytes | None
-    files: dict[str, Source]  # name in versions/<sha256>/ -> where it comes from
+    files: dict[str, Source]  # name in versions/<version>/ -> where it comes from
     expected: dict[str, FileInfo]  # name -> what it must be once copied
     report: ReportInfo | None
     objections: list[str] = field(default_factory=list)  # why the gate says no (empty: it says yes)
@@ -55,6 +56,11 @@ class Candidate:
     @property
     def short(self) -> str:
         return self.image_sha256[:12]
+
+    @property
+    def version(self) -> str:
+        """The name of its directory in versions/: a hash of every file it publishes."""
+        return version_id(self.expected)
 
     @property
     def policy(self) -> PolicyRef:
@@ -79,12 +85,28 @@ class Candidate:
         )
 
 
-def load(build: Path, report: Path | None = None) -> Candidate:
-    """Read and check a build directory; the gate's objections are collected, not raised."""
-    if not build.is_dir():
+def check_build(build: Path, report: Path | None = None) -> tuple[Manifest, bytes]:
+    """The cheap checks of a build, made before anything is signed or copied: BUILD_DIR is a
+    directory holding an amnesiac manifest.json; --report, when given, is there. UsageError if not.
+    """
+    try:
+        exists = build.exists()
+    except OSError as exc:  # a name too long, a loop of symlinks
+        raise UsageError(f"{build}: {exc.strerror}") from None
+    if not exists:
         raise UsageError(f"{build}: no such build directory", hint="run `amnesiac build` first")
+    if not build.is_dir():
+        raise UsageError(f"{build}: not a directory; BUILD_DIR is the directory `amnesiac build` wrote")
     manifest_bytes = _read(build / MANIFEST, f"{build} is not a finished build")
     manifest = _manifest(manifest_bytes, build / MANIFEST)
+    if report is not None and not report.exists():
+        raise UsageError(f"--report {report}: no such file or directory")
+    return manifest, manifest_bytes
+
+
+def load(build: Path, report: Path | None = None) -> Candidate:
+    """Read and check a build directory; the gate's objections are collected, not raised."""
+    manifest, manifest_bytes = check_build(build, report)
     try:
         manifest.check_artifacts(build, BOOT_FILES)
     except ArtifactMismatch as exc:

@@ -1,20 +1,26 @@
-"""`amnesiac flash`: which action the options ask for, and what it prints."""
+"""`amnesiac flash`: which action the options ask for, and what it prints.
+
+Bad input costs nothing: the options, --to, BUILD_DIR and its manifest.json, --report and the
+--sign key are all checked before anything is signed, locked or copied (UsageError, exit 2).
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from amnesiac.errors import UsageError
 from amnesiac.flash import candidate as candidates
 from amnesiac.flash import publish as ops
 from amnesiac.flash import signing
-from amnesiac.flash.model import MANIFEST
+from amnesiac.flash.model import MANIFEST, FlashError, os_error
 from amnesiac.flash.store import Store, open_store
 from amnesiac.progress import Progress
 
@@ -56,7 +62,10 @@ def action(options: FlashOptions) -> str:
         raise UsageError(f"flash: choose one of --{' / --'.join(chosen)}")
     if options.keep < 1:
         raise UsageError("--keep must be at least 1 (the current and previous versions are always kept)")
-    name = chosen[0] if chosen else ("publish" if options.to else ("sign" if options.sign else ""))
+    if not (math.isfinite(options.lock_timeout) and options.lock_timeout >= 0):
+        raise UsageError(f"--lock-timeout {options.lock_timeout:g}: a number of seconds, 0 or more")
+    publish = options.to is not None  # even --to '': open_store says what is wrong with it
+    name = chosen[0] if chosen else ("publish" if publish else ("sign" if options.sign else ""))
     if not name:
         raise UsageError("flash: say where: --to PXE_ROOT, --usb FILE_OR_DEVICE, or --sign KEY alone")
     if name in {"list", "rollback", "prune"}:
@@ -64,6 +73,18 @@ def action(options: FlashOptions) -> str:
             raise UsageError(f"--{name} needs --to PXE_ROOT")
         if options.build is not None:
             raise UsageError(f"--{name} takes no BUILD_DIR")
+        ignored = [
+            option
+            for option, given in (
+                ("--sign", options.sign is not None),
+                ("--report", options.report is not None),
+                ("--force", options.force),
+                ("--allowed-signers", options.allowed_signers is not None and name != "rollback"),
+            )
+            if given
+        ]
+        if ignored:
+            raise UsageError(f"--{name} takes no {' / '.join(ignored)}")
     elif name == "usb" and options.to is not None:
         raise UsageError("--usb and --to are separate runs")
     elif options.build is None:
@@ -72,21 +93,42 @@ def action(options: FlashOptions) -> str:
 
 
 def command(options: FlashOptions) -> int:
+    try:
+        return _command(options)
+    except OSError as exc:  # what no step turned into words: still one line, naming the file
+        raise FlashError(f"flash: {os_error(exc)}") from None
+
+
+def _command(options: FlashOptions) -> int:
     name = action(options)
+    store = _store(options) if options.to is not None else None  # a bad --to: nothing touched
+    if name == "rollback" and options.rollback:
+        ops.check_version(options.rollback)
+    signing_too = options.sign is not None and name in {"publish", "check", "usb", "sign"}
+    if options.build is not None:  # before anything is signed or copied
+        candidates.check_build(options.build, options.report)
+    if options.allowed_signers is not None and name in {"publish", "check", "usb", "rollback"}:
+        ops.allowed_signers(None, options.allowed_signers)  # a file that is not there: UsageError
+    if signing_too and options.sign is not None:
+        signing.check_key(options.sign)
+    if name == "usb":
+        from amnesiac.flash import usb
+
+        usb.preflight(options)
     progress = Progress(quiet=options.json)
-    if options.sign is not None and name in {"publish", "check", "usb", "sign"}:
+    if signing_too and options.sign is not None:
         _sign(_build(options), options.sign, progress)
     if name == "usb":
         from amnesiac.flash import usb
 
         written = usb.command(options, progress)
         _emit(options, progress, written.as_dict(), written.summary())
-    elif name == "list":
-        _list(_store(options), options)
-    elif name == "rollback":
-        _rollback(_store(options), options, progress)
-    elif name == "prune":
-        outcome = ops.prune(_store(options), progress, keep=options.keep, lock_timeout=options.lock_timeout)
+    elif name == "list" and store is not None:
+        _list(store, options)
+    elif name == "rollback" and store is not None:
+        _rollback(store, options, progress)
+    elif name == "prune" and store is not None:
+        outcome = ops.prune(store, progress, keep=options.keep, lock_timeout=options.lock_timeout)
         _emit(
             options,
             progress,
@@ -94,7 +136,7 @@ def command(options: FlashOptions) -> int:
             f"pruned {len(outcome.pruned)} version(s) from {outcome.root}",
         )
     elif name in {"publish", "check"}:
-        _publish(options, progress, check_only=name == "check")
+        _publish(options, progress, store, check_only=name == "check")
     return 0
 
 
@@ -116,17 +158,16 @@ def _rollback(store: Store, options: FlashOptions, progress: Progress) -> None:
         store, options.rollback or None, progress, allowed=allowed, lock_timeout=options.lock_timeout
     )
     text = (
-        f"[bold green]rolled back[/] {outcome.root} to {str(outcome.version)[:12]} "
+        f"[bold green]rolled back[/] {escape(outcome.root)} to {str(outcome.version)[:12]} "
         f"(from {str(outcome.previous)[:12]})"
         if outcome.switched
-        else f"{str(outcome.version)[:12]} is already current at {outcome.root}"
+        else f"{str(outcome.version)[:12]} is already current at {escape(outcome.root)}"
     )
     _emit(options, progress, outcome.as_dict(), text)
 
 
-def _publish(options: FlashOptions, progress: Progress, *, check_only: bool) -> None:
+def _publish(options: FlashOptions, progress: Progress, store: Store | None, *, check_only: bool) -> None:
     build = _build(options)
-    store = _store(options) if options.to else None
     with progress.stage("check", f"Check {build}") as stage:
         found = candidates.load(build, options.report)
         allowed, source = ops.allowed_signers(store, options.allowed_signers)
@@ -140,18 +181,20 @@ def _publish(options: FlashOptions, progress: Progress, *, check_only: bool) -> 
         data: dict[str, object] = {
             "action": "check",
             "build": str(build),
-            "version": admitted.image_sha256,
+            "version": admitted.version,
+            "image": admitted.image_sha256,
             "objections": admitted.objections,
             "signature": admitted.signer.model_dump() if admitted.signer else None,
             "report": admitted.report.model_dump() if admitted.report else None,
         }
-        _emit(options, progress, data, f"[bold]{verdict}[/] {admitted.short}")
+        _emit(options, progress, data, f"[bold]{verdict}[/] {admitted.version[:12]} (image {admitted.short})")
         return
     outcome = ops.publish(
         store, admitted, progress, force=options.force, keep=options.keep, lock_timeout=options.lock_timeout
     )
     what = "published" if outcome.switched else "already current:"
-    text = f"[bold green]{what}[/] {admitted.short} at {outcome.root}"
+    version = str(outcome.version)[:12]
+    text = f"[bold green]{what}[/] {version} (image {admitted.short}) at {escape(outcome.root)}"
     if outcome.switched:
         text += f" (previous: {(outcome.previous or 'none')[:12]})"
     if outcome.pruned:
@@ -182,44 +225,42 @@ def _emit(options: FlashOptions, progress: Progress, data: dict[str, object], te
 
 
 def _list(store: Store, options: FlashOptions) -> None:
-    found = ops.listing(store)
+    found = ops.listing(store, check=True)  # a missing root: UsageError
     if options.json:
         print(json.dumps(found.as_dict(), indent=2))
         return
     console = Console(highlight=False) if sys.stdout.isatty() else Console(highlight=False, width=200)
-    if not found.exists:
-        console.print(f"{found.root}: no such PXE root")
-        return
     if not found.versions:
-        console.print(f"{found.root}: nothing published")
+        console.print(f"{escape(found.root)}: nothing published")
         return
-    table = Table(title=f"{found.root}", title_justify="left")
-    for column in ("", "version", "policy", "built", "published", "report", "signed by", "notes"):
+    table = Table(title=escape(found.root), title_justify="left")
+    for column in ("", "version", "image", "policy", "built", "published", "report", "signed by", "notes"):
         table.add_column(column)
     for version in found.versions:
         record = version.record
         mark = "current" if version.current else ("previous" if version.previous else "")
+        problem = f"[red]{escape(version.problem)}[/]" if version.problem else ""
         if record is None:
-            table.add_row(mark, version.name[:12], "", "", "", "", "", f"[red]{version.problem}[/]")
+            table.add_row(f"[bold]{mark}[/]", version.name[:12], "", "", "", "", "", "", problem)
             continue
         report = record.report
         report_text = (
             "[green]pass[/]"
             if report and report.passed
-            else (f"[red]{report.verdict}, not this image[/]" if report else "[red]none[/]")
+            else (f"[red]{escape(report.verdict)}, not this image[/]" if report else "[red]none[/]")
         )
         if report and not report.passed and report.verdict == "fail":
             report_text = "[red]fail[/]"
-        signer = record.signature.principal if record.signature else "[red]unsigned[/]"
-        notes = (
-            f"[yellow]forced[/] by {record.published_by}" if record.forced else f"by {record.published_by}"
-        )
+        signer = escape(record.signature.principal) if record.signature else "[red]unsigned[/]"
+        by = escape(record.published_by)
+        notes = problem or (f"[yellow]forced[/] by {by}" if record.forced else f"by {by}")
         table.add_row(
             f"[bold]{mark}[/]",
             version.name[:12],
-            record.policy_id,
-            record.built[:10],
-            record.published,
+            record.image_sha256[:12],
+            escape(record.policy_id),
+            escape(record.built[:10]),
+            escape(record.published),
             report_text,
             signer,
             notes,

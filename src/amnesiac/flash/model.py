@@ -2,10 +2,10 @@
 
 ```
 PXE_ROOT/
-  boot.ipxe                 the entry point machines netboot: chains versions/<sha256>/boot.ipxe;
+  boot.ipxe                 the entry point machines netboot: chains versions/<version>/boot.ipxe;
                             its comment line holds the state (current, previous); replaced
                             only by an atomic rename
-  versions/<sha256>/        one published image, named by its image sha256, never modified:
+  versions/<version>/       one published version, never modified, named by its content (below):
     vmlinuz initrd.img boot.ipxe manifest.json   the build's files, checked against manifest.json
     manifest.json.sig       the OpenSSH signature of manifest.json (when signed)
     report.json             the `amnesiac verify` report it was published with (when attached)
@@ -15,6 +15,12 @@ PXE_ROOT/
   .flash.lock               flock(2) lock that serialises flashes to this root
   .staging/ .trash/         a publish's copy in progress / a pruned version being removed
 ```
+A version's name is the sha256 of the `sha256sum` lines of its files but publish.json, sorted
+by name (`version_id`): one image (initrd.img, whose sha256 is the image's) published with
+another boot.ipxe, kernel, manifest, signature or report is another version, and republishing
+the very same files finds the version already there. (Roots published before this was so name
+versions by their image sha256; those are still read, rolled back to and pruned.)
+
 A version appears in versions/ only complete and checked (renamed from .staging/), and the
 entry point names versions by hash, so a machine that fetched the old boot.ipxe goes on
 fetching the old version's files even while a publish switches: never a mix.
@@ -22,14 +28,17 @@ fetching the old version's files even while a publish switches: never a mix.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from amnesiac.errors import AmnesiacError
+from amnesiac.errors import AmnesiacError, ExitCode
 
 ROOT_SCRIPT = "boot.ipxe"
 VERSIONS = "versions"
@@ -57,13 +66,21 @@ class FlashError(AmnesiacError):
 class Refused(FlashError):
     """The image is not fit to publish: no passing report, a bad signature, a changed artifact."""
 
-    exit_code = 3
+    exit_code = ExitCode.REFUSED
 
 
 class LockBusy(FlashError):
     """Another flash held the root's lock for longer than --lock-timeout."""
 
-    exit_code = 75  # EX_TEMPFAIL: try again later
+    exit_code = ExitCode.LOCKED  # EX_TEMPFAIL: try again later
+
+
+def os_error(exc: OSError) -> str:
+    """An OSError in words, naming the file: `/srv/pxe/versions: Permission denied`."""
+    why = exc.strerror or type(exc).__name__
+    paths = [p for p in (exc.filename, exc.filename2) if p is not None]
+    where = " -> ".join(os.fsdecode(p) if isinstance(p, bytes) else str(p) for p in paths)
+    return f"{where}: {why}" if where else why
 
 
 def now() -> str:
@@ -114,6 +131,17 @@ class FileInfo(_Model):
     size: int = Field(ge=0)
 
 
+def version_id(files: Mapping[str, FileInfo]) -> str:
+    """The name of the version that holds `files` (every file of it but publish.json).
+
+    The sha256 of their `sha256sum` lines sorted by name, so that on the boot server
+    `cd versions/V && ls | grep -vx publish.json | LC_ALL=C sort | xargs sha256sum | sha256sum`
+    prints V.
+    """
+    lines = "".join(f"{files[name].sha256}  {name}\n" for name in sorted(files))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
 class SignatureInfo(_Model):
     """Who signed manifest.json: the allowed-signers principal and the key's fingerprint."""
 
@@ -134,7 +162,7 @@ class ReportInfo(_Model):
 
 
 class PublishRecord(_Model):
-    """versions/<sha256>/publish.json: what was published, by whom, and on what evidence."""
+    """versions/<version>/publish.json: what was published, by whom, and on what evidence."""
 
     format: Literal[1] = FORMAT
     image_sha256: Sha256
@@ -146,7 +174,7 @@ class PublishRecord(_Model):
     built: str
     source_date_epoch: int | None = None
     kernel_release: str
-    files: dict[str, FileInfo]  # every file of the version but publish.json itself
+    files: dict[str, FileInfo]  # every file of the version but publish.json itself (its name)
     report: ReportInfo | None = None
     signature: SignatureInfo | None = None
     forced: list[str] = Field(default_factory=list)  # the gate's objections --force overrode

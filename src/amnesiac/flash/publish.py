@@ -2,9 +2,13 @@
 
 A publish, in order, under the root's lock: check the build (artifacts against manifest.json,
 the signature against the allowed signers, the verification report against the manifest), copy
-into .staging/, hash the copy against manifest.json, rename it into versions/<sha256>/, then
+into .staging/, hash the copy against manifest.json, rename it into versions/<version>/, then
 switch the entry point by renaming a new boot.ipxe over the old. Killed at any point before that
 last rename, the root still serves the previous image, whole; the next flash sweeps up.
+
+A version is named by all of its files (`model.version_id`), so a build whose initrd.img is the
+current one's but whose boot.ipxe, kernel, manifest, signature or report differ is published as
+a new version; "already current" means every file served is the same.
 """
 
 from __future__ import annotations
@@ -37,9 +41,11 @@ from amnesiac.flash.model import (
     SignatureInfo,
     State,
     now,
+    os_error,
     parse_record,
     parse_root_script,
     root_script,
+    version_id,
 )
 from amnesiac.flash.store import Snapshot, Store
 from amnesiac.progress import Progress
@@ -62,16 +68,23 @@ class Version:
 
     name: str
     record: PublishRecord | None
-    problem: str | None = None  # why the record could not be read
+    problem: str | None = None  # why the record cannot be read, or the files do not match it
     current: bool = False
     previous: bool = False
+
+    @property
+    def damaged(self) -> bool:
+        """Not a whole version: no readable record, or (once checked) files that differ from it."""
+        return self.problem is not None
 
     def as_dict(self) -> dict[str, object]:
         record = self.record
         return {
             "version": self.name,
+            "image": record.image_sha256 if record else None,
             "current": self.current,
             "previous": self.previous,
+            "damaged": self.damaged,
             "policy": record.policy_id if record else None,
             "built": record.built if record else None,
             "published": record.published if record else None,
@@ -91,6 +104,7 @@ class Listing:
     exists: bool
     state: State | None
     versions: list[Version]  # newest publish first; unreadable ones last
+    checked: bool = False  # every version's files were hashed against its record
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -98,6 +112,7 @@ class Listing:
             "current": self.state.current if self.state else None,
             "previous": self.state.previous if self.state else None,
             "state": self.state.model_dump() if self.state else None,
+            "checked": self.checked,
             "versions": [v.as_dict() for v in self.versions],
         }
 
@@ -116,12 +131,14 @@ class Outcome:
     forced: list[str] = field(default_factory=list)
     signer: SignatureInfo | None = None
     report: ReportInfo | None = None
+    image: str | None = None  # the image sha256 (of initrd.img) the version holds
 
     def as_dict(self) -> dict[str, object]:
         return {
             "action": self.action,
             "root": self.root,
             "version": self.version,
+            "image": self.image,
             "previous": self.previous,
             "switched": self.switched,
             "copied": self.copied,
@@ -135,11 +152,15 @@ class Outcome:
 # --- reading a root -----------------------------------------------------------------------------
 
 
-def listing(store: Store) -> Listing:
-    return _listing(store, store.snapshot())
+def listing(store: Store, *, check: bool = False) -> Listing:
+    """What the root holds; `check`: hash every version's files against its publish record."""
+    snap = store.snapshot()
+    if not snap.exists:
+        raise UsageError(f"{store.label}: no such PXE root", hint="check --to")
+    return _listing(store, snap, check=check)
 
 
-def _listing(store: Store, snap: Snapshot) -> Listing:
+def _listing(store: Store, snap: Snapshot, *, check: bool = False) -> Listing:
     state = _state(store, snap)
     versions = []
     for name, data in snap.records.items():
@@ -150,10 +171,13 @@ def _listing(store: Store, snap: Snapshot) -> Listing:
         else:
             try:
                 record = parse_record(data, where)
-                if record.image_sha256 != name:
-                    record, problem = None, "publish.json names another image"
+                # Named by its files; or, published before that was so, by its image.
+                if name not in {version_id(record.files), record.image_sha256}:
+                    record, problem = None, "publish.json is another version's"
             except FlashError as exc:
                 problem = exc.message
+        if check and record is not None and (damage := _damage(store, name, record)):
+            problem = f"damaged: {damage}"
         versions.append(
             Version(
                 name,
@@ -164,7 +188,18 @@ def _listing(store: Store, snap: Snapshot) -> Listing:
             )
         )
     versions.sort(key=lambda v: -(v.record.serial if v.record else 0))
-    return Listing(store.label, snap.exists, state, versions)
+    return Listing(store.label, snap.exists, state, versions, checked=check)
+
+
+def _damage(store: Store, name: str, record: PublishRecord) -> str | None:
+    """What differs between versions/<name> as stored and its publish record; None: nothing."""
+    found = store.hashes(f"{VERSIONS}/{name}", sorted(record.files))
+    missing = [n for n in record.files if n not in found]
+    changed = [n for n, want in record.files.items() if n in found and found[n] != want]
+    parts = [
+        f"{', '.join(names)} {what}" for names, what in ((changed, "changed"), (missing, "missing")) if names
+    ]
+    return "; ".join(parts) or None
 
 
 def _state(store: Store, snap: Snapshot) -> State | None:
@@ -220,6 +255,7 @@ def publish(
     """Publish an admitted candidate and make it current; prune beyond `keep`."""
     forced = list(candidate.objections)
     image = candidate.image_sha256
+    version = candidate.version
     with _locked(store, progress, lock_timeout):
         snap = store.snapshot()
         state = _state(store, snap)
@@ -231,12 +267,16 @@ def publish(
         store.tidy()
         current = _listing(store, snap)
         copied = False
-        with progress.stage("copy", f"Copy {candidate.short} to {store.label}") as stage:
-            if image in snap.records and _intact(store, current, image):
-                stage.note = f"{VERSIONS}/{candidate.short} already there, whole"
+        with progress.stage(
+            "copy", f"Copy {version[:12]} (image {candidate.short}) to {store.label}"
+        ) as stage:
+            there = _same(store, current, candidate)
+            if there is not None:
+                stage.note = f"{VERSIONS}/{there[:12]} already there, whole"
+                version = there
             else:
-                if image in snap.records:  # damaged and not current: replaced below
-                    store.remove_version(image)
+                if version in snap.records:  # damaged and not current: replaced below
+                    store.remove_version(version)
                 serial = max((v.record.serial for v in current.versions if v.record), default=0) + 1
                 record = candidate.record(serial=serial, by=operator(), forced=forced)
                 _copy_in(store, candidate, record)
@@ -246,17 +286,20 @@ def publish(
         switched = False
         previous = state.current if state else None
         with progress.stage("switch", f"Switch {store.label}/{ROOT_SCRIPT}") as stage:
-            if state is not None and state.current == image:
-                stage.note = f"{candidate.short} is already current"
+            if state is not None and state.current == version:
+                stage.note = f"{version[:12]} is already current"
             else:
-                new = State(current=image, previous=previous, action="publish", switched=now(), by=operator())
+                new = State(
+                    current=version, previous=previous, action="publish", switched=now(), by=operator()
+                )
                 _guard(store, "switching boot.ipxe", lambda: store.switch(root_script(new).encode()))
                 switched = True
-                stage.note = f"{(previous or 'nothing')[:12]} -> {candidate.short}"
+                stage.note = f"{(previous or 'nothing')[:12]} -> {version[:12]}"
         _log(
             store,
             "publish",
-            image,
+            version,
+            image=image,
             previous=previous if switched else None,
             forced=forced,
             signer=candidate.signer,
@@ -265,7 +308,7 @@ def publish(
     return Outcome(
         "publish",
         store.label,
-        image,
+        version,
         previous if switched else (state.previous if state else None),
         switched,
         copied,
@@ -273,7 +316,25 @@ def publish(
         forced,
         candidate.signer,
         candidate.report,
+        image=image,
     )
+
+
+def _same(store: Store, current: Listing, candidate: Candidate) -> str | None:
+    """The version already holding exactly the candidate's files, whole; None when there is none.
+
+    It is versions/<candidate.version>, or on a root published before versions were named by
+    their files, versions/<image sha256> with the same files (the current one first).
+    """
+    same = [
+        v
+        for v in current.versions
+        if v.name == candidate.version or (v.record is not None and v.record.files == candidate.expected)
+    ]
+    for entry in sorted(same, key=lambda v: not v.current):
+        if _intact(store, current, entry.name):
+            return entry.name
+    return None
 
 
 def _copy_in(store: Store, candidate: Candidate, record: PublishRecord) -> None:
@@ -285,7 +346,7 @@ def _copy_in(store: Store, candidate: Candidate, record: PublishRecord) -> None:
     }
     staging: str | None = None
     try:
-        staging = store.stage(candidate.image_sha256, files)
+        staging = store.stage(candidate.version, files)
         found = store.hashes(staging, sorted(expected))
         for name, want in expected.items():
             got = found.get(name)
@@ -296,12 +357,13 @@ def _copy_in(store: Store, candidate: Candidate, record: PublishRecord) -> None:
                     f"expected {want.sha256[:16]}, {want.size} bytes); nothing was switched"
                 )
         store.checkpoint("staged")
-        store.commit(staging, candidate.image_sha256)
+        store.commit(staging, candidate.version)
         staging = None
         store.checkpoint("committed")
     except OSError as exc:
         raise FlashError(
-            f"{store.label}: copying {candidate.short} failed ({exc.strerror or exc}); nothing was switched"
+            f"{store.label}: copying {candidate.short} failed ({exc.strerror or type(exc).__name__}); "
+            "nothing was switched"
         ) from None
     finally:
         if staging is not None:
@@ -318,9 +380,7 @@ def _intact(store: Store, listing: Listing, version: str) -> bool:
     entry = next(v for v in listing.versions if v.name == version)
     problem = entry.problem
     if entry.record is not None:
-        found = store.hashes(f"{VERSIONS}/{version}", sorted(entry.record.files))
-        bad = [n for n, want in entry.record.files.items() if found.get(n) != want]
-        problem = f"{', '.join(bad)} changed or missing" if bad else None
+        problem = _damage(store, version, entry.record)
     if problem is None:
         return True
     if entry.current:
@@ -344,31 +404,23 @@ def rollback(
 ) -> Outcome:
     """Switch back to `version` (default: the previous one), checked as it is stored."""
     _must_exist(store)
+    _target(store, store.snapshot(), version)  # a rollback that cannot be done touches nothing
     with _locked(store, progress, lock_timeout):
         snap = store.snapshot()
-        state = _state(store, snap)
-        if state is None:
-            raise FlashError(f"{store.label}: nothing published by amnesiac flash; nothing to roll back to")
-        current = _listing(store, snap)
-        target = resolve(current, version) if version else state.previous
-        if target is None:
-            raise FlashError(f"{store.label}: no previous version is recorded; name one (see --list)")
-        if target not in snap.records:
-            raise FlashError(f"{store.label}: the previous version {target[:12]} is gone (pruned?)")
+        state, current, target = _target(store, snap, version)
         if target == state.current:
-            return Outcome("rollback", store.label, target, state.previous, switched=False)
+            return Outcome(
+                "rollback", store.label, target, state.previous, switched=False, image=_image(current, target)
+            )
         with progress.stage("check", f"Check {VERSIONS}/{target[:12]} as stored") as stage:
             entry = next(v for v in current.versions if v.name == target)
             if entry.record is None:
                 raise Refused(
                     f"{store.label}/{VERSIONS}/{target[:12]}: {entry.problem}; refusing to switch to it"
                 )
-            found = store.hashes(f"{VERSIONS}/{target}", sorted(entry.record.files))
-            bad = [n for n, want in entry.record.files.items() if found.get(n) != want]
-            if bad:
+            if damage := _damage(store, target, entry.record):
                 raise Refused(
-                    f"{store.label}/{VERSIONS}/{target[:12]} is damaged ({', '.join(bad)} changed or "
-                    "missing); refusing to switch to it"
+                    f"{store.label}/{VERSIONS}/{target[:12]} is damaged ({damage}); refusing to switch to it"
                 )
             signer = _stored_signature(store, target, allowed)
             stage.note = f"whole; signed by {signer.principal}" if signer else "whole; no allowed signers"
@@ -378,8 +430,39 @@ def rollback(
             )
             _guard(store, "switching boot.ipxe", lambda: store.switch(root_script(new).encode()))
             stage.note = f"{state.current[:12]} -> {target[:12]}"
-        _log(store, "rollback", target, previous=state.current, signer=signer)
-    return Outcome("rollback", store.label, target, state.current, switched=True, signer=signer)
+        _log(
+            store, "rollback", target, image=entry.record.image_sha256, previous=state.current, signer=signer
+        )
+    return Outcome(
+        "rollback",
+        store.label,
+        target,
+        state.current,
+        switched=True,
+        signer=signer,
+        image=entry.record.image_sha256,
+    )
+
+
+def _target(store: Store, snap: Snapshot, version: str | None) -> tuple[State, Listing, str]:
+    """The state, the versions and the version a rollback goes to; UsageError when there is none."""
+    state = _state(store, snap)
+    if state is None:
+        raise UsageError(f"{store.label}: nothing published by amnesiac flash; nothing to roll back to")
+    current = _listing(store, snap)
+    target = resolve(current, version) if version else state.previous
+    if target is None:
+        raise UsageError(f"{store.label}: no previous version is recorded; name one (see --list)")
+    if target not in snap.records:
+        raise UsageError(
+            f"{store.label}: the previous version {target[:12]} is gone (pruned?); name one (see --list)"
+        )
+    return state, current, target
+
+
+def _image(current: Listing, version: str) -> str | None:
+    entry = next((v for v in current.versions if v.name == version), None)
+    return entry.record.image_sha256 if entry and entry.record else None
 
 
 def _stored_signature(store: Store, version: str, allowed: tuple[bytes | None, str]) -> SignatureInfo | None:
@@ -416,24 +499,35 @@ def _prune(store: Store, keep: int) -> list[str]:
         try:
             store.remove_version(name)
         except OSError as exc:
-            raise FlashError(f"{store.label}: pruning {name[:12]} failed ({exc.strerror or exc})") from None
+            raise FlashError(f"{store.label}: pruning {name[:12]} failed ({os_error(exc)})") from None
     if doomed:
         _log(store, "prune", None, pruned=doomed)
     return doomed
 
 
-def resolve(current: Listing, version: str) -> str:
-    """A version named by its sha256 or an unambiguous prefix of at least 4 characters."""
+def check_version(version: str) -> str:
+    """A version as --rollback names it: a sha256 or a prefix of at least 4 hex digits."""
     wanted = version.lower()
-    if len(wanted) < 4 or any(c not in "0123456789abcdef" for c in wanted):
+    if len(wanted) < 4 or len(wanted) > 64 or any(c not in "0123456789abcdef" for c in wanted):
         raise UsageError(
-            f"--rollback {version!r}: name a version by its image sha256 (at least 4 hex digits)"
+            f"--rollback {version!r}: name a version, or an image, by its sha256 or a prefix of "
+            "at least 4 hex digits (see --list)"
         )
+    return wanted
+
+
+def resolve(current: Listing, version: str) -> str:
+    """A version named by its name, or the image it holds, or an unambiguous prefix of either."""
+    wanted = check_version(version)
     matches = [v.name for v in current.versions if v.name.startswith(wanted)]
+    if not matches:  # by image: the sha256 that `amnesiac build` and `verify` print
+        matches = [v.name for v in current.versions if v.record and v.record.image_sha256.startswith(wanted)]
     if not matches:
-        raise FlashError(f"{current.root}: no version {version} (see --list)")
+        raise UsageError(f"{current.root}: no version {version} (see --list)")
     if len(matches) > 1:
-        raise UsageError(f"--rollback {version}: ambiguous, matches {', '.join(m[:12] for m in matches)}")
+        raise UsageError(
+            f"--rollback {version}: ambiguous, matches versions {', '.join(m[:12] for m in matches)}"
+        )
     return matches[0]
 
 
@@ -443,7 +537,7 @@ def resolve(current: Listing, version: str) -> str:
 def _must_exist(store: Store) -> None:
     """Rollback and prune never create a root (taking the lock would)."""
     if not store.snapshot().exists:
-        raise FlashError(f"{store.label}: no such PXE root")
+        raise UsageError(f"{store.label}: no such PXE root", hint="check --to")
 
 
 @contextmanager
@@ -458,15 +552,14 @@ def _locked(store: Store, progress: Progress, timeout: float) -> Iterator[None]:
         with store.locked(timeout, waiting):
             yield
     except OSError as exc:
-        where = f" ({exc.filename})" if exc.filename else ""
-        raise FlashError(f"{store.label}: {exc.strerror or exc}{where}") from None
+        raise FlashError(f"{store.label}: {os_error(exc)}") from None
 
 
 def _guard(store: Store, what: str, action: Callable[[], None]) -> None:
     try:
         action()
     except OSError as exc:
-        raise FlashError(f"{store.label}: {what} failed ({exc.strerror or exc})") from None
+        raise FlashError(f"{store.label}: {what} failed ({os_error(exc)})") from None
 
 
 def _log(
@@ -474,6 +567,7 @@ def _log(
     action: str,
     version: str | None,
     *,
+    image: str | None = None,
     previous: str | None = None,
     forced: list[str] | None = None,
     signer: SignatureInfo | None = None,
@@ -482,6 +576,8 @@ def _log(
     entry: dict[str, object] = {"at": now(), "by": operator(), "action": action}
     if version:
         entry["version"] = version
+    if image:
+        entry["image"] = image
     if previous:
         entry["previous"] = previous
     if forced:

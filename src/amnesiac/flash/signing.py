@@ -10,10 +10,12 @@ matched and the key's fingerprint are what flash records.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import tempfile
 from pathlib import Path
 
+from amnesiac.errors import UsageError
 from amnesiac.files import write_atomic
 from amnesiac.flash.model import SIGNATURE, Refused, SignatureInfo
 from amnesiac.run import require_tools, run
@@ -24,25 +26,53 @@ _GOOD = re.compile(
 )
 
 
+_PUBLIC = re.compile(rb"^(ssh-|ecdsa-|sk-)[\w@.-]+ [A-Za-z0-9+/]+=*(\s|$)")
+KEY_HINT = "a private key without a passphrase, or KEY.pub with the private key in ssh-agent"
+
+
+def check_key(key: Path) -> None:
+    """A --sign KEY that cannot sign is a usage error, found before anything is written.
+
+    It must be a readable file holding an OpenSSH or PEM private key, or a public key (whose
+    private half ssh-agent holds: then $SSH_AUTH_SOCK must be set).
+    """
+    try:
+        head = key.read_bytes()[:4096]
+    except FileNotFoundError:
+        raise UsageError(f"--sign {key}: no such key file") from None
+    except IsADirectoryError:
+        raise UsageError(f"--sign {key}: a directory, not a key file") from None
+    except OSError as exc:
+        raise UsageError(f"--sign {key}: cannot read it ({exc.strerror})") from None
+    first = head.lstrip().split(b"\n", 1)[0].strip()
+    if first.startswith(b"-----BEGIN ") and first.endswith(b"PRIVATE KEY-----"):
+        return
+    if _PUBLIC.match(first):
+        if not os.environ.get("SSH_AUTH_SOCK"):
+            raise UsageError(
+                f"--sign {key}: a public key signs only through ssh-agent, and SSH_AUTH_SOCK is not set",
+                hint=KEY_HINT,
+            )
+        return
+    raise UsageError(f"--sign {key}: not an OpenSSH private key", hint=KEY_HINT)
+
+
 def sign(manifest: Path, key: Path) -> tuple[Path, str]:
     """Write manifest.json.sig next to `manifest`; the key's fingerprint.
 
     `key` is a private key without a passphrase, or a public key whose private half is in
-    ssh-agent ($SSH_AUTH_SOCK): flash runs without a terminal to ask for a passphrase.
+    ssh-agent ($SSH_AUTH_SOCK): flash runs without a terminal to ask for a passphrase. A key
+    that cannot sign is a UsageError: nothing is written.
     """
     require_tools("ssh-keygen", package_hint="apt-get install openssh-client")
-    if not key.is_file():
-        raise Refused(f"--sign {key}: no such key file")
+    check_key(key)
     data = manifest.read_bytes()
     result = run(
         ["ssh-keygen", "-Y", "sign", "-f", key, "-n", NAMESPACE], input_bytes=data, check=False, capture=True
     )
     if result.returncode != 0 or b"BEGIN SSH SIGNATURE" not in result.stdout:
         why = _tail(result.stderr) or f"exit code {result.returncode}"
-        raise Refused(
-            f"signing {manifest} with {key} failed: {why}",
-            hint="use a key without a passphrase, or load it into ssh-agent and pass the .pub",
-        )
+        raise UsageError(f"--sign {key}: signing {manifest} failed: {why}", hint=KEY_HINT)
     out = write_atomic(manifest.with_name(SIGNATURE), result.stdout)
     return out, _fingerprint(result.stdout, data)
 

@@ -54,7 +54,7 @@ from amnesiac.ssh import SshUrl, client_args, parse_url
 # The steps of a publish at which `Store.checkpoint` is called, in order:
 #   copy       the copy is under way: the small files are staged, initrd.img is not yet whole
 #   staged     the copy is whole and its hashes match manifest.json; not yet in versions/
-#   committed  the copy is versions/<sha256>/; the entry point still names the previous version
+#   committed  the copy is versions/<version>/; the entry point still names the previous version
 #   switch     the new entry point is about to replace the old one (over ssh: it is written beside)
 CHECKPOINTS = ("copy", "staged", "committed", "switch")
 CHUNK = 1 << 20
@@ -566,9 +566,24 @@ def _why(result: CompletedProcess[bytes]) -> str:
 
 
 def open_store(to: str, *, ssh_config: Path | None = None, ssh_key: Path | None = None) -> Store:
-    """The PXE root `--to` names: ssh://… or a local directory."""
+    """The PXE root `--to` names: ssh://… or a local directory. Nothing is touched yet; a
+    `--to` that cannot be a PXE root is a UsageError now, before anything is signed or copied."""
+    if not to.strip():
+        raise UsageError(f"--to {to!r}: name a PXE root, a local directory or ssh://[user@]host[:port]/path")
     if to.startswith("ssh://"):
-        return SshStore(parse_url(to, option="--to", path=True), ssh_config=ssh_config, ssh_key=ssh_key)
+        url = parse_url(to, option="--to", path=True)
+        for option, given in (("--ssh-config", ssh_config), ("--ssh-key", ssh_key)):
+            if given is not None and not given.is_file():
+                raise UsageError(f"{option} {given}: no such file")
+        return SshStore(url, ssh_config=ssh_config, ssh_key=ssh_key)
     if "://" in to:
         raise UsageError(f"--to {to!r}: a local directory or ssh://[user@]host[:port]/path")
-    return LocalStore(Path(to))
+    path = Path(to)
+    try:
+        existing = next((p for p in (path, *path.absolute().parents) if p.exists()), None)
+    except OSError as exc:  # a name too long, a loop of symlinks
+        raise UsageError(f"--to {to}: {exc.strerror}") from None
+    if existing is not None and not existing.is_dir():
+        what = "" if existing == path else f" ({existing} is not a directory)"
+        raise UsageError(f"--to {to}: not a directory{what}; a PXE root is a directory")
+    return LocalStore(path)

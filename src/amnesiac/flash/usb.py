@@ -74,14 +74,22 @@ class UsbResult:
         )
 
 
-def command(options: FlashOptions, progress: Progress) -> UsbResult:
+def preflight(options: FlashOptions) -> bool:
+    """The tools are there and --usb may be written (whether it is a block device), or an error
+    now: before anything is signed or written."""
     if options.usb is None or options.build is None:
         raise UsageError("--usb needs BUILD_DIR and a FILE_OR_DEVICE")
     require_tools("mkfs.vfat", "mcopy", "mmd", "sfdisk", "wipefs", package_hint=TOOLS_HINT)
     if not SYSTEMD_BOOT.is_file():
         raise UsageError(f"{SYSTEMD_BOOT} is missing", hint=TOOLS_HINT)
+    return check_target(options.usb, force=options.force)
+
+
+def command(options: FlashOptions, progress: Progress) -> UsbResult:
+    device = preflight(options)
     target = options.usb
-    device = check_target(target, force=options.force)
+    if target is None or options.build is None:
+        raise UsageError("--usb needs BUILD_DIR and a FILE_OR_DEVICE")
     with progress.stage("check", f"Check {options.build}") as stage:
         found = candidates.load(options.build, options.report)
         allowed, source = allowed_signers(None, options.allowed_signers)
