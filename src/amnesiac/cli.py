@@ -552,7 +552,8 @@ def _policy_show(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from amnesiac import image, policy
+    from amnesiac import policy
+    from amnesiac.image import build as image
     from amnesiac.image.plan import make_plan
     from amnesiac.progress import Progress
 

@@ -12,15 +12,17 @@ import platform
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from amnesiac import __version__
 from amnesiac.errors import AmnesiacError, UsageError
 from amnesiac.image.hashing import sha256_file
-from amnesiac.image.plan import BuildPlan
 from amnesiac.run import run
+
+if TYPE_CHECKING:  # the readers of a manifest need no build plan (nor the policy behind it)
+    from amnesiac.image.plan import BuildPlan
 
 NAME = "manifest.json"
 ARTIFACTS = ("vmlinuz", "initrd.img", "boot.ipxe")
