@@ -23,6 +23,45 @@ ATTEMPT = (
 )
 
 
+# What would make OpenVPN write: a status or pool file, a management socket, a log, a pid file.
+FORBIDDEN_DIRECTIVES = ("status", "ifconfig-pool-persist", "management", "log-append", "writepid", "syslog")
+
+
+def directives_of(text: str) -> list[tuple[str, list[str]]]:
+    """A configuration file's directives, in order (comments and blank lines left out)."""
+    words = [line.split() for line in text.splitlines()]
+    return [(w[0], w[1:]) for w in words if w and not w[0].startswith(("#", ";"))]
+
+
+def server_configs(texts: dict[str, str]) -> dict[str, list[tuple[str, list[str]]]]:
+    """The servers the files configure, each with its directives and those of every file it
+    includes.
+
+    openvpn-server@NAME runs `--config NAME.conf`; a file that another includes (`config FILE`,
+    e.g. session_records' hook) is part of that server, not a server of its own.
+    """
+    by_path = {path: directives_of(text) for path, text in texts.items()}
+
+    def included(path: str) -> list[str]:
+        targets = [args[0] for name, args in by_path[path] if name == "config" and args]
+        return [p for p in by_path for t in targets if p == t or p.endswith("/" + t)]
+
+    snippets = {child for path in by_path for child in included(path)}
+    servers = {}
+    for path in sorted(set(by_path) - snippets):
+        found: list[tuple[str, list[str]]] = []
+        seen: set[str] = set()
+        pending = [path]
+        while pending:  # the server's own file, then what it includes (each once)
+            current = pending.pop()
+            if current not in seen:
+                seen.add(current)
+                found += by_path[current]
+                pending += included(current)
+        servers[path] = found
+    return servers
+
+
 def _unit(expected: Expectations) -> str:
     return expected.openvpn_unit or DEFAULT_UNIT
 
@@ -147,23 +186,18 @@ def openvpn_unit_sandboxed(probe: Probe, expected: Expectations) -> None:
 def openvpn_no_log_or_status_file(probe: Probe, kind: Surface, expected: Expectations) -> None:
     configs = probe.run("find /etc/openvpn/server -maxdepth 1 -name '*.conf' -type f").stdout.split()
     assert configs, "no OpenVPN server configuration in /etc/openvpn/server"
-    for conf in configs:
-        lines = probe.run(f"cat {conf}").stdout.splitlines()
-        words = [line.split() for line in lines if line.strip() and not line.lstrip().startswith(("#", ";"))]
-        directives = {w[0]: w[1:] for w in words}
-        for forbidden in (
-            "status",
-            "ifconfig-pool-persist",
-            "management",
-            "log-append",
-            "writepid",
-            "syslog",
-        ):
-            assert forbidden not in directives, f"{conf} has `{forbidden}`"
-        if "log" in directives:
-            assert directives["log"] == ["/dev/null"], f"{conf} logs to {directives['log']}"
-        else:
-            assert "config" in directives, f"{conf} has no `log /dev/null`"
+    texts = {conf: probe.run(f"cat {conf}").stdout for conf in configs}
+    for conf, text in texts.items():  # in any file, included or not, or started on its own
+        names = {name for name, _ in directives_of(text)}
+        for forbidden in FORBIDDEN_DIRECTIVES:
+            assert forbidden not in names, f"{conf} has `{forbidden}`"
+    servers = server_configs(texts)
+    assert servers, f"no server configuration: every file includes another in a loop ({configs})"
+    for instance, directives in servers.items():
+        logs = [args for name, args in directives if name == "log"]
+        assert logs and all(args == ["/dev/null"] for args in logs), (
+            f"{instance} (with what it includes) logs to {logs or 'the journal'}, not only to /dev/null"
+        )
     if kind is Surface.ROOTFS:
         return
     pid = _main_pid(probe, _unit(expected))
