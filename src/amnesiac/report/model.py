@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
 
@@ -28,6 +28,7 @@ from amnesiac.checks.results import (
     bound_output,
     printable,
 )
+from amnesiac.image.manifest import Sha256
 from amnesiac.policy import Claim, ClaimKind, Control, Permits, Policy
 from amnesiac.targets.base import TargetKind
 
@@ -67,8 +68,6 @@ FORMAT: Literal[1] = 1
 TOOL_NAME = "amnesiac"
 
 NO_CHECKS_REASON = "no check verifies this claim"
-
-Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 
 class ClaimStatus(StrEnum):
