@@ -24,6 +24,7 @@ def verify_qemu(build: Path, report: Path) -> tuple[int, dict[str, Any], str]:
         check=False,
     )  # fmt: skip
     assert result.returncode in (0, 1), result.stderr[-3000:]
+    assert (report / "report.json").is_file(), result.stderr[-3000:]
     data: dict[str, Any] = json.loads((report / "report.json").read_text())
     return result.returncode, data, result.stdout
 

@@ -13,7 +13,7 @@ from amnesiac.checks.meta import Surface
 from amnesiac.errors import UsageError
 from amnesiac.image.manifest import NAME as MANIFEST
 from amnesiac.run import run
-from amnesiac.targets.base import Connection, ReachOptions, Target, TargetKind
+from amnesiac.targets.base import Connection, ReachOptions, Target, TargetKind, Unreachable
 from amnesiac.targets.ssh import client_config
 
 
@@ -50,8 +50,12 @@ class QemuTarget(Target):
         progress = options.progress
         with contextlib.ExitStack() as stack:
             with progress.stage("boot", f"Boot {self.build.name} in QEMU over iPXE") as stage:
-                machine = stack.enter_context(boot.running(self.build, boot_options))
-                seconds = machine.wait_ssh(timeout=options.boot_timeout, on_tick=progress.detail)
+                try:
+                    machine = stack.enter_context(boot.running(self.build, boot_options))
+                    seconds = machine.wait_ssh(timeout=options.boot_timeout, on_tick=progress.detail)
+                except boot.BootError as exc:
+                    # Nothing was proved either way: the run's error (exit 4), not a failed claim.
+                    raise Unreachable(f"{self.spec} did not boot: {exc.message}", hint=exc.hint) from None
                 stage.note = f"SSH after {seconds:.0f} s, {machine.accel.accel}, {machine.memory_mib} MiB"
             config = client_config(options.work, key)
             own = ssh.public_keys(key.with_suffix(".pub"), "--ssh-key")
