@@ -57,6 +57,7 @@ from amnesiac.report.model import (
     Tool,
     claim_status,
     count_statuses,
+    integrity_claim,
     verdict_of,
 )
 from amnesiac.ssh import SshUrl, parse_url
@@ -152,8 +153,9 @@ def make_report(
             address=str(build),
             identity=Identity(image_sha256=image or image_of(build), manifest_sha256_matches=True),
         ),
+        integrity=(integrity := integrity_claim([check.model_copy(update={"id": "ssh.key_only"})])),
         totals=count_statuses(claims),
-        verdict=verdict_of(claims),
+        verdict=verdict_of(integrity, claims),
         claims=claims,
     )
     return report.model_dump_json(indent=2).encode()

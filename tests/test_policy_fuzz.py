@@ -291,7 +291,7 @@ def test_shipped_policies_survive_the_round_trip(place: Path, roles: Mapping[str
 # --- bombs: refused at once, in bounded memory ------------------------------------------------
 
 BILLION_LAUGHS = """\
-schema: 1
+schema: 2
 a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]
 b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]
 c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]

@@ -87,15 +87,45 @@ def _parser() -> argparse.ArgumentParser:
     policy_sub = policy.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
     show = policy_sub.add_parser(
         "show",
-        help="validate a policy and print its claim -> control -> check table",
-        description="Validate a policy file (schema, verbatim quotes, roles, variables, check ids) "
-        "and print which roles enforce each claim and which checks verify it. Exit 2 on a malformed "
-        "policy, with the file and line.",
+        help="validate a policy; print claim -> controls -> checks, check -> claims, source coverage",
+        # Line breaks by hand: the raw formatter keeps the epilog's example columns, and the
+        # description's lines with them.
+        description="Validate a policy file (schema, verbatim quotes, roles, variables, check ids)\n"
+        "and print which roles enforce each claim and which checks verify it, which claims\n"
+        "each check verifies, and the sentences of each source text that no claim quotes (with\n"
+        "their line numbers), so a reviewer sees what the policy file leaves out.\n"
+        "Exit 2 on a malformed policy, with the file and line.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""\
+examples:
+  amnesiac policy show policies/ovpn.yml               both tables and the source coverage
+  amnesiac policy show --by check policies/ivpn.yml    which claims each check verifies
+  amnesiac policy show --coverage policies/ovpn.yml    what of each source no claim quotes
+  amnesiac policy show --json policies/ovpn.yml | jq '.coverage.en.uncovered'
+
+A sentence ends at . ! or ? before white space (not after e.g. or i.e.) and at every line break;
+it counts as quoted when a claim's quote holds it or it holds a quote (policies/README.md).
+""",
     )
     show.add_argument(
         "file", type=Path, nargs="?", default=None, help="policy file (default: policies/ovpn.yml)"
     )
-    show.add_argument("--json", action="store_true", help="print the table as JSON")
+    view = show.add_mutually_exclusive_group()
+    view.add_argument(
+        "--by",
+        choices=("claim", "check"),
+        default=None,
+        help="print only one table: claim -> controls -> checks, or check -> claims "
+        "(default: both, then the coverage)",
+    )
+    view.add_argument(
+        "--coverage",
+        action="store_true",
+        help="print only the source coverage: per language, the sentences no claim quotes",
+    )
+    view.add_argument(
+        "--json", action="store_true", help="print all of it as JSON: claims, checks and coverage"
+    )
 
     build = sub.add_parser(
         "build",
@@ -435,34 +465,34 @@ def _verify(args: argparse.Namespace) -> int:
     result = verify(options, progress)
     if result.fleet is not None:
         _say_fleet(result.fleet, result.unreachable, progress, json_out=args.json)
-        if result.passed:
-            return ExitCode.OK
-        # A host that broke the policy, or only hosts that could not be checked: CI tells them apart.
-        failed = any(not r.passed for r in result.reports.values())
-        return ExitCode.FAILED if failed else ExitCode.UNREACHABLE
+        return result.exit_code
     report, files = result.report, next(iter(result.files.values()))
     if args.json:
         summary = {
             "verdict": report.verdict.value,
             "target": report.target.spec,
             "identity": report.target.identity.model_dump(mode="json"),
+            "integrity": report.integrity.status.value,
             "totals": {k.value: v for k, v in report.totals.items()},
-            "failed": [c.id for c in report.claims if c.status.value == "failed"],
+            "failed": [c.id for c in report.failed],
+            "not_proved": {c.id: c.status.value for c in report.not_proved},
             "report": {"html": str(files.html), "json": str(files.json), "junit": str(files.junit)},
             "stages": _stages(progress),
         }
         print(json.dumps(summary, indent=2))
     else:
-        colour = "green" if report.passed else "red"
+        colour = {"pass": "green", "incomplete": "yellow"}.get(report.verdict.value, "red")
         totals = ", ".join(f"{n} {k.value}" for k, n in report.totals.items() if n)
         progress.info(
-            f"[bold {colour}]{report.verdict.value.upper()}[/] {escape(report.target.spec)}: {totals}"
+            f"[bold {colour}]{report.verdict.value.upper()}[/] {escape(report.target.spec)}: "
+            f"integrity {report.integrity.status.value}; the policy's claims: {totals}"
         )
-        for claim in report.claims:
-            if claim.status.value == "failed":
-                progress.info(f"  [red]failed[/] {claim.id}: {escape(claim.reason or '')}")
+        for claim in report.failed:
+            progress.info(f"  [red]failed[/] {claim.id}: {escape(claim.reason or '')}")
+        for claim in report.not_proved:
+            progress.info(f"  [yellow]{claim.status.value}[/] {claim.id}: {escape(claim.reason or '')}")
         progress.info(f"report: {escape(str(files.html))}")
-    return ExitCode.OK if result.passed else ExitCode.FAILED
+    return result.exit_code
 
 
 def _say_fleet(fleet: Any, unreachable: dict[str, str], progress: Any, *, json_out: bool) -> None:
@@ -471,7 +501,8 @@ def _say_fleet(fleet: Any, unreachable: dict[str, str], progress: Any, *, json_o
         summary = {
             "verdict": fleet.summary["verdict"],
             "hosts": {
-                n: {k: h[k] for k in ("verdict", "failed", "address") if k in h} for n, h in hosts.items()
+                n: {k: h[k] for k in ("verdict", "failed", "not_proved", "address") if k in h}
+                for n, h in hosts.items()
             },
             "unreachable": unreachable,
             "report": {"html": str(fleet.html), "json": str(fleet.json)},
@@ -480,8 +511,8 @@ def _say_fleet(fleet: Any, unreachable: dict[str, str], progress: Any, *, json_o
         print(json.dumps(summary, indent=2))
         return
     for name, host in hosts.items():
-        colour = "green" if host["verdict"] == "pass" else "red"
-        why = host.get("unreachable") or ", ".join(host["failed"])
+        colour = {"pass": "green", "incomplete": "yellow"}.get(host["verdict"], "red")
+        why = host.get("unreachable") or ", ".join(host["failed"] or host["not_proved"])
         progress.info(f"[bold {colour}]{host['verdict'].upper()}[/] {escape(f'{name} {why}'.rstrip())}")
     progress.info(f"fleet {fleet.summary['verdict'].upper()}: {escape(str(fleet.html))}")
 
@@ -546,8 +577,13 @@ def _policy_show(args: argparse.Namespace) -> int:
     loaded = policy.load(args.file or paths.default_policy())
     if args.json:
         print(json.dumps(show.as_data(loaded), indent=2, ensure_ascii=False))
-    else:
-        show.render(loaded, console)
+        return 0
+    sections: tuple[show.Section, ...] = tuple(show.Section)
+    if args.by is not None:
+        sections = (show.Section.CLAIMS if args.by == "claim" else show.Section.CHECKS,)
+    elif args.coverage:
+        sections = (show.Section.COVERAGE,)
+    show.render(loaded, console, sections)
     return 0
 
 

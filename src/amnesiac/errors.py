@@ -14,6 +14,7 @@ class ExitCode(IntEnum):
     USAGE = 2
     REFUSED = 3
     UNREACHABLE = 4
+    INCOMPLETE = 5
     INTERNAL = 70  # EX_SOFTWARE
     LOCKED = 75  # EX_TEMPFAIL
     SIGINT = 130  # 128 + the signal, as a shell reports it
@@ -26,6 +27,8 @@ MEANINGS = {
     ExitCode.USAGE: "a bad argument or input file (policy, manifest, inventory, key): nothing was done",
     ExitCode.REFUSED: "flash: no passing report for this image, a bad signature, a changed artifact",
     ExitCode.UNREACHABLE: "verify: the target could not be reached, or the checks could not run at all",
+    ExitCode.INCOMPLETE: "verify: no claim failed, but not every technical claim could be proved here "
+    "(partially verified, not applicable on this kind of target, or not yet provable)",
     ExitCode.INTERNAL: "a bug in amnesiac: --debug shows the traceback",
     ExitCode.LOCKED: "another flash holds the PXE root: try again later",
     ExitCode.SIGINT: "interrupted by Ctrl-C; everything it made was cleaned up",

@@ -23,7 +23,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, NoReturn
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 from amnesiac.checks import MODULES
 from amnesiac.checks.meta import CheckMeta, catalogue
@@ -75,20 +84,134 @@ class ClaimKind(StrEnum):
     ORGANISATIONAL = "organisational"
 
 
-class Destination(StrEnum):
-    OFF_SERVER = "off-server"
-
-
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class Permits(_Strict):
-    """What a provider says it MAY record. A RAM-only server keeps none of it itself."""
+# --- permitted records: what a provider says a server MAY record, and where it goes ------------
 
-    records: list[Annotated[str, Field(pattern=r"^[a-z0-9_]+$")]] = Field(min_length=1)
-    retention_days: int | None = Field(default=None, ge=1, strict=True)
-    destination: Destination
+
+class RecordKind(StrEnum):
+    """The shapes of record providers permit (policies/README.md, "Permitted records")."""
+
+    SESSION = "session"  # one record per VPN session: its fields, sent at an event of the session
+    COUNTER = "counter"  # a number per account, +1 at connect and -1 at disconnect (0 to maximum)
+    VOLUME = "volume"  # the traffic a user moved over a period (a day, a month)
+
+
+class RecordEvent(StrEnum):
+    """What makes a record: a VPN session starting or ending."""
+
+    CONNECT = "connect"
+    DISCONNECT = "disconnect"
+
+
+class RecordField(StrEnum):
+    """What a VPN node can put in a record: the node knows these and nothing else of a session."""
+
+    ACCOUNT = "account"  # the account name or token the client authenticated with
+    CLIENT_IP = "client_ip"  # the client's public address, as the server sees it
+    CLIENT_PORT = "client_port"
+    SESSION_ID = "session_id"  # an id the node makes for the session, to pair connect and disconnect
+    SESSION_START = "session_start"
+    SESSION_END = "session_end"
+    BYTES_RECEIVED = "bytes_received"  # from the client, during the session
+    BYTES_SENT = "bytes_sent"  # to the client, during the session
+    DATA_VOLUME = "data_volume"  # received + sent, added to the period's total
+    CONNECTION_COUNT = "connection_count"  # the account's sessions open now
+    DEVICE_COUNT = "device_count"  # the account's devices connected now
+
+
+class Period(StrEnum):
+    DAY = "day"
+    WEEK = "week"
+    MONTH = "month"
+
+
+_RETENTION = re.compile(r"^(?P<amount>[1-9][0-9]{0,4}) (?P<unit>day|week|month|year)s?$")
+WHILE_ACTIVE = "while connected"
+
+
+class Retention(_Strict):
+    """How long the provider keeps a record: a duration, or only while the session lasts.
+
+    Written in a policy as `90 days`, `1 month`, `2 years` or `while connected`.
+    """
+
+    amount: int | None = None
+    unit: Literal["day", "week", "month", "year"] | None = None
+    while_connected: bool = False
+
+    @classmethod
+    def parse(cls, value: object) -> Retention:
+        if isinstance(value, Retention):
+            return value
+        if not isinstance(value, str):
+            raise ValueError(f"retention is text such as '90 days' or '{WHILE_ACTIVE}'")
+        text = " ".join(value.split()).lower()
+        if text == WHILE_ACTIVE:
+            return cls(while_connected=True)
+        if (match := _RETENTION.match(text)) is None:
+            raise ValueError(
+                f"retention {_q(value)}: write N days, weeks, months or years (such as '90 days'), "
+                f"or '{WHILE_ACTIVE}'"
+            )
+        return cls(amount=int(match["amount"]), unit=match["unit"])
+
+    def __str__(self) -> str:
+        if self.while_connected:
+            return WHILE_ACTIVE
+        return f"{self.amount} {self.unit}{'s' if self.amount != 1 else ''}"
+
+
+class PermittedRecord(_Strict):
+    """One record a provider MAY keep: what it holds, why, what makes it, for how long, and the
+    provider's endpoint it goes to. A RAM-only server sends it there and keeps none of it."""
+
+    record: Identifier
+    kind: RecordKind
+    purpose: str = Field(min_length=1)
+    fields: list[RecordField] = Field(min_length=1)
+    events: list[RecordEvent] = Field(min_length=1)
+    retention: Retention
+    destination: Identifier  # a key of policy.endpoints
+    maximum: int | None = Field(default=None, ge=1, strict=True)  # counters: the highest count
+    period: Period | None = None  # volumes: what the total is summed over
+
+    @field_validator("retention", mode="before")
+    @classmethod
+    def _retention(cls, value: Any) -> Any:
+        return Retention.parse(value)
+
+    @field_serializer("retention")
+    def _retention_text(self, value: Retention) -> str:
+        return str(value)
+
+    @model_validator(mode="after")
+    def _shape(self) -> PermittedRecord:
+        for name, values in (("fields", self.fields), ("events", self.events)):
+            if len(set(values)) != len(values):
+                raise ValueError(f"record '{self.record}': {name} are named twice")
+        if self.kind is RecordKind.COUNTER and self.events != [RecordEvent.CONNECT, RecordEvent.DISCONNECT]:
+            raise ValueError(
+                f"record '{self.record}': a counter changes at [connect, disconnect] (+1, -1), "
+                f"not at {[e.value for e in self.events]}"
+            )
+        if self.maximum is not None and self.kind is not RecordKind.COUNTER:
+            raise ValueError(f"record '{self.record}': only a counter has a maximum")
+        if (self.period is None) is (self.kind is RecordKind.VOLUME):
+            raise ValueError(
+                f"record '{self.record}': a volume needs a period (day, week, month), "
+                "and only a volume has one"
+            )
+        return self
+
+
+class Endpoint(_Strict):
+    """A service of the provider's that permitted records are sent to."""
+
+    url: Annotated[str, Field(pattern=r"^(https|udp)://[^\s/]+(/\S*)?$")]
+    description: str = Field(min_length=1)
 
 
 class Control(_Strict):
@@ -104,9 +227,13 @@ class Claim(_Strict):
     rationale: str | None = None
     controls: list[Control] = Field(default_factory=list)
     checks: list[CheckId] = Field(default_factory=list)
-    permits: Permits | None = None
+    # What the provider says a server MAY record under this claim (policies/README.md).
+    permits: list[PermittedRecord] | None = Field(default=None, min_length=1)
+    # The policy author's translation for reviewers, by language: shown as a translation,
+    # never checked as a quote (the quotes are `text`).
+    translation: dict[Annotated[str, Field(pattern=r"^[a-z]{2}$")], list[str]] | None = None
 
-    @field_validator("text", mode="before")
+    @field_validator("text", "translation", mode="before")
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
         if isinstance(value, dict):
@@ -123,6 +250,8 @@ class Header(_Strict):
     provider: str
     title: str
     sources: dict[Annotated[str, Field(pattern=r"^[a-z]{2}$")], str] = Field(min_length=1)
+    # The provider's services that permitted records go to, by name.
+    endpoints: dict[Identifier, Endpoint] = Field(default_factory=dict)
 
 
 class ImageSettings(_Strict):
@@ -130,8 +259,11 @@ class ImageSettings(_Strict):
     mirror: str = "http://deb.debian.org/debian"
 
 
+SCHEMA = 2  # 2: permitted records are a list of records with fields, events, retention, endpoint
+
+
 class Policy(_Strict):
-    schema_version: Literal[1] = Field(alias="schema")
+    schema_version: Literal[2] = Field(alias="schema")
     policy: Header
     image: ImageSettings = Field(default_factory=ImageSettings)
     claims: list[Claim] = Field(min_length=1)
@@ -141,10 +273,15 @@ class Policy(_Strict):
 
     @field_validator("schema_version", mode="before")
     @classmethod
-    def _integer_one(cls, value: Any) -> Any:
-        # Literal[1] alone would take `true` and 1.0 (both equal 1 in Python).
+    def _integer(cls, value: Any) -> Any:
+        # Literal[2] alone would take 2.0 (equal to 2 in Python).
         if type(value) is not int:
-            raise ValueError(f"must be the integer 1, not {type(value).__name__} {_clip(repr(value))}")
+            raise ValueError(f"must be the integer {SCHEMA}, not {type(value).__name__} {_clip(repr(value))}")
+        if value == 1:
+            raise ValueError(
+                "schema 1 is no longer read: `permits` became a list of records with fields, events, "
+                "retention and an endpoint (policies/README.md); convert the file and write schema: 2"
+            )
         return value
 
     @property
@@ -181,6 +318,9 @@ class Policy(_Strict):
 
     def claims_of_check(self, check_id: str) -> list[str]:
         return [c.id for c in self.claims if check_id in c.checks]
+
+    def permitted_records(self) -> list[PermittedRecord]:
+        return [r for c in self.claims for r in c.permits or ()]
 
 
 # --- reading: bounded, never blocking --------------------------------------------------------
@@ -528,6 +668,7 @@ class _Validator:
         # The vocabulary, and any claim a check in the catalogue says it proves.
         self.vocabulary = TECHNICAL_CLAIMS | {c for meta in checks.values() for c in meta.claims}
         self.set_by: dict[str, tuple[Any, str]] = {}
+        self.records: dict[str, str] = {}  # permitted record -> the claim that permits it
 
     def fail(self, where: Path_, message: str) -> NoReturn:
         raise PolicyError(self.policy.path, self.table.line_of(where), message)
@@ -554,6 +695,9 @@ class _Validator:
                 self.control(claim, control, (*at, "controls", j))
             for k, check in enumerate(claim.checks):
                 self.check(claim, check, (*at, "checks", k))
+            for r, record in enumerate(claim.permits or ()):
+                self.record(claim, record, (*at, "permits", r))
+            self.translation(claim, at)
 
     def header(self) -> None:
         header = self.policy.policy
@@ -615,11 +759,11 @@ class _Validator:
                 self.fail(at, f"technical claim '{claim.id}' names no control (a role that enforces it)")
             if not claim.checks:
                 self.fail(at, f"technical claim '{claim.id}' names no check that verifies it")
-        elif claim.controls or claim.checks:
+        elif claim.controls or claim.checks or claim.permits:
             self.fail(
                 at,
-                f"organisational claim '{claim.id}' cannot have controls or checks "
-                "(software cannot verify it)",
+                f"organisational claim '{claim.id}' cannot have controls, checks or permits "
+                "(software cannot verify it; what a server may record is a technical claim)",
             )
 
     def check(self, claim: Claim, check: str, at: Path_) -> None:
@@ -639,6 +783,34 @@ class _Validator:
                 f"claim '{claim.id}': the check '{check}' does not verify it "
                 f"(its metadata lists: {', '.join(meta.claims)})",
             )
+
+    def record(self, claim: Claim, record: PermittedRecord, at: Path_) -> None:
+        endpoints = self.policy.policy.endpoints
+        if record.destination not in endpoints:
+            known = f"it declares: {', '.join(endpoints)}" if endpoints else "it declares none"
+            self.fail(
+                (*at, "destination"),
+                f"record '{record.record}' goes to '{record.destination}', which is not an endpoint "
+                f"of policy.endpoints ({known})",
+            )
+        if record.record in self.records:
+            self.fail(
+                (*at, "record"),
+                f"record '{record.record}' is permitted twice "
+                f"(first in claim '{self.records[record.record]}')",
+            )
+        self.records[record.record] = claim.id
+
+    def translation(self, claim: Claim, at: Path_) -> None:
+        for lang, texts in (claim.translation or {}).items():
+            if lang in self.policy.policy.sources:
+                self.fail(
+                    (*at, "translation", lang),
+                    f"claim '{claim.id}': the policy is published in '{lang}': quote it under text, "
+                    "a translation is into another language",
+                )
+            if not texts or not all(t.strip() for t in texts):
+                self.fail((*at, "translation", lang), f"claim '{claim.id}': the {lang} translation is blank")
 
     def control(self, claim: Claim, control: Control, at: Path_) -> None:
         role = self.roles.get(control.role)

@@ -28,24 +28,19 @@ from amnesiac.checks import MODULES
 from amnesiac.checks.expectations import Expectations
 from amnesiac.checks.meta import catalogue, integrity_checks
 from amnesiac.checks.results import CheckRecord, CheckResult, Evidence, read_records
-from amnesiac.errors import UnreachableError, UsageError
+from amnesiac.errors import ExitCode, UnreachableError, UsageError
 from amnesiac.image.manifest import Manifest
 from amnesiac.image.plan import make_plan
-from amnesiac.policy import ClaimKind, Policy
+from amnesiac.policy import Policy
 from amnesiac.progress import Progress
 from amnesiac.report import fleet, model, render
-from amnesiac.report.model import CheckOutcome, ClaimResult, Identity, Report
+from amnesiac.report.model import CheckOutcome, Identity, Report, Verdict
 from amnesiac.report.model import Target as ReportTarget
 from amnesiac.run import run
 from amnesiac.targets import Connection, ReachOptions, Target, parse
 from amnesiac.targets.base import Unreachable
 from amnesiac.targets.inventory import InventoryHost, members
 
-INTEGRITY_CLAIM = "amnesiac-integrity"
-INTEGRITY_TEXT = (
-    "The image verified is the image that ships: it carries no SSH key of its own (the "
-    "verifier's key arrives in a boot-time overlay), and management access accepts keys only."
-)
 CHECKS_TIMEOUT = 900  # seconds for the whole check run: a hung SSH session must not hang verify
 
 
@@ -84,6 +79,17 @@ class Verification:
     @property
     def passed(self) -> bool:
         return not self.unreachable and all(r.passed for r in self.reports.values())
+
+    @property
+    def exit_code(self) -> ExitCode:
+        """A claim that failed anywhere, then a host not checked, then a claim not proved: CI
+        tells each apart (README, "Exit codes")."""
+        verdicts = {r.verdict for r in self.reports.values()}
+        if Verdict.FAIL in verdicts:
+            return ExitCode.FAILED
+        if self.unreachable:
+            return ExitCode.UNREACHABLE
+        return ExitCode.INCOMPLETE if Verdict.INCOMPLETE in verdicts else ExitCode.OK
 
     @property
     def report(self) -> Report:
@@ -304,14 +310,17 @@ def group_by_target(
     for record in records:
         # One target: every record is its own, whatever id testinfra gave the host.
         name = next(iter(only)) if len(only) == 1 else names.get(record.host, record.host)
-        grouped.setdefault(name, {})[record.id] = with_catalogue_rationale(record.result())
+        grouped.setdefault(name, {})[record.id] = with_catalogue_meta(record.result())
     return grouped
 
 
-def with_catalogue_rationale(result: CheckResult) -> CheckResult:
-    """The rationale a reviewer reads is the shipped check's, whatever the record says."""
+def with_catalogue_meta(result: CheckResult) -> CheckResult:
+    """The rationale a reviewer reads, and what the check observes, are the shipped check's,
+    whatever the record says."""
     meta = catalogue().get(result.id)
-    return result.model_copy(update={"rationale": meta.rationale}) if meta else result
+    if meta is None:
+        return result.model_copy(update={"observes_records": False})
+    return result.model_copy(update={"rationale": meta.rationale, "observes_records": meta.observes_records})
 
 
 def identity_result(identity: Identity, built: Manifest | None) -> CheckResult | None:
@@ -350,29 +359,12 @@ def _json(data: Any) -> str:
 def build_report(
     loaded: Policy, target: ReportTarget, results: Mapping[str, CheckResult], built: Manifest | None = None
 ) -> Report:
-    """The policy's claims, with the integrity of the target first."""
-    report = model.build_report(
-        loaded, target, results, generated=datetime.now(UTC), tool_version=__version__
-    )
-    checks = [model.result_for(c, results) for c in integrity_checks()]
+    """The policy's claims, and the integrity of the target: its identity and the integrity checks."""
+    integrity = [model.result_for(c, results) for c in integrity_checks()]
     if (identity := identity_result(target.identity, built)) is not None:
-        checks.insert(0, identity)
-    status, reason = model.claim_status(ClaimKind.TECHNICAL, checks)
-    integrity = ClaimResult(
-        id=INTEGRITY_CLAIM,
-        title="The verified image is the shipped image",
-        kind=ClaimKind.TECHNICAL,
-        status=status,
-        reason=reason,
-        text={"en": [INTEGRITY_TEXT]},
-        sources={"en": "amnesiac (not a provider's sentence)"},
-        rationale="Checked on every target whatever the policy says: a key baked into the image, or "
-        "password logins, would make every other result meaningless.",
-        checks=checks,
-    )
-    claims = [integrity, *report.claims]
-    return report.model_copy(
-        update={"claims": claims, "totals": model.count_statuses(claims), "verdict": model.verdict_of(claims)}
+        integrity.insert(0, identity)
+    return model.build_report(
+        loaded, target, results, integrity=integrity, generated=datetime.now(UTC), tool_version=__version__
     )
 
 

@@ -38,6 +38,9 @@ class CheckMeta:
     not_applicable: str
     # Run on every target whatever the policy names: the integrity of the target itself.
     integrity: bool = False
+    # It watches permitted records leave for the provider's endpoint and nothing else leave or
+    # stay: the only kind of check that can verify a claim with `permits` (report.claim_status).
+    observes_records: bool = False
 
     def reason_not_applicable(self, kind: Surface) -> str | None:
         if kind in self.targets:
@@ -56,6 +59,7 @@ def check(
     targets: Iterable[Surface] = ALL_TARGETS,
     not_applicable: str = "",
     integrity: bool = False,
+    observes_records: bool = False,
 ) -> Callable[[F], F]:
     """Mark a function as a claim check. Its id is `<module>.<function name>`."""
 
@@ -68,6 +72,7 @@ def check(
             targets=frozenset(targets),
             not_applicable=" ".join(not_applicable.split()),
             integrity=integrity,
+            observes_records=observes_records,
         )
         if not meta.claims:
             raise ValueError(f"check {meta.id} names no claim")

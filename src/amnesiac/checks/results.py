@@ -109,6 +109,9 @@ class CheckResult(_Model):
     reason: str | None = None
     duration_s: float = Field(default=0.0, ge=0)
     evidence: list[Evidence] = Field(default_factory=list)
+    # The check watched permitted records leave the server for the provider's endpoint, and
+    # nothing else leave or stay (CheckMeta.observes_records): what a permitted record needs.
+    observes_records: bool = False
 
     @field_validator("title", "rationale")
     @classmethod

@@ -2,7 +2,8 @@
 
 `amnesiac verify --inventory` writes one report per host (render.write) and this summary
 beside them. The fleet passes only when every host passes; a host that could not be reached
-fails the fleet and has no report of its own.
+fails the fleet and has no report of its own; a host whose verdict is incomplete makes the
+fleet's incomplete, unless another failed.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from typing import Any, Protocol
 
 from amnesiac import __version__
 from amnesiac.files import write_all_atomic
-from amnesiac.policy import ClaimKind, Policy
+from amnesiac.policy import Policy
 from amnesiac.report import render
-from amnesiac.report.model import ClaimStatus, Report, Verdict
+from amnesiac.report.model import INTEGRITY_CLAIM, Report, Verdict
 
 FLEET_JSON = "fleet.json"
 FLEET_HTML = "fleet.html"
@@ -42,14 +43,9 @@ def summary(
     reports: Mapping[str, Report],
     unreachable: Mapping[str, str],
 ) -> dict[str, Any]:
-    """fleet.json: per host its verdict, identity and the status of every technical claim."""
-    claims = (
-        [c.id for c in next(iter(reports.values())).claims if c.kind is ClaimKind.TECHNICAL]
-        if reports
-        else []
-    )
-    if not claims:
-        claims = [c.id for c in loaded.technical_claims()]
+    """fleet.json: per host its verdict, identity and the status of every technical claim (the
+    integrity claim first)."""
+    claims = [INTEGRITY_CLAIM, *(c.id for c in loaded.technical_claims())]
     hosts: dict[str, Any] = {}
     for member in fleet:
         entry: dict[str, Any] = {"address": member.address}
@@ -58,8 +54,9 @@ def summary(
             entry |= {
                 "verdict": report.verdict.value,
                 "identity": report.target.identity.model_dump(mode="json"),
-                "claims": {c.id: c.status.value for c in report.claims if c.kind is ClaimKind.TECHNICAL},
-                "failed": [c.id for c in report.claims if c.status is ClaimStatus.FAILED],
+                "claims": {c.id: c.status.value for c in [report.integrity, *report.technical_claims]},
+                "failed": [c.id for c in report.failed],
+                "not_proved": [c.id for c in report.not_proved],
                 "report": {
                     "html": f"{member.directory}/{render.HTML_NAME}",
                     "json": f"{member.directory}/{render.JSON_NAME}",
@@ -72,16 +69,21 @@ def summary(
                 "unreachable": unreachable.get(member.name, "not checked"),
                 "claims": {},
                 "failed": [],
+                "not_proved": [],
             }
         hosts[member.name] = entry
-    passed = bool(hosts) and all(h["verdict"] == Verdict.PASS.value for h in hosts.values())
+    verdicts = {h["verdict"] for h in hosts.values()}
+    if not hosts or Verdict.FAIL.value in verdicts:
+        verdict = Verdict.FAIL
+    else:
+        verdict = Verdict.INCOMPLETE if Verdict.INCOMPLETE.value in verdicts else Verdict.PASS
     return {
-        "format": 1,
+        "format": 2,
         "tool": {"name": "amnesiac", "version": __version__},
         "generated": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "policy": {"id": loaded.id, "file": str(loaded.path), "sha256": loaded.sha256},
         "inventory": str(inventory),
-        "verdict": (Verdict.PASS if passed else Verdict.FAIL).value,
+        "verdict": verdict.value,
         "claims": claims,
         "hosts": hosts,
     }

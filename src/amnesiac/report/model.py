@@ -6,7 +6,10 @@ consistency (a claim's status follows from its checks, the totals and the verdic
 claims), so a report read back from report.json cannot contradict itself either.
 
 Silence is never a pass: a check a claim names that did not run counts as an error, and a
-technical claim is verified only when at least one of its checks passed and none failed.
+technical claim is verified only when every check the policy names for it ran on this target and
+passed; one whose guarantee is a permitted record needs, besides, a check that watched the record
+leave the server. The target's integrity (the image verified is the image built) is a claim of
+amnesiac's own, kept apart from the policy's claims and their totals, and part of the verdict.
 """
 
 from __future__ import annotations
@@ -28,13 +31,15 @@ from amnesiac.checks.results import (
     bound_output,
     printable,
 )
+from amnesiac.errors import ExitCode
 from amnesiac.image.manifest import Sha256
-from amnesiac.policy import Claim, ClaimKind, Control, Permits, Policy
+from amnesiac.policy import Claim, ClaimKind, Control, Endpoint, PermittedRecord, Policy
 from amnesiac.targets.base import TargetKind
 
 # The check-level types (checks.results) are part of the report too: named here for its readers.
 __all__ = [
     "FORMAT",
+    "INTEGRITY_CLAIM",
     "MISSING_CHECK_REASON",
     "NO_CHECKS_REASON",
     "OUTPUT_LIMIT",
@@ -58,27 +63,47 @@ __all__ = [
     "count_statuses",
     "exit_code",
     "first_line",
+    "integrity_claim",
     "load",
     "printable",
     "result_for",
     "verdict_of",
 ]
 
-FORMAT: Literal[1] = 1
+# 2: the integrity claim apart from the policy's claims; partially verified, unproven; incomplete.
+FORMAT: Literal[2] = 2
 TOOL_NAME = "amnesiac"
 
 NO_CHECKS_REASON = "no check verifies this claim"
 
+INTEGRITY_CLAIM = "amnesiac-integrity"
+INTEGRITY_TITLE = "The verified image is the shipped image"
+INTEGRITY_TEXT = (
+    "The image verified is the image that ships: it carries no SSH key of its own (the "
+    "verifier's key arrives in a boot-time overlay), and management access accepts keys only."
+)
+INTEGRITY_RATIONALE = (
+    "Checked on every target whatever the policy says: a key baked into the image, or password "
+    "logins, would make every other result meaningless."
+)
+
 
 class ClaimStatus(StrEnum):
-    VERIFIED = "verified"
-    FAILED = "failed"
-    NOT_APPLICABLE = "not-applicable"
-    ORGANISATIONAL = "organisational"
+    VERIFIED = "verified"  # every check the policy names ran here and passed
+    PARTIAL = "partially-verified"  # those that ran passed; some cannot run on this kind of target
+    UNPROVEN = "unproven"  # a permitted record: nothing yet observed it leave, and only it
+    NOT_APPLICABLE = "not-applicable"  # none of its checks can run on this kind of target
+    FAILED = "failed"  # a check failed, stopped with an error, or did not run at all
+    ORGANISATIONAL = "organisational"  # about how the provider operates: no software can check it
+
+
+# What a technical claim's status is short of: verified, or failed, or somewhere in between.
+NOT_PROVED = frozenset({ClaimStatus.PARTIAL, ClaimStatus.UNPROVEN, ClaimStatus.NOT_APPLICABLE})
 
 
 class Verdict(StrEnum):
-    PASS = "pass"  # noqa: S105 (a verdict, not a password)
+    PASS = "pass"  # noqa: S105 (a verdict, not a password): every technical claim verified
+    INCOMPLETE = "incomplete"  # none failed, but not every one could be proved on this target
     FAIL = "fail"
 
 
@@ -89,11 +114,14 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def claim_status(kind: ClaimKind, checks: Sequence[CheckResult]) -> tuple[ClaimStatus, str | None]:
+def claim_status(  # noqa: PLR0911 (a decision table: one return per row of the docstring)
+    kind: ClaimKind, checks: Sequence[CheckResult], permits: Sequence[PermittedRecord] = ()
+) -> tuple[ClaimStatus, str | None]:
     """A claim's status and, unless verified or organisational, why: derived from its checks alone.
 
-    organisational → organisational; any check failed or in error → failed; every check not
-    applicable → not-applicable; otherwise (at least one passed, none failed) → verified.
+    organisational → organisational; no check, or any failed or in error → failed; every check
+    not applicable → not-applicable; a permitted record that no passed check watched leave the
+    server → unproven; some not applicable → partially verified; every one passed → verified.
     """
     if kind is ClaimKind.ORGANISATIONAL:
         return ClaimStatus.ORGANISATIONAL, None
@@ -104,8 +132,21 @@ def claim_status(kind: ClaimKind, checks: Sequence[CheckResult]) -> tuple[ClaimS
         return ClaimStatus.FAILED, "; ".join(
             _unique(f"{c.id} {c.outcome}: {first_line(c.reason)}" for c in bad)
         )
-    if all(c.outcome is CheckOutcome.NOT_APPLICABLE for c in checks):
+    absent = [c for c in checks if c.outcome is CheckOutcome.NOT_APPLICABLE]
+    if len(absent) == len(checks):
         return ClaimStatus.NOT_APPLICABLE, "; ".join(_unique(c.reason or "" for c in checks))
+    not_here = "; ".join(f"{c.id} ({first_line(c.reason)})" for c in absent)
+    ran = f"{len(checks) - len(absent)} of {len(checks)} checks ran on this target"
+    if permits and not any(c.observes_records and c.outcome is CheckOutcome.PASSED for c in checks):
+        records = ", ".join(f"{r.record} ({', '.join(r.fields)}) to {r.destination}" for r in permits)
+        why = (
+            f"not yet provable: no check observed the permitted records, {records}, leave the server "
+            "with nothing else leaving and nothing staying; the checks that passed show only what "
+            "the server does not keep"
+        )
+        return ClaimStatus.UNPROVEN, f"{why}; {ran}, not here: {not_here}" if absent else why
+    if absent:
+        return ClaimStatus.PARTIAL, f"partially verified: {ran}; not here: {not_here}"
     return ClaimStatus.VERIFIED, None
 
 
@@ -129,23 +170,24 @@ class ClaimResult(_Model):
     reason: str | None = None
     text: dict[str, list[str]]
     sources: dict[str, str]
+    translation: dict[str, list[str]] | None = None  # the policy author's, never checked as a quote
     rationale: str | None = None
     controls: list[Control] = Field(default_factory=list)
-    permits: Permits | None = None
+    permits: list[PermittedRecord] | None = None
     checks: list[CheckResult] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _consistent(self) -> ClaimResult:
-        status, _ = claim_status(self.kind, self.checks)
+        status, _ = claim_status(self.kind, self.checks, self.permits or ())
         if self.status is not status:
             raise ValueError(f"claim '{self.id}' is marked {self.status} but its checks make it {status}")
-        if status in {ClaimStatus.FAILED, ClaimStatus.NOT_APPLICABLE} and not self.reason:
+        if status not in {ClaimStatus.VERIFIED, ClaimStatus.ORGANISATIONAL} and not self.reason:
             raise ValueError(f"claim '{self.id}' is {status} but gives no reason")
         return self
 
     @classmethod
     def of(cls, claim: Claim, sources: Mapping[str, str], checks: Sequence[CheckResult]) -> ClaimResult:
-        status, reason = claim_status(claim.kind, checks)
+        status, reason = claim_status(claim.kind, checks, claim.permits or ())
         return cls(
             id=claim.id,
             title=claim.title,
@@ -154,6 +196,7 @@ class ClaimResult(_Model):
             reason=reason,
             text=claim.text,
             sources={lang: sources[lang] for lang in claim.text if lang in sources},
+            translation=claim.translation,
             rationale=claim.rationale,
             controls=claim.controls,
             permits=claim.permits,
@@ -199,6 +242,7 @@ class PolicyInfo(_Model):
     file: str
     sha256: Sha256
     sources: dict[str, str]  # language -> source file name
+    endpoints: dict[str, Endpoint] = Field(default_factory=dict)  # where permitted records go
 
     @classmethod
     def of(cls, policy: Policy) -> PolicyInfo:
@@ -210,6 +254,7 @@ class PolicyInfo(_Model):
             file=str(policy.path),
             sha256=policy.sha256,
             sources=header.sources,
+            endpoints=header.endpoints,
         )
 
 
@@ -220,18 +265,40 @@ def count_statuses(claims: Iterable[ClaimResult]) -> dict[ClaimStatus, int]:
     return totals
 
 
-def verdict_of(claims: Iterable[ClaimResult]) -> Verdict:
-    """pass when every technical claim that applies to the target is verified: none failed."""
-    return Verdict.FAIL if any(c.status is ClaimStatus.FAILED for c in claims) else Verdict.PASS
+def verdict_of(integrity: ClaimResult, claims: Iterable[ClaimResult]) -> Verdict:
+    """pass when the integrity claim and every technical claim are verified; fail when any
+    failed; incomplete when none failed but some could not be proved here."""
+    statuses = {integrity.status, *(c.status for c in claims)}
+    if ClaimStatus.FAILED in statuses:
+        return Verdict.FAIL
+    return Verdict.INCOMPLETE if statuses & NOT_PROVED else Verdict.PASS
+
+
+def integrity_claim(checks: Sequence[CheckResult]) -> ClaimResult:
+    """amnesiac's own claim about the target, whatever the policy: it runs the image that was
+    built, and only the policy's keys log in (the integrity checks and the identity's)."""
+    status, reason = claim_status(ClaimKind.TECHNICAL, checks)
+    return ClaimResult(
+        id=INTEGRITY_CLAIM,
+        title=INTEGRITY_TITLE,
+        kind=ClaimKind.TECHNICAL,
+        status=status,
+        reason=reason,
+        text={"en": [INTEGRITY_TEXT]},
+        sources={"en": "amnesiac (not a provider's sentence)"},
+        rationale=INTEGRITY_RATIONALE,
+        checks=list(checks),
+    )
 
 
 class Report(_Model):
-    format: Literal[1] = FORMAT
+    format: Literal[2] = FORMAT
     tool: Tool
     generated: datetime
     policy: PolicyInfo
     target: Target
-    totals: dict[ClaimStatus, int]
+    integrity: ClaimResult  # amnesiac's own claim, apart from the policy's (and from the totals)
+    totals: dict[ClaimStatus, int]  # the policy's claims by status
     verdict: Verdict
     claims: list[ClaimResult] = Field(min_length=1)
 
@@ -250,7 +317,9 @@ class Report(_Model):
     def _consistent(self) -> Report:
         if self.totals != count_statuses(self.claims):
             raise ValueError("the totals do not match the claims")
-        if self.verdict is not verdict_of(self.claims):
+        if self.integrity.id != INTEGRITY_CLAIM:
+            raise ValueError(f"the integrity claim is '{INTEGRITY_CLAIM}', not '{self.integrity.id}'")
+        if self.verdict is not verdict_of(self.integrity, self.claims):
             raise ValueError(f"the verdict '{self.verdict}' does not follow from the claims")
         ids = [c.id for c in self.claims]
         if len(set(ids)) != len(ids):
@@ -263,7 +332,17 @@ class Report(_Model):
 
     @property
     def technical_claims(self) -> list[ClaimResult]:
+        """The policy's technical claims (the integrity claim is apart: `integrity`)."""
         return [c for c in self.claims if c.kind is ClaimKind.TECHNICAL]
+
+    @property
+    def not_proved(self) -> list[ClaimResult]:
+        """Technical claims, the integrity claim among them, that neither failed nor are verified."""
+        return [c for c in [self.integrity, *self.claims] if c.status in NOT_PROVED]
+
+    @property
+    def failed(self) -> list[ClaimResult]:
+        return [c for c in [self.integrity, *self.claims] if c.status is ClaimStatus.FAILED]
 
     def check_totals(self) -> dict[CheckOutcome, int]:
         """How many (claim, check) pairs ended each way: a shared check counts once per claim."""
@@ -289,10 +368,12 @@ def build_report(
     target: Target,
     results: Mapping[str, CheckResult],
     *,
+    integrity: Sequence[CheckResult],
     generated: datetime,
     tool_version: str,
 ) -> Report:
-    """The report of `results` (check id -> result) against `policy`'s claims, in policy order.
+    """The report of `results` (check id -> result) against `policy`'s claims, in policy order,
+    and of `integrity` (the integrity checks' results) as amnesiac's own claim.
 
     Each claim carries the results of the checks it names, so a check shared by two claims
     appears under both; a named check missing from `results` is an error. Results of checks no
@@ -308,15 +389,21 @@ def build_report(
         generated=generated,
         policy=PolicyInfo.of(policy),
         target=target,
+        integrity=(whole := integrity_claim(integrity)),
         totals=count_statuses(claims),
-        verdict=verdict_of(claims),
+        verdict=verdict_of(whole, claims),
         claims=claims,
     )
 
 
 def exit_code(report: Report) -> int:
     """The process exit code for a verification run: 0 only when the verdict is pass."""
-    return 0 if report.verdict is Verdict.PASS else 1
+    codes = {
+        Verdict.PASS: ExitCode.OK,
+        Verdict.FAIL: ExitCode.FAILED,
+        Verdict.INCOMPLETE: ExitCode.INCOMPLETE,
+    }
+    return int(codes[report.verdict])
 
 
 def load(data: str | bytes) -> Report:

@@ -25,6 +25,7 @@ from amnesiac.report.model import (
     ClaimStatus,
     Evidence,
     Report,
+    Verdict,
     first_line,
     printable,
 )
@@ -58,6 +59,8 @@ LANGUAGES = {
 
 STATUS_LABELS = {
     ClaimStatus.VERIFIED: "Verified",
+    ClaimStatus.PARTIAL: "Partially verified",
+    ClaimStatus.UNPROVEN: "Not yet provable",
     ClaimStatus.FAILED: "Failed",
     ClaimStatus.NOT_APPLICABLE: "Not applicable",
     ClaimStatus.ORGANISATIONAL: "Organisational",
@@ -71,6 +74,8 @@ OUTCOME_LABELS = {
 # Symbols repeat the text label for a quick scan; they are hidden from screen readers.
 STATUS_SYMBOLS = {
     ClaimStatus.VERIFIED: "✓",
+    ClaimStatus.PARTIAL: "◐",
+    ClaimStatus.UNPROVEN: "?",
     ClaimStatus.FAILED: "✗",
     ClaimStatus.NOT_APPLICABLE: "\u2013",
     ClaimStatus.ORGANISATIONAL: "◇",
@@ -136,6 +141,7 @@ def environment() -> jinja2.Environment:
         outcome_symbols=OUTCOME_SYMBOLS,
         ClaimStatus=ClaimStatus,
         CheckOutcome=CheckOutcome,
+        Verdict=Verdict,
     )
     return env
 
@@ -147,16 +153,18 @@ def render_html(report: Report) -> str:
 
 def _html_context(report: Report) -> dict[str, Any]:
     check_totals = report.check_totals()
-    failed = [c for c in report.claims if c.status is ClaimStatus.FAILED]
     return {
         "check_totals": check_totals,
         "check_count": sum(check_totals.values()),
         "check_parts": ", ".join(f"{n} {OUTCOME_LABELS[o].lower()}" for o, n in check_totals.items() if n),
         "output_limit": OUTPUT_LIMIT,
-        "failed_claims": failed,
+        "failed_claims": report.failed,
+        "not_proved": report.not_proved,
+        "verdict_symbol": {Verdict.PASS: "✓", Verdict.INCOMPLETE: "◐", Verdict.FAIL: "✗"}[report.verdict],
+        "endpoints": report.policy.endpoints,
         "technical_count": len(report.technical_claims),
         "generated": report.generated.strftime("%Y-%m-%d %H:%M:%S UTC"),
-        "check_summary": {c.id: _check_summary(c) for c in report.claims},
+        "check_summary": {c.id: _check_summary(c) for c in [report.integrity, *report.claims]},
     }
 
 
@@ -184,15 +192,19 @@ def _seconds(value: float) -> str:
 
 
 def render_junit(report: Report) -> bytes:
-    """One testsuite; one testcase per (claim, check) and one per organisational claim."""
+    """One testsuite; one testcase per (claim, check), the integrity claim's first, and one per
+    organisational claim. A claim whose checks passed but that is not proved (partially
+    verified, not yet provable) adds a skipped `verdict` case: CI sees what the HTML says."""
     cases: list[ET.Element] = []
-    for claim in report.claims:
+    for claim in [report.integrity, *report.claims]:
         if claim.status is ClaimStatus.ORGANISATIONAL:
             cases.append(_organisational_case(claim))
         elif not claim.checks:  # only a hand-made report can get here; it still must not pass
             cases.append(_unchecked_case(claim))
         else:
             cases += [_testcase(claim, check) for check in claim.checks]
+            if claim.status in {ClaimStatus.PARTIAL, ClaimStatus.UNPROVEN}:
+                cases.append(_not_proved_case(claim))
 
     counts = {
         "tests": len(cases),
@@ -244,7 +256,7 @@ def _properties(report: Report) -> list[tuple[str, str]]:
     if identity.manifest_sha256_matches is not None:
         pairs.append(("target.manifest_sha256_matches", str(identity.manifest_sha256_matches).lower()))
     pairs += [(f"target.artifact.{name}", digest) for name, digest in identity.artifacts.items()]
-    pairs += [(f"claim.{c.id}", str(c.status)) for c in report.claims]
+    pairs += [(f"claim.{c.id}", str(c.status)) for c in [report.integrity, *report.claims]]
     return [(k, v) for k, v in pairs if v is not None]
 
 
@@ -268,6 +280,12 @@ def _testcase(claim: ClaimResult, check: CheckResult) -> ET.Element:
 def _organisational_case(claim: ClaimResult) -> ET.Element:
     case = ET.Element("testcase", _attrs(classname=claim.id, name="organisational", time="0.000"))
     ET.SubElement(case, "skipped", _attrs(message=ORGANISATIONAL_MESSAGE))
+    return case
+
+
+def _not_proved_case(claim: ClaimResult) -> ET.Element:
+    case = ET.Element("testcase", _attrs(classname=claim.id, name="verdict", time="0.000"))
+    ET.SubElement(case, "skipped", _attrs(message=f"{claim.status}: {claim.reason or ''}"))
     return case
 
 
