@@ -788,7 +788,13 @@ def test_html_says_each_status_in_words(example_policy: Policy) -> None:
             "session_start",
             "https://records.example.net/v1/sessions",
         ],
-        "owns-servers": ["Organisational", "Not verifiable by software."],
+        "owns-servers": [
+            "Organisational",
+            "Not verifiable by software.",
+            "German (de)",
+            "not checked against any source",
+            "Wir besitzen jeden Server, den wir betreiben, & niemand sonst hat Zugang.",
+        ],
         "independent-audit": ["Organisational", "Not verifiable by software."],
     }
     assert len(sections) == len(words)
