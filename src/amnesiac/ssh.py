@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,16 @@ CLIENT_OPTIONS = (
 # For servers whose host keys are made at every boot (a booted image has no key of its own to
 # pin): verify's targets, never a boot server that flash publishes to.
 EPHEMERAL_HOST_OPTIONS = ("StrictHostKeyChecking no", "UserKnownHostsFile /dev/null", "LogLevel ERROR")
+
+# Connection multiplexing (verify: one connection per target for a run, targets.mux). A master
+# left idle this long ends by itself: a run killed before it could close its masters leaves
+# none behind for good. Longer than any pause between a run's commands.
+CONTROL_PERSIST = "5m"
+# The longest Unix socket path every OpenSSH platform binds (sun_path: 104 bytes with the NUL).
+SOCKET_PATH_MAX = 103
+# ssh binds "<ControlPath>.<16 random characters>" before renaming it; %C is 40 hex characters
+# (a hash of the local host, host, port, user and jump host), whatever the host's name.
+_CONTROL_NAME_LENGTH = 40 + 1 + 16
 
 
 @dataclass(frozen=True)
@@ -83,12 +94,38 @@ def parse_url(url: str, *, option: str, path: bool) -> SshUrl:
     return SshUrl(host=match["host"], path=found, user=match["user"], port=port)
 
 
-def client_config(file: Path, *, identity: Path | None = None, ephemeral_host_keys: bool = False) -> Path:
-    """Write an ssh_config (`ssh -F`) with the client options and the key to log in with."""
+def control_path(directory: Path) -> str | None:
+    """ssh's ControlPath for one master socket per host in `directory`; None where the sockets
+    would not fit a Unix socket path, or where the directory's name would need quoting."""
+    name = os.fspath(directory)
+    if len(os.fsencode(name)) + 1 + _CONTROL_NAME_LENGTH > SOCKET_PATH_MAX:
+        return None
+    if any(c.isspace() or c in "\"'" for c in name):  # ssh splits option values at blanks
+        return None
+    return name.replace("%", "%%") + "/%C"  # ssh expands %-tokens in ControlPath
+
+
+def control_options(path: str) -> tuple[str, ...]:
+    """The client options that share one master connection per host through `path`: the first
+    ssh to a host becomes its master, the others run their commands over it."""
+    return ("ControlMaster auto", f"ControlPath {path}", f"ControlPersist {CONTROL_PERSIST}")
+
+
+def client_config(
+    file: Path,
+    *,
+    identity: Path | None = None,
+    ephemeral_host_keys: bool = False,
+    control: str | None = None,
+) -> Path:
+    """Write an ssh_config (`ssh -F`) with the client options and the key to log in with;
+    `control`: a ControlPath (`control_path`) to share one connection per host through."""
     options = [*CLIENT_OPTIONS, *(EPHEMERAL_HOST_OPTIONS if ephemeral_host_keys else ())]
     options.append("IdentitiesOnly yes")  # never the agent's keys: only the one named here
     if identity is not None:
         options.append(f"IdentityFile {identity}")
+    if control is not None:
+        options.extend(control_options(control))
     file.write_text("\n".join(["Host *", *(f"    {o}" for o in options)]) + "\n")
     return file
 

@@ -2,7 +2,9 @@
 
 The inventory is read with testinfra's Ansible support (ansible_host, ansible_port,
 ansible_user, ansible_ssh_private_key_file, ansible_ssh_common_args), and the checks reach each
-host through testinfra's ansible backend, so the inventory alone says how to log in.
+host through testinfra's ansible backend, so the inventory alone says how to log in. A run's
+commands to a host share one connection (targets.mux): the first, the identity read (in
+parallel, host by host, before the checks), opens it.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from amnesiac import ssh
 from amnesiac.errors import UsageError
+from amnesiac.targets import mux
 from amnesiac.targets.base import Connection, ReachOptions
 from amnesiac.targets.ssh import SshTarget
 
@@ -36,28 +40,45 @@ class InventoryHost(SshTarget):
 
     @contextlib.contextmanager
     def reach(self, options: ReachOptions) -> Iterator[Connection]:
-        yield Connection(
-            host=f"{HOST_ID}{self.name}",
-            pytest_args=(f"--ansible-inventory={self.inventory}",),
-            ansible_inventory=self.inventory,
-            env=tool_env(options.work),
-            test_keys=options.verifier_keys,
-        )
+        try:
+            yield Connection(
+                host=f"{HOST_ID}{self.name}",
+                pytest_args=(f"--ansible-inventory={self.inventory}",),
+                ansible_inventory=self.inventory,
+                env=tool_env(options.work),
+                test_keys=options.verifier_keys,
+            )
+        finally:
+            # The fleet's masters share one directory (one ansible.cfg names it): the first
+            # host done closes them all, once every check has run.
+            mux.close(options.work)
 
 
 def tool_env(work: Path) -> dict[str, str]:
     """The environment testinfra reads the inventory in.
 
-    This Python's bin first on PATH (testinfra runs `ansible-inventory` from it), and an empty
-    Ansible configuration: the inventory alone says how to reach a host. (testinfra 10 reads
+    This Python's bin first on PATH (testinfra runs `ansible-inventory` from it), and an
+    Ansible configuration that says nothing of how to reach a host, only that a run's commands
+    to one share a connection: the inventory alone says how to reach a host. (testinfra 10 reads
     `become = false` from an ansible.cfg as the string "false", which is true, and so would run
     every command through sudo.)
     """
     config = work / "ansible.cfg"
-    config.touch()
+    config.write_text(ansible_config(work))
     bindir = os.fspath(Path(sys.executable).parent)
     path = os.pathsep.join([bindir, os.environ.get("PATH", "")])
     return {**os.environ, "PATH": path, "ANSIBLE_CONFIG": os.fspath(config)}
+
+
+def ansible_config(work: Path) -> str:
+    """The ansible.cfg of a run: testinfra puts `ssh_args` first on every ssh command line to an
+    inventory host (before the inventory's own arguments), and, finding ControlMaster and
+    ControlPath there, adds neither of its own."""
+    control = mux.control_path(work)
+    if control is None:
+        return ""
+    args = " ".join(f"-o {o.replace(' ', '=', 1)}" for o in ssh.control_options(control))
+    return "[ssh_connection]\nssh_args = " + args.replace("%", "%%") + "\n"  # % is configparser's
 
 
 def members(inventory: Path, work: Path) -> list[InventoryHost]:

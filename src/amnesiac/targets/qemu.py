@@ -13,6 +13,7 @@ from amnesiac.checks.meta import Surface
 from amnesiac.errors import UsageError
 from amnesiac.image.manifest import NAME as MANIFEST
 from amnesiac.run import run
+from amnesiac.targets import mux
 from amnesiac.targets.base import Connection, ReachOptions, Target, TargetKind, Unreachable
 from amnesiac.targets.ssh import client_config
 
@@ -58,6 +59,9 @@ class QemuTarget(Target):
                     raise Unreachable(f"{self.spec} did not boot: {exc.message}", hint=exc.hint) from None
                 stage.note = f"SSH after {seconds:.0f} s, {machine.accel.accel}, {machine.memory_mib} MiB"
             config = client_config(options.work, key)
+            # Closed before QEMU stops (the stack unwinds in reverse).
+            url = ssh.SshUrl(host="127.0.0.1", user="root", port=machine.ssh_port)
+            stack.enter_context(mux.shared(config, url, options.work))
             own = ssh.public_keys(key.with_suffix(".pub"), "--ssh-key")
             yield Connection(
                 host=f"ssh://root@127.0.0.1:{machine.ssh_port}",

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from amnesiac import ssh
 from amnesiac.checks.meta import Surface
+from amnesiac.targets import mux
 from amnesiac.targets.base import Connection, ReachOptions, Target, TargetKind
 
 
@@ -31,19 +32,24 @@ class SshTarget(Target):
 
     @contextlib.contextmanager
     def reach(self, options: ReachOptions) -> Iterator[Connection]:
+        """One connection to the server, shared by every command of the run (targets.mux)."""
         config = client_config(options.work, options.ssh_key)
-        yield Connection(
-            host=f"ssh://{self.user}@{self.host}:{self.port}",
-            pytest_args=(f"--ssh-config={config}",),
-            ssh_config=config,
-            test_keys=options.verifier_keys,
-        )
+        url = ssh.SshUrl(host=self.host, user=self.user, port=self.port)
+        with mux.shared(config, url, options.work):
+            yield Connection(
+                host=f"ssh://{self.user}@{self.host}:{self.port}",
+                pytest_args=(f"--ssh-config={config}",),
+                ssh_config=config,
+                test_keys=options.verifier_keys,
+            )
 
 
 def client_config(work: Path, key: Path | None) -> Path:
     """The ssh_config testinfra's ssh backend uses: host keys are made at every boot of an
-    amnesiac image, so there is nothing to pin."""
-    return ssh.client_config(work / "ssh_config", identity=key, ephemeral_host_keys=True)
+    amnesiac image, so there is nothing to pin; a run's commands to a host share one
+    connection where the work directory's name allows (targets.mux)."""
+    control = mux.control_path(work)
+    return ssh.client_config(work / "ssh_config", identity=key, ephemeral_host_keys=True, control=control)
 
 
 BACKEND = SshTarget
