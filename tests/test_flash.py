@@ -119,15 +119,20 @@ def version_of(build: Path, report: Path | None = None) -> str:
 
 
 def make_report(
-    build: Path, *, passed: bool = True, image: str | None = None, policy_sha: str = POLICY_SHA
+    build: Path,
+    *,
+    passed: bool = True,
+    image: str | None = None,
+    policy_sha: str = POLICY_SHA,
+    outcome: CheckOutcome | None = None,
 ) -> bytes:
     """A report.json as `amnesiac verify` writes it, for the image in `build`."""
-    outcome = CheckOutcome.PASSED if passed else CheckOutcome.FAILED
+    outcome = outcome or (CheckOutcome.PASSED if passed else CheckOutcome.FAILED)
     check = CheckResult(
         id="storage.root_is_tmpfs",
         title="The root is a tmpfs",
         outcome=outcome,
-        reason=None if passed else "/ is ext4",
+        reason=None if outcome is CheckOutcome.PASSED else "/ is ext4",
     )
     status, reason = claim_status(ClaimKind.TECHNICAL, [check])
     claims = [
@@ -500,6 +505,7 @@ def test_rollback_needs_something_to_go_back_to(builds: list[Path], root: Path, 
     [
         ("missing", "no verification report"),
         ("failing", "verdict is fail"),
+        ("incomplete", "verdict is incomplete"),  # nothing failed, but not everything was proved
         ("other-image", "not this build's"),
         ("other-policy", "judged policy"),
         ("garbage", "not a valid verification report"),
@@ -514,6 +520,8 @@ def test_gate_refuses_without_a_passing_report_for_this_image(
         report.unlink()
     elif case == "failing":
         report.write_bytes(make_report(build, passed=False))
+    elif case == "incomplete":
+        report.write_bytes(make_report(build, outcome=CheckOutcome.NOT_APPLICABLE))
     elif case == "other-image":
         report.write_bytes(make_report(build, image="d" * 64))
     elif case == "other-policy":

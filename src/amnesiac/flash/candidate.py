@@ -154,9 +154,11 @@ def gate(manifest: Manifest, data: bytes | None, where: Path) -> tuple[ReportInf
     identity = report.target.identity
     objections = []
     if not report.passed:
-        failed = [c.id for c in report.claims if c.status is report_model.ClaimStatus.FAILED]
+        # Incomplete is no pass either: a claim not proved on the image is not shipped as proved.
+        short = report.failed or report.not_proved
         objections.append(
-            f"the verification report's verdict is {report.verdict} (failed: {', '.join(failed)})"
+            f"the verification report's verdict is {report.verdict} "
+            f"({', '.join(f'{c.id} {c.status}' for c in short)})"
         )
     if identity.image_sha256 != want:
         objections.append(

@@ -249,8 +249,8 @@ def _list(store: Store, options: FlashOptions) -> None:
             if report and report.passed
             else (f"[red]{escape(report.verdict)}, not this image[/]" if report else "[red]none[/]")
         )
-        if report and not report.passed and report.verdict == "fail":
-            report_text = "[red]fail[/]"
+        if report and not report.passed and report.verdict in {"fail", "incomplete"}:
+            report_text = f"[red]{report.verdict}[/]"
         signer = escape(record.signature.principal) if record.signature else "[red]unsigned[/]"
         by = escape(record.published_by)
         notes = problem or (f"[yellow]forced[/] by {by}" if record.forced else f"by {by}")
