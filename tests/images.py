@@ -1,7 +1,8 @@
 """Real images for the slow tiers, built once per session and shared by build, boot and verify.
 
-`ovpn` is the default image. `ovpn_without_controls` is the same policy with every control
-switched off (and a syslog daemon added): the image the negative tests prove the checks fail on.
+`ovpn` is the default image; `ivpn` and `cloudvpn` are the other seed policies' images.
+`ovpn_without_controls` is the OVPN policy with every control switched off (and a syslog daemon
+added): the image the negative tests prove the checks fail on.
 """
 
 from __future__ import annotations
@@ -82,9 +83,9 @@ def build(out: Path, *extra: str) -> dict[str, Any]:
     return summary
 
 
-def build_and_unpack(base: Path, name: str, *extra: str) -> Built:
+def build_and_unpack(base: Path, name: str, *extra: str, policy: str = "ovpn") -> Built:
     out = base / name
-    summary = build(out, "--policy", "policies/ovpn.yml", *extra)
+    summary = build(out, "--policy", f"policies/{policy}.yml", *extra)
     manifest = json.loads((out / "manifest.json").read_text())
     early, root = unpack_initrd(
         out / "initrd.img", manifest["image"]["initrd_pieces"], base / f"{name}.unpacked"
@@ -106,6 +107,18 @@ def needs_root() -> None:
 def ovpn(tmp_path_factory: pytest.TempPathFactory, needs_root: None) -> Built:
     """The default image: policies/ovpn.yml as shipped."""
     return build_and_unpack(tmp_path_factory.mktemp("images"), "ovpn")
+
+
+@pytest.fixture(scope="session")
+def ivpn(tmp_path_factory: pytest.TempPathFactory, needs_root: None) -> Built:
+    """policies/ivpn.yml as shipped (OpenVPN and WireGuard)."""
+    return build_and_unpack(tmp_path_factory.mktemp("images"), "ivpn", policy="ivpn")
+
+
+@pytest.fixture(scope="session")
+def cloudvpn(tmp_path_factory: pytest.TempPathFactory, needs_root: None) -> Built:
+    """policies/cloudvpn.yml as shipped (permitted session records sent off the server)."""
+    return build_and_unpack(tmp_path_factory.mktemp("images"), "cloudvpn", policy="cloudvpn")
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,7 @@
 """verify qemu: the shipped OVPN image, booted as a server boots, proves every technical claim;
-the same policy's image without its controls fails every one (the booted negative proof)."""
+the same policy's image without its controls fails every one (the booted negative proof); the
+other seed policies' images are earned claim by claim too (a permitted record, which no check
+yet watches leave the server, is reported not yet provable, never verified)."""
 
 from __future__ import annotations
 
@@ -18,12 +20,12 @@ pytestmark = pytest.mark.boot
 OVPN = REPO / "policies/ovpn.yml"
 
 
-def verify_qemu(build: Path, report: Path) -> tuple[int, dict[str, Any], str]:
+def verify_qemu(build: Path, report: Path, policy_file: Path = OVPN) -> tuple[int, dict[str, Any], str]:
     result = amnesiac(
-        "verify", "--json", "--policy", str(OVPN), "--target", f"qemu:{build}", "--report", str(report),
-        check=False,
+        "verify", "--json", "--policy", str(policy_file), "--target", f"qemu:{build}",
+        "--report", str(report), check=False,
     )  # fmt: skip
-    assert result.returncode in (0, 1), result.stderr[-3000:]
+    assert result.returncode in (0, 1, 5), result.stderr[-3000:]
     assert (report / "report.json").is_file(), result.stderr[-3000:]
     data: dict[str, Any] = json.loads((report / "report.json").read_text())
     return result.returncode, data, result.stdout
@@ -86,3 +88,24 @@ def test_without_controls_every_claim_fails_booted(ovpn_without_controls: Built,
     }
     not_failed = {c: o for c, o in outcomes.items() if o != "failed" and c not in cannot_fail_here}
     assert not_failed == {}, f"checks that do not fail on a booted image without controls: {not_failed}"
+
+
+@pytest.mark.parametrize("name", ["ivpn", "cloudvpn"])
+def test_every_seed_policy_is_earned_booted(
+    name: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    built: Built = request.getfixturevalue(name)
+    policy_file = REPO / f"policies/{name}.yml"
+    code, report, _ = verify_qemu(built.out, tmp_path / "report", policy_file)
+    loaded = policy.load(policy_file)
+    permitted = {c.id for c in loaded.technical_claims() if c.permits}
+    statuses = {c["id"]: c["status"] for c in report["claims"] if c["kind"] == "technical"}
+    assert set(statuses) == {c.id for c in loaded.technical_claims()}
+    assert {c: s for c, s in statuses.items() if c not in permitted and s != "verified"} == {}
+    assert {c: statuses[c] for c in permitted} == dict.fromkeys(permitted, "unproven")
+    assert report["integrity"]["status"] == "verified"
+    for claim in [report["integrity"], *report["claims"]]:
+        for check in claim["checks"]:
+            assert check["outcome"] == "passed", (claim["id"], check["id"], check["reason"])
+    # Nothing failed; a permitted record not yet observed leaving keeps the verdict from a pass.
+    assert (code, report["verdict"]) == ((5, "incomplete") if permitted else (0, "pass"))
