@@ -24,6 +24,7 @@ from pydantic import ValidationError
 
 from amnesiac import policy as policy_mod
 from amnesiac.checks.meta import ALL_TARGETS, CheckMeta
+from amnesiac.checks.results import printable
 from amnesiac.policy import ClaimKind, PermittedRecord, Policy
 from amnesiac.report import (
     CheckOutcome,
@@ -503,6 +504,7 @@ def test_evidence_is_bounded_and_printable() -> None:
     assert len(evidence.output) <= model.OUTPUT_LIMIT
     assert evidence.output.startswith("red\\x07y")
     assert evidence.command == "cat /dev/x\\x00"
+    assert printable("a\x9b31mb\x85c") == "a\\x9b31mb\\x85c"  # C1 controls: CSI, NEL
     long_reason = check("storage.a", F, "z" * 10_000)
     assert len(long_reason.reason or "") <= model.REASON_LIMIT
 

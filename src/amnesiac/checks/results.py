@@ -37,8 +37,9 @@ class CheckOutcome(StrEnum):
 # Colour and style escapes carry no evidence; other control characters are shown, not dropped.
 _SGR = re.compile(r"\x1b\[[0-9;]*m")
 # What XML 1.0 cannot carry (and HTML shows as garbage): C0 controls but tab/LF/CR, DEL, lone
-# surrogates and the two non-characters.
-_UNPRINTABLE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff\ufffe\uffff]")
+# surrogates and the two non-characters; and the C1 controls, which some terminals obey as
+# escapes (U+009B is a CSI) when a report, a source text or evidence is printed.
+_UNPRINTABLE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff\ufffe\uffff]")
 
 
 def printable(text: str) -> str:
