@@ -61,6 +61,7 @@ from amnesiac.report.model import (
     verdict_of,
 )
 from amnesiac.ssh import SshUrl, parse_url
+from tests.sshd import keygen, loopback_sshd
 
 REPO = Path(__file__).resolve().parent.parent
 POLICY_SHA = "c" * 64
@@ -164,13 +165,6 @@ def make_report(
         claims=claims,
     )
     return report.model_dump_json(indent=2).encode()
-
-
-def keygen(path: Path, comment: str) -> Path:
-    subprocess.run(
-        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)], check=True
-    )
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -1127,50 +1121,22 @@ def test_ssh_command_lines() -> None:
     assert scp[-2:] == ["/tmp/up/initrd.img", "ops@boot1:/srv/my pxe/.staging/abc/"]
 
 
-SSHD = shutil.which("sshd") or ("/usr/sbin/sshd" if Path("/usr/sbin/sshd").exists() else None)
-
-
 @pytest.fixture(scope="module")
 def sshd(tmp_path_factory: pytest.TempPathFactory, keys: dict[str, Path]) -> Iterator[Path]:
     """An sshd on 127.0.0.1 (a free port) that lets the ops key in as root; an ssh_config for it."""
-    if SSHD is None or os.geteuid() != 0:
-        pytest.skip("needs root and sshd (apt-get install openssh-server)")
     base = tmp_path_factory.mktemp("sshd")
-    host_key = keygen(base / "host_key", "host")
     authorized = base / "authorized_keys"
     authorized.write_text(keys["ops"].with_suffix(".pub").read_text())
     authorized.chmod(0o600)
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    config = base / "sshd_config"
-    config.write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {host_key}\nPidFile {base}/sshd.pid\n"
-        f"AuthorizedKeysFile {authorized}\nPermitRootLogin prohibit-password\nPasswordAuthentication no\n"
-        "StrictModes no\nUsePAM no\nSubsystem sftp internal-sftp\nLogLevel ERROR\n"
-    )
-    Path("/run/sshd").mkdir(exist_ok=True)  # privilege separation directory
-    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stderr=subprocess.PIPE)
-    known = base / "known_hosts"
-    known.write_text(f"[127.0.0.1]:{port} {host_key.with_suffix('.pub').read_text()}")
-    client = base / "ssh_config"
-    client.write_text(
-        f"Host pxe-test\n  HostName 127.0.0.1\n  Port {port}\n  User root\n  IdentityFile {keys['ops']}\n"
-        f"  UserKnownHostsFile {known}\n  StrictHostKeyChecking yes\n"
-    )
-    deadline = time.monotonic() + WAIT
-    while subprocess.run(["ssh", "-F", str(client), "-o", "BatchMode=yes", "pxe-test", "true"], check=False,
-                         capture_output=True).returncode != 0:  # fmt: skip
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else "sshd stopped"
-        assert time.monotonic() < deadline, "sshd never answered"
-        time.sleep(0.2)
-    try:
+    with loopback_sshd(base, authorized) as daemon:
+        known = base / "known_hosts"
+        known.write_text(f"[127.0.0.1]:{daemon.port} {daemon.host_key.with_suffix('.pub').read_text()}")
+        client = base / "ssh_config"
+        client.write_text(
+            f"Host pxe-test\n  HostName 127.0.0.1\n  Port {daemon.port}\n  User root\n"
+            f"  IdentityFile {keys['ops']}\n  UserKnownHostsFile {known}\n  StrictHostKeyChecking yes\n"
+        )
         yield client
-    finally:
-        proc.terminate()
-        proc.wait(timeout=WAIT)
 
 
 def test_ssh_publish_list_rollback(

@@ -7,9 +7,7 @@ from __future__ import annotations
 import configparser
 import json
 import os
-import shutil
 import socket
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -23,9 +21,9 @@ from amnesiac.targets import ReachOptions, mux
 from amnesiac.targets.base import Unreachable
 from amnesiac.targets.inventory import ansible_config, members
 from amnesiac.targets.ssh import SshTarget, client_config
+from tests.sshd import keygen, loopback_sshd
 
 REPO = Path(__file__).resolve().parent.parent
-WAIT = 30.0
 
 
 def test_the_control_path_is_one_socket_per_host_in_the_directory() -> None:
@@ -109,49 +107,17 @@ def test_an_inventory_host_s_ssh_command_carries_one_control_path() -> None:
 
 # -- against an sshd on 127.0.0.1 --
 
-SSHD = shutil.which("sshd") or ("/usr/sbin/sshd" if Path("/usr/sbin/sshd").exists() else None)
-
-
-def _keygen(path: Path) -> Path:
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", path], check=True)
-    return path
-
 
 @pytest.fixture(scope="module")
 def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path, Path]]:
-    """An sshd on 127.0.0.1 (a free port) that lets a fresh key in as root and logs each login:
+    """An sshd on 127.0.0.1 that lets a fresh key in as root and logs each login:
     (port, the private key, the log)."""
-    if SSHD is None or os.geteuid() != 0:
-        pytest.skip("needs root and sshd (apt-get install openssh-server)")
     base = tmp_path_factory.mktemp("sshd")
-    host_key, key = _keygen(base / "host_key"), _keygen(base / "id_ed25519")
+    key = keygen(base / "id_ed25519")
     authorized = base / "authorized_keys"
     authorized.write_text(key.with_suffix(".pub").read_text())
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    log = base / "sshd.log"
-    config = base / "sshd_config"
-    config.write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {host_key}\nPidFile {base}/sshd.pid\n"
-        f"AuthorizedKeysFile {authorized}\nPermitRootLogin prohibit-password\nPasswordAuthentication no\n"
-        "StrictModes no\nUsePAM no\nLogLevel VERBOSE\n"
-    )
-    Path("/run/sshd").mkdir(exist_ok=True)  # privilege separation directory
-    proc = subprocess.Popen([SSHD, "-D", "-E", str(log), "-f", str(config)])
-    deadline = time.monotonic() + WAIT
-    while True:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        assert proc.poll() is None, log.read_text() if log.exists() else "sshd stopped"
-        assert time.monotonic() < deadline, "sshd never listened"
-        time.sleep(0.1)
-    try:
-        yield port, key, log
-    finally:
-        proc.terminate()
-        proc.wait(timeout=WAIT)
+    with loopback_sshd(base, authorized, log_level="VERBOSE") as daemon:
+        yield daemon.port, key, daemon.log
 
 
 @pytest.fixture
