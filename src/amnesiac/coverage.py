@@ -29,15 +29,12 @@ sentence, one clause quoted). A quote that only starts or ends inside a sentence
 from __future__ import annotations
 
 import math
-import os
 import re
-import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from amnesiac.errors import PolicyError
-from amnesiac.policy import MAX_BYTES, Policy
+from amnesiac.policy import Policy
 
 # A `.` after one of these never ends a sentence (compared in lower case). Words of dotted letter
 # groups (e.g., i.e., t.ex., bl.a., d.v.s., z.B.) are recognised by _DOTTED and need no entry.
@@ -147,7 +144,7 @@ def measure(policy: Policy) -> list[SourceCoverage]:
         measure_source(
             language,
             folder / name,
-            _read_source(folder / name),
+            policy.source_text(language),
             (quote for claim in policy.claims for quote in claim.text.get(language, [])),
         )
         for language, name in policy.policy.sources.items()
@@ -158,25 +155,3 @@ def _percent(part: int, whole: int) -> float:
     """part of whole in per cent, one decimal, rounded down: 100.0 only when nothing is left
     out (a source with nothing to quote leaves nothing out)."""
     return 100.0 if whole == 0 else math.floor(1000 * part / whole) / 10
-
-
-def _read_source(path: Path) -> str:
-    # The loader has read and checked this file a moment ago; it may have been swapped since, so
-    # read it within the same limits (a regular file of at most MAX_BYTES, never blocking).
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except OSError as exc:
-        raise PolicyError(path, None, f"cannot read the source text: {exc.strerror or exc}") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise PolicyError(path, None, "the source text is no longer a regular file")
-        raw = b""
-        while len(raw) <= MAX_BYTES and (chunk := os.read(fd, 1 << 16)):
-            raw += chunk
-    except OSError as exc:
-        raise PolicyError(path, None, f"cannot read the source text: {exc.strerror or exc}") from None
-    finally:
-        os.close(fd)
-    if len(raw) > MAX_BYTES:
-        raise PolicyError(path, None, f"the source text is larger than {MAX_BYTES} bytes")
-    return raw.decode("utf-8", errors="replace")  # as the loader decodes it

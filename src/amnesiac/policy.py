@@ -270,6 +270,7 @@ class Policy(_Strict):
 
     _path: Path = PrivateAttr()
     _sha256: str = PrivateAttr()
+    _sources: dict[str, str] = PrivateAttr(default_factory=dict)  # language -> text, as read
 
     @field_validator("schema_version", mode="before")
     @classmethod
@@ -295,6 +296,10 @@ class Policy(_Strict):
     @property
     def id(self) -> str:
         return self.policy.id
+
+    def source_text(self, language: str) -> str:
+        """The source text of `language` as the loader read and checked it (not read again)."""
+        return self._sources[language]
 
     def technical_claims(self) -> list[Claim]:
         return [c for c in self.claims if c.technical]
@@ -715,7 +720,9 @@ class _Validator:
         except _Unreadable as exc:
             reason = f"not found in {folder}" if exc.missing else f"in {folder}: {exc.reason}"
             self.fail(("policy", "sources", lang), f"source {_q(name)} {reason}")
-        return _fold(raw.decode("utf-8", errors="replace"))
+        text = raw.decode("utf-8", errors="replace")
+        self.policy._sources[lang] = text
+        return _fold(text)
 
     def texts(self, claim: Claim, at: Path_, sources: Mapping[str, str]) -> None:
         for lang in self.policy.policy.sources:
