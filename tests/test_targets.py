@@ -53,8 +53,12 @@ def test_parse_directories(build: Path, monkeypatch: pytest.MonkeyPatch) -> None
     assert chroot.kind is TargetKind.CHROOT and chroot.surface is Surface.ROOTFS
     with pytest.raises(UsageError, match="not a build directory"):
         targets.parse("qemu:root")
-    with pytest.raises(UsageError, match="not a root filesystem directory"):
-        targets.parse("chroot:build")
+    # A build directory: its initrd is unpacked for the run (tests/image/test_verify_rootfs.py).
+    unpacked = targets.parse("chroot:build")
+    assert unpacked.kind is TargetKind.CHROOT and unpacked.build_dir == build / "build"
+    (build / "empty").mkdir()
+    with pytest.raises(UsageError, match="neither a root filesystem"):
+        targets.parse("chroot:empty")
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ the policy fails. A check that could never fail would leave its claim standing h
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +21,15 @@ pytestmark = pytest.mark.build
 OVPN = REPO / "policies/ovpn.yml"
 
 
-def verify_rootfs(built: Built, report: Path) -> tuple[int, dict[str, Any]]:
-    result = amnesiac(
-        "verify", "--json", "--policy", str(OVPN), "--target", f"chroot:{built.root}",
-        "--build", str(built.out), "--report", str(report), check=False,
-    )  # fmt: skip
+def verify_rootfs(built: Built, report: Path, *, unpack: bool = False) -> tuple[int, dict[str, Any]]:
+    """chroot: on the root the fixture unpacked (with --build), or on the build directory, which
+    verify unpacks itself (`unpack`)."""
+    where = (
+        ["--target", f"chroot:{built.out}"]
+        if unpack
+        else ["--target", f"chroot:{built.root}", "--build", str(built.out)]
+    )
+    result = amnesiac("verify", "--json", "--policy", str(OVPN), *where, "--report", str(report), check=False)
     assert result.returncode in (0, 1, 5), result.stderr
     data: dict[str, Any] = json.loads((report / "report.json").read_text())
     return result.returncode, data
@@ -35,7 +40,12 @@ def statuses(report: dict[str, Any]) -> dict[str, str]:
 
 
 def test_shipped_image_root_fails_nothing_and_proves_only_part(ovpn: Built, tmp_path: Path) -> None:
-    code, report = verify_rootfs(ovpn, tmp_path / "report")
+    runs = set(Path(tempfile.gettempdir()).glob("amnesiac-verify-*"))
+    code, report = verify_rootfs(ovpn, tmp_path / "report", unpack=True)
+    identity = report["target"]["identity"]
+    assert identity["artifacts"] == {"initrd.img": ovpn.manifest["image"]["sha256"]}
+    assert identity["manifest_sha256_matches"] is True
+    assert set(Path(tempfile.gettempdir()).glob("amnesiac-verify-*")) <= runs, "the unpacked root is gone"
     failed = {
         c["id"]: c["reason"] for c in [report["integrity"], *report["claims"]] if c["status"] == "failed"
     }

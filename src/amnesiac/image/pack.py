@@ -230,12 +230,15 @@ def _canonical(root: Path, path: str) -> str:
     return str(directory / Path(path).name)
 
 
-def unpack_initrd(initrd: Path, pieces: list[dict[str, object]], dest: Path) -> tuple[Path, Path]:
-    """Unpack an initrd.img as the kernel and the early init would: dest/early and dest/root."""
+def unpack_initrd(
+    initrd: Path | bytes, pieces: list[dict[str, object]], dest: Path
+) -> tuple[Path, Path]:
+    """Unpack an initrd.img (a file, or its bytes) as the kernel and the early init would:
+    dest/early and dest/root."""
     early, root = dest / "early", dest / "root"
     early.mkdir(parents=True)
     root.mkdir()
-    data = initrd.read_bytes()
+    data = initrd if isinstance(initrd, bytes) else initrd.read_bytes()
     for piece in pieces:
         offset, size = int(str(piece["offset"])), int(str(piece["size"]))
         chunk = data[offset : offset + size]
