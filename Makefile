@@ -53,7 +53,8 @@ build: setup
 	$(BIN)/amnesiac build --policy $(POLICY) --out $(OUT)
 
 # Every tier: fast (unit, lint), build (real images), boot (QEMU + verify), browser (the HTML
-# report in Chromium), then molecule (every role in a container). About 30 min on 2 cores.
+# report in Chromium), then molecule (every role in a container). About 60 min on 2 cores
+# (benchmarks/README.md).
 test: setup
 	$(BIN)/pytest -m 'not molecule' -p no:cacheprovider
 	$(MOLECULE_TESTS)
