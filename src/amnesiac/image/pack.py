@@ -230,9 +230,7 @@ def _canonical(root: Path, path: str) -> str:
     return str(directory / Path(path).name)
 
 
-def unpack_initrd(
-    initrd: Path | bytes, pieces: list[dict[str, object]], dest: Path
-) -> tuple[Path, Path]:
+def unpack_initrd(initrd: Path | bytes, pieces: list[dict[str, object]], dest: Path) -> tuple[Path, Path]:
     """Unpack an initrd.img (a file, or its bytes) as the kernel and the early init would:
     dest/early and dest/root."""
     early, root = dest / "early", dest / "root"
