@@ -23,9 +23,12 @@ SERVED_ARTIFACTS = ("boot.ipxe", "vmlinuz", "initrd.img")  # the build's files, 
 MUST_MATCH = ("vmlinuz", "initrd.img")  # a boot is refused unless these match the manifest
 
 # Measured with the OVPN image (initrd 52 MiB, root 158 MiB), TCG, test devices attached: 304
-# MiB boots, 296 MiB does not (the kernel kills zstd while the early init unpacks). That is a
-# fixed part of about 94 MiB; 128 MiB leaves room for the VPN clients and conntrack at run time.
-KERNEL_AND_SERVICES_BYTES = 128 * MIB
+# MiB boots, 296 MiB does not (the kernel kills zstd while the early init unpacks): a fixed part
+# of about 94 MiB. Again on 2026-12-01, the negative image (initrd 38 MiB, root 135 MiB): 272 MiB
+# boots, 256 does not (about 99 MiB). A CI boot at 320 MiB once ended the way a failed unpack
+# ends (power-off 70 s after start), so the margin is a generous 160 MiB: room for the VPN
+# clients and conntrack at run time, and for whatever made that boot run out.
+KERNEL_AND_SERVICES_BYTES = 160 * MIB
 MIN_MEMORY_MIB = 320  # whatever the image: below this a trimmed image has nothing to spare
 
 
