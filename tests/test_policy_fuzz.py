@@ -87,7 +87,12 @@ STRINGS = st.sampled_from(
         "true",
         "technical",
         "organisational",
-        "off-server",
+        "counter",  # the permitted-record vocabulary: kinds, retention, fields, endpoints
+        "while connected",
+        "90 days",
+        "0 days",
+        "client_ip",
+        "session-collector",
         "no-disk-storage",
         "no-such-claim",
         "storage.no_swap",
