@@ -445,6 +445,9 @@ def _boot(args: argparse.Namespace) -> int:
     return boot.command(args.dir, options, wait=args.wait, json_out=args.json, timeout=args.timeout)
 
 
+VERDICT_COLOURS = {"pass": "green", "incomplete": "yellow", "fail": "red"}  # a verdict, as printed
+
+
 def _verify(args: argparse.Namespace) -> int:
     from amnesiac import policy
     from amnesiac.progress import Progress
@@ -481,7 +484,7 @@ def _verify(args: argparse.Namespace) -> int:
         }
         print(json.dumps(summary, indent=2))
     else:
-        colour = {"pass": "green", "incomplete": "yellow"}.get(report.verdict.value, "red")
+        colour = VERDICT_COLOURS[report.verdict.value]
         totals = ", ".join(f"{n} {k.value}" for k, n in report.totals.items() if n)
         progress.info(
             f"[bold {colour}]{report.verdict.value.upper()}[/] {escape(report.target.spec)}: "
@@ -511,7 +514,7 @@ def _say_fleet(fleet: Any, unreachable: dict[str, str], progress: Any, *, json_o
         print(json.dumps(summary, indent=2))
         return
     for name, host in hosts.items():
-        colour = {"pass": "green", "incomplete": "yellow"}.get(host["verdict"], "red")
+        colour = VERDICT_COLOURS[host["verdict"]]
         why = host.get("unreachable") or ", ".join(host["failed"] or host["not_proved"])
         progress.info(f"[bold {colour}]{host['verdict'].upper()}[/] {escape(f'{name} {why}'.rstrip())}")
     progress.info(f"fleet {fleet.summary['verdict'].upper()}: {escape(str(fleet.html))}")

@@ -34,7 +34,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from amnesiac.policy import Policy
+from amnesiac.policy import Policy, fold
 
 # A `.` after one of these never ends a sentence (compared in lower case). Words of dotted letter
 # groups (e.g., i.e., t.ex., bl.a., d.v.s., z.B.) are recognised by _DOTTED and need no entry.
@@ -69,11 +69,6 @@ class SourceCoverage:
     percent: float  # of the sentences, one decimal
     percent_of_text: float  # of the sentences' characters, one decimal
     uncovered: tuple[Sentence, ...]
-
-
-def fold(text: str) -> str:
-    """White space folded as the policy loader folds quotes and sources before comparing them."""
-    return " ".join(text.split())
 
 
 def split_sentences(text: str) -> list[Sentence]:

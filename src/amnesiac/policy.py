@@ -722,7 +722,7 @@ class _Validator:
             self.fail(("policy", "sources", lang), f"source {_q(name)} {reason}")
         text = raw.decode("utf-8", errors="replace")
         self.policy._sources[lang] = text
-        return _fold(text)
+        return fold(text)
 
     def texts(self, claim: Claim, at: Path_, sources: Mapping[str, str]) -> None:
         for lang in self.policy.policy.sources:
@@ -739,7 +739,7 @@ class _Validator:
             if not quotes:
                 self.fail((*at, "text", lang), f"claim '{claim.id}': the {lang} text is an empty list")
             for q, quote in enumerate(quotes):
-                folded = _fold(quote)
+                folded = fold(quote)
                 if not folded:
                     self.fail(
                         (*at, "text", lang, q),
@@ -839,7 +839,8 @@ class _Validator:
             self.set_by[name] = (value, claim.id)
 
 
-def _fold(text: str) -> str:
+def fold(text: str) -> str:
+    """White space folded: how quotes and sources are compared (and coverage measured)."""
     return " ".join(text.split())
 
 
