@@ -56,6 +56,9 @@ WITHOUT_CONTROLS = {
     "ssh_admin_key_only": "false",
     "ssh_admin_log_level": "INFO",
     "ssh_admin_no_lastlog": "false",
+    # A record with fields the policy does not permit, and a copy kept on the server.
+    "provider_agent_extra_fields": "[client_ip, session_start]",
+    "provider_agent_local_copy": "true",
 }
 
 

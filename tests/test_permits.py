@@ -55,8 +55,8 @@ claims:
         retention: while connected
         destination: accounts
     controls:
-      - role: session_records
-    checks: [session_records.not_stored_locally]
+      - role: provider_agent
+    checks: [provider.agent_writes_nothing]
   - id: data-volume-off-server
     kind: technical
     title: The monthly traffic of each user is kept three months, off the server
@@ -73,8 +73,8 @@ claims:
         retention: 3 months
         destination: accounts
     controls:
-      - role: session_records
-    checks: [session_records.not_stored_locally]
+      - role: provider_agent
+    checks: [provider.agent_writes_nothing]
 """
 
 
@@ -98,7 +98,7 @@ def test_a_fourth_provider_fits_the_schema_without_code(tmp_path: Path) -> None:
 
 def test_what_only_shows_nothing_is_kept_does_not_verify_a_permitted_record(tmp_path: Path) -> None:
     loaded = policy.load(write(tmp_path, FOURTH))
-    passed = CheckResult(id="session_records.not_stored_locally", title="t", outcome=CheckOutcome.PASSED)
+    passed = CheckResult(id="provider.agent_writes_nothing", title="t", outcome=CheckOutcome.PASSED)
     integrity = [CheckResult(id="ssh.key_only", title="k", outcome=CheckOutcome.PASSED)]
     report = build_report(
         loaded,

@@ -124,8 +124,8 @@ def all_results() -> dict[str, CheckResult]:
             "swap is a kernel property; a container shares the host's kernel",
             duration_s=0.0,
         ),
-        "session_records.shipped_off_server": check(
-            "session_records.shipped_off_server",
+        "provider.shipped_off_server": check(
+            "provider.shipped_off_server",
             E,
             "ConnectionRefusedError: [Errno 111] Connection refused (the records collector at 10.0.2.2:6514)",
             duration_s=3.02,
@@ -391,9 +391,9 @@ def test_verdict_and_exit_code(example_policy: Policy) -> None:
     assert (passing.verdict, exit_code(passing), passing.passed) == (Verdict.INCOMPLETE, 5, False)
 
     observed = passing_results(example_policy)
-    observed["session_records.shipped_off_server"] = observed[
-        "session_records.shipped_off_server"
-    ].model_copy(update={"observes_records": True})
+    observed["provider.shipped_off_server"] = observed["provider.shipped_off_server"].model_copy(
+        update={"observes_records": True}
+    )
     proved = make_report(example_policy, observed)
     assert (proved.verdict, exit_code(proved), proved.passed) == (Verdict.PASS, 0, True)
 
@@ -606,7 +606,7 @@ def test_junit_counts_and_cases(example_policy: Policy) -> None:
         ("no-traffic-logging", "storage.root_is_size_limited_tmpfs"),
         ("no-traffic-logging", "dns.resolver_logs_no_queries"),
         ("no-swap", "storage.no_swap_active"),
-        ("session-records-off-server", "session_records.shipped_off_server"),
+        ("session-records-off-server", "provider.shipped_off_server"),
         ("owns-servers", "organisational"),
         ("independent-audit", "organisational"),
     ]
@@ -616,7 +616,7 @@ def test_junit_counts_and_cases(example_policy: Policy) -> None:
     assert [c.get("name") for c in failures] == ["logging.journald_stores_nothing"]
     assert [c.get("name") for c in errors] == [
         "dns.resolver_logs_no_queries",
-        "session_records.shipped_off_server",
+        "provider.shipped_off_server",
     ]
     assert len(skipped) == 5
     for element in (root, suite):
@@ -767,7 +767,7 @@ def test_html_header_and_verdict(example_policy: Policy) -> None:
     assert "1 claim is not proved by this report although nothing failed" in incomplete
 
     results = passing_results(example_policy)
-    shipped = results["session_records.shipped_off_server"]
+    shipped = results["provider.shipped_off_server"]
     results[shipped.id] = shipped.model_copy(update={"observes_records": True})
     passing = render_html(make_report(example_policy, results))
     assert 'class="verdict verdict--pass"' in passing

@@ -65,6 +65,7 @@ TECHNICAL_CLAIMS = frozenset(
         "no-visited-resources",
         "session-records-off-server",
         "data-volume-off-server",
+        "account-counter-off-server",
     }
 )
 

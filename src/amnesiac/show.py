@@ -90,7 +90,8 @@ def _render_claims(policy: Policy, console: Console) -> None:
     # Ids never wrap (they are what a reader greps for); titles and variables do.
     table = Table(show_lines=True)
     table.add_column("claim", style="bold", ratio=3, min_width=max(len(c.id) for c in policy.claims))
-    table.add_column("kind", no_wrap=True)
+    # The kind never wraps; the permitted records under it do (they are long).
+    table.add_column("kind", ratio=2, min_width=len("organisational"))
     table.add_column("controls (role: variables)", ratio=2)
     width = max((len(c) for claim in policy.claims for c in claim.checks), default=6)
     table.add_column("checks", no_wrap=True, min_width=width)

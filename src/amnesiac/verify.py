@@ -25,12 +25,12 @@ from typing import Any
 from amnesiac import __version__, policy, ssh
 from amnesiac.checks import DIRECTORY as CHECKS_DIR
 from amnesiac.checks import MODULES
-from amnesiac.checks.expectations import Expectations
+from amnesiac.checks.expectations import Expectations, PermittedRecord
 from amnesiac.checks.meta import catalogue, integrity_checks
 from amnesiac.checks.results import CheckRecord, CheckResult, Evidence, read_records
 from amnesiac.errors import ExitCode, UnreachableError, UsageError
 from amnesiac.image.manifest import Manifest
-from amnesiac.image.plan import make_plan
+from amnesiac.image.plan import RECORDS_VAR, make_plan, permitted_record_vars
 from amnesiac.policy import Policy
 from amnesiac.progress import Progress
 from amnesiac.report import fleet, model, render
@@ -250,6 +250,10 @@ def expectations(loaded: Policy, built: Manifest | None, connection: Connection)
         ),
         wireguard_interface=plan.var("wireguard_server_interface") if "wireguard_server" in roles else None,
         image_sha256=built.sha256 if built is not None else None,
+        permitted_records=[
+            PermittedRecord.model_validate(r) for r in permitted_record_vars(loaded).get(RECORDS_VAR, [])
+        ],
+        provider=connection.provider,
     )
 
 

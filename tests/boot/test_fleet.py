@@ -68,21 +68,27 @@ def verified(inventory: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
         "--verifier-key", str(key),
         check=False,
     )  # fmt: skip
-    assert result.returncode in (0, 1), result.stderr[-3000:]
+    assert result.returncode in (0, 1, 5), result.stderr[-3000:]
     return result.returncode, json.loads(result.stdout), report
 
 
-def test_every_host_verifies_every_technical_claim(verified: tuple[int, dict[str, Any], Path]) -> None:
+def test_every_host_verifies_every_technical_claim_it_can(verified: tuple[int, dict[str, Any], Path]) -> None:
+    """Live servers over SSH: every claim verified but those permitting a record, which only a
+    reference service can observe (qemu: targets attach one; a fleet's records go to the
+    provider's own): partially verified, so the fleet is incomplete (exit 5), never a pass."""
     code, stdout, report = verified
     fleet = json.loads((report / "fleet.json").read_text())
     assert sorted(fleet["hosts"]) == sorted(HOSTS)
-    technical = {c.id for c in policy.load(OVPN).technical_claims()}
+    loaded = policy.load(OVPN)
+    technical = {c.id for c in loaded.technical_claims()}
+    permitted = {c.id for c in loaded.technical_claims() if c.permits}
+    assert permitted, "the default policy permits a record (the device counter)"
     for name, host in fleet["hosts"].items():
         not_verified = {c: s for c, s in host["claims"].items() if s != "verified"}
-        assert not_verified == {}, name
+        assert not_verified == dict.fromkeys(permitted, "partially-verified"), name
         assert technical <= set(host["claims"]), name
-        assert host["verdict"] == "pass" and host["identity"]["boot_id"], name
-    assert code == 0 and fleet["verdict"] == "pass" and stdout["verdict"] == "pass"
+        assert host["verdict"] == "incomplete" and host["identity"]["boot_id"], name
+    assert code == 5 and fleet["verdict"] == "incomplete" and stdout["verdict"] == "incomplete"
 
 
 def test_each_host_has_its_own_report(inventory: Path, verified: tuple[int, dict[str, Any], Path]) -> None:
@@ -90,7 +96,7 @@ def test_each_host_has_its_own_report(inventory: Path, verified: tuple[int, dict
     fingerprint = _ssh_keygen_fingerprint(inventory.with_name("id_ed25519.pub"))
     for name in HOSTS:
         loaded = model.load((report / name / "report.json").read_bytes())
-        assert loaded.passed and loaded.target.kind is model.TargetKind.SSH
+        assert loaded.failed == [] and loaded.target.kind is model.TargetKind.SSH
         assert loaded.target.verifier_keys == [fingerprint], "the declared verifier key, by fingerprint"
         assert (report / name / "report.html").is_file() and (report / name / "junit.xml").is_file()
         assert f'href="{name}/report.html"' in (report / "fleet.html").read_text()

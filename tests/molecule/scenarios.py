@@ -36,3 +36,12 @@ def converged_roles(name: str) -> list[str]:
         roles += [r["role"] if isinstance(r, dict) else r for r in play.get("roles", [])]
         roles += play.get("vars", {}).get("amnesiac_roles", [])
     return roles
+
+
+def converge_vars(name: str) -> dict[str, Any]:
+    """The role variables converge.yml sets (beside amnesiac_roles)."""
+    plays = yaml.safe_load((MOLECULE / name / "converge.yml").read_text())
+    found: dict[str, Any] = {}
+    for play in plays:
+        found.update({k: v for k, v in play.get("vars", {}).items() if k != "amnesiac_roles"})
+    return found

@@ -17,13 +17,15 @@ from amnesiac.boot.errors import BootError, ImageMismatch
 from amnesiac.boot.image import ServedFiles, memory_mib, served_from_pxe_root
 from amnesiac.boot.machine import BootedMachine, BootOptions, running
 from amnesiac.boot.overlay import OverlayFile
-from amnesiac.boot.qemu import NETDEV
+from amnesiac.boot.qemu import GUEST_HTTP, NETDEV, GuestService
 
 __all__ = [
+    "GUEST_HTTP",
     "NETDEV",
     "BootError",
     "BootOptions",
     "BootedMachine",
+    "GuestService",
     "ImageMismatch",
     "OverlayFile",
     "ServedFiles",

@@ -28,10 +28,12 @@ from amnesiac.boot.accel import Accel, AccelChoice, choose_accel
 from amnesiac.boot.errors import BootError, ImageMismatch
 from amnesiac.boot.http import FileServer, Served
 from amnesiac.boot.image import MUST_MATCH, BootImage, ServedFiles, memory_mib, served_from_build, served_name
+from amnesiac.boot.link import ClientLink, attach, client_link
 from amnesiac.boot.overlay import OverlayFile, authorized_key, harness
 from amnesiac.boot.qemu import (
     GUEST_HTTP,
     EmulatedDevice,
+    GuestService,
     die_with_parent,
     emulated_devices,
     find_tools,
@@ -52,6 +54,9 @@ class BootOptions:
     test_devices: bool = True  # USB keyboard + USB stick on xhci, and a virtio disk
     ssh_port: int | None = None  # host port forwarded to the guest's 22; None: a free one
     serial_log: Path | None = None  # keep the console log here; None: in the temp dir
+    guest_services: tuple[GuestService, ...] = ()  # host services the guest may reach
+    # A second NIC linked to a namespace of the harness's own (boot.link), for real clients.
+    client_link: bool = False
 
 
 @dataclass
@@ -73,6 +78,7 @@ class BootedMachine:
     _server: FileServer
     _qmp: Qmp | None
     _qemu_log: Path
+    link: ClientLink | None = None  # BootOptions.client_link
     ssh_ready_seconds: float | None = None
     ssh_banner: str = ""
     _stopped: bool = field(default=False, repr=False)
@@ -247,6 +253,9 @@ def running(build: Path | ServedFiles, options: BootOptions | None = None) -> It
         server = stack.enter_context(FileServer({**served.table, **first.files}))
 
         devices, device_args = emulated_devices(work) if options.test_devices else ([], [])
+        link = stack.enter_context(client_link(work)) if options.client_link else None
+        if link is not None:
+            device_args = [*device_args, *link.qemu_args()]
         serial_log = options.serial_log or work / "serial.log"
         serial_log.parent.mkdir(parents=True, exist_ok=True)
         qemu_log, qmp_socket = work / "qemu.log", work / "qmp.sock"
@@ -260,6 +269,7 @@ def running(build: Path | ServedFiles, options: BootOptions | None = None) -> It
             first_script=first.first_script,
             forwards=[("tcp", ssh_port, 22)],
             serial_log=serial_log,
+            guest_services=options.guest_services,
             qmp_socket=qmp_socket,
             device_args=device_args,
         )
@@ -285,6 +295,9 @@ def running(build: Path | ServedFiles, options: BootOptions | None = None) -> It
         )
         stack.callback(_shielded_stop, machine)
         machine._qmp = _connect_qmp(machine, qmp_socket)
+        if link is not None:
+            attach(link, work)  # QEMU holds the tap device now (QMP answers after its devices)
+            machine.link = link
         yield machine
     finally:
         with _shielded():

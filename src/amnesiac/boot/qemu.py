@@ -46,6 +46,16 @@ def find_tools() -> tuple[str, str]:
     return qemu, busybox
 
 
+@dataclass(frozen=True)
+class GuestService:
+    """A TCP service on the host's loopback that the guest reaches at guest_ip:guest_port (a
+    `guestfwd` rule: the only addresses besides DHCP that an isolated guest can reach)."""
+
+    guest_ip: str
+    guest_port: int
+    host_port: int
+
+
 def qemu_argv(
     *,
     qemu: str,
@@ -57,6 +67,7 @@ def qemu_argv(
     first_script: str,
     forwards: Sequence[tuple[str, int, int]],
     serial_log: Path,
+    guest_services: Sequence[GuestService] = (),
     qmp_socket: Path,
     device_args: Sequence[str] = (),
 ) -> list[str]:
@@ -67,6 +78,10 @@ def qemu_argv(
         "restrict=on",  # the guest reaches nothing but DHCP and the guestfwd rule below
         f"bootfile=http://{GUEST_HTTP}/{first_script}",
         f"guestfwd=tcp:{GUEST_HTTP}:80-cmd:{relay} nc 127.0.0.1 {http_port}",
+        *(
+            f"guestfwd=tcp:{svc.guest_ip}:{svc.guest_port}-cmd:{relay} nc 127.0.0.1 {svc.host_port}"
+            for svc in guest_services
+        ),
         *(f"hostfwd={proto}:127.0.0.1:{host}-:{guest}" for proto, host, guest in forwards),
     ]
     return [

@@ -14,6 +14,33 @@ from pydantic import BaseModel, ConfigDict, Field
 from amnesiac.files import write_atomic
 
 
+class PermittedRecord(BaseModel):
+    """A record the policy permits, as the node sends it (docs/provider-interface.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    record: str
+    events: list[str]
+    fields: list[str]
+
+
+class ProviderHarness(BaseModel):
+    """The reference provider service a target was given (qemu: attaches one), and how a real
+    client reaches the target's OpenVPN: from inside the harness's own network namespace, over
+    the guest's second NIC (boot.link)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    journal: str  # the service's JSON-lines journal of every request it received
+    node: str  # the common name of the client certificate the target was given
+    netns: str  # where a client runs (`ip netns exec`)
+    openvpn_host: str  # the guest's address on the link
+    openvpn_port: int
+    openvpn_proto: str
+    account: str  # an account the service accepts: unique to this run, a canary
+    password: str
+
+
 class Expectations(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -28,6 +55,8 @@ class Expectations(BaseModel):
     openvpn_unit: str | None = None  # the OpenVPN server's systemd unit
     wireguard_interface: str | None = None
     image_sha256: str | None = None  # the build the target should be running
+    permitted_records: list[PermittedRecord] = Field(default_factory=list)  # the policy's permits
+    provider: ProviderHarness | None = None  # the verifier's reference service, when attached
 
     def write(self, path: Path) -> Path:
         return write_atomic(path, self.model_dump_json(indent=2) + "\n")

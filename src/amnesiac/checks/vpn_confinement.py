@@ -23,8 +23,18 @@ ATTEMPT = (
 )
 
 
-# What would make OpenVPN write: a status or pool file, a management socket, a log, a pid file.
-FORBIDDEN_DIRECTIVES = ("status", "ifconfig-pool-persist", "management", "log-append", "writepid", "syslog")
+# What would make OpenVPN write: a status or pool file, a log, a pid file. `management` makes a
+# socket file unless it listens on loopback TCP (provider_agent's, whose only client is the agent).
+FORBIDDEN_DIRECTIVES = ("status", "ifconfig-pool-persist", "log-append", "writepid", "syslog")
+LOOPBACK = ("127.0.0.1", "::1")
+
+
+def management_problem(args: list[str]) -> str | None:
+    """Why a `management` directive is not allowed: anything but a loopback TCP port is (a unix
+    socket is a file; another address exposes OpenVPN's client list to a network)."""
+    if len(args) >= 2 and args[0] in LOOPBACK and args[1].isdigit():
+        return None
+    return f"`management {' '.join(args)}` (allowed only on 127.0.0.1 or ::1, TCP)"
 
 
 def directives_of(text: str) -> list[tuple[str, list[str]]]:
@@ -38,7 +48,7 @@ def server_configs(texts: dict[str, str]) -> dict[str, list[tuple[str, list[str]
     includes.
 
     openvpn-server@NAME runs `--config NAME.conf`; a file that another includes (`config FILE`,
-    e.g. session_records' hook) is part of that server, not a server of its own.
+    e.g. provider_agent's management snippet) is part of that server, not a server of its own.
     """
     by_path = {path: directives_of(text) for path, text in texts.items()}
 
@@ -107,6 +117,7 @@ def openvpn_confined_by_apparmor(probe: Probe, expected: Expectations) -> None:
         "no-traffic-logging",
         "no-ip-logging",
         "session-records-off-server",
+        "account-counter-off-server",
     ],
     rationale="Entering the OpenVPN process's mount namespace with its AppArmor label, even as "
     "root, no file can be created in /, /tmp, /var, /var/tmp, /run, /etc, /dev/shm or /root; "
@@ -180,8 +191,8 @@ def openvpn_unit_sandboxed(probe: Probe, expected: Expectations) -> None:
         "data-volume-off-server",
     ],
     rationale="OpenVPN is configured to log to /dev/null at verbosity 0 with no status file, no "
-    "address pool file and no management interface; the running process holds no file open "
-    "for writing but /dev/null and the tun device.",
+    "address pool file and no management interface but a loopback TCP port (no socket file); the "
+    "running process holds no file open for writing but /dev/null and the tun device.",
 )
 def openvpn_no_log_or_status_file(probe: Probe, kind: Surface, expected: Expectations) -> None:
     configs = probe.run("find /etc/openvpn/server -maxdepth 1 -name '*.conf' -type f").stdout.split()
@@ -191,6 +202,9 @@ def openvpn_no_log_or_status_file(probe: Probe, kind: Surface, expected: Expecta
         names = {name for name, _ in directives_of(text)}
         for forbidden in FORBIDDEN_DIRECTIVES:
             assert forbidden not in names, f"{conf} has `{forbidden}`"
+        for name, args in directives_of(text):
+            problem = management_problem(args) if name == "management" else None
+            assert problem is None, f"{conf} has {problem}"
     servers = server_configs(texts)
     assert servers, f"no server configuration: every file includes another in a loop ({configs})"
     for instance, directives in servers.items():

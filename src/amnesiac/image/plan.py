@@ -78,7 +78,8 @@ def make_plan(
 ) -> BuildPlan:
     cat = catalog()
     roles = tuple(policy.roles())
-    merged = {**policy.role_vars(), **(extra_vars or {})}
+    role_vars = {**policy.role_vars(), **permitted_record_vars(policy)}
+    merged = {**role_vars, **(extra_vars or {})}
     packages = set(read_list(paths.image_dir() / "packages.txt"))
     for name in roles:
         # `<role>_packages` as the policy or --var sets it: mmdebstrap installs them all up
@@ -89,8 +90,25 @@ def make_plan(
         suite=suite or policy.image.suite,
         mirror=policy.image.mirror,
         roles=roles,
-        role_vars=policy.role_vars(),
+        role_vars=role_vars,
         packages=tuple(sorted(packages)),
         source_date_epoch=source_date_epoch,
         extra_vars=dict(extra_vars or {}),
     )
+
+
+# The role that sends permitted records, and its variable the build fills from `permits`.
+RECORDS_ROLE = "provider_agent"
+RECORDS_VAR = "provider_agent_records"
+
+
+def permitted_record_vars(policy: Policy) -> dict[str, Any]:
+    """What the records role sends, derived from the policy's `permits` and never written by hand:
+    a field the policy does not permit cannot reach the agent through a typo in a control."""
+    if RECORDS_ROLE not in policy.roles():
+        return {}
+    records = [
+        {"record": r.record, "events": [e.value for e in r.events], "fields": [f.value for f in r.fields]}
+        for r in policy.permitted_records()
+    ]
+    return {RECORDS_VAR: records}

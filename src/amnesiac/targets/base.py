@@ -11,6 +11,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
+from amnesiac.checks.expectations import ProviderHarness
 from amnesiac.checks.meta import Surface
 from amnesiac.errors import UnreachableError, UsageError
 
@@ -73,6 +74,8 @@ class Connection:
     # The machine the backend runs itself (qemu:, driven through QMP): the capabilities only some
     # kinds of target have (guest memory dumps, hot-plug, a TPM) hang off it; None elsewhere.
     machine: BootedMachine | None = None
+    # qemu: the reference provider service the target was given, for the session check.
+    provider: ProviderHarness | None = None
 
     def testinfra_host(self) -> Any:
         import testinfra

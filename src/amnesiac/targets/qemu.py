@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from amnesiac import boot, ssh
 from amnesiac.checks.meta import Surface
 from amnesiac.errors import UsageError
 from amnesiac.image.manifest import NAME as MANIFEST
+from amnesiac.image.manifest import Manifest
+from amnesiac.provider.harness import reference_provider
 from amnesiac.run import run
 from amnesiac.targets import mux
 from amnesiac.targets.base import Connection, ReachOptions, Target, TargetKind, Unreachable
@@ -47,9 +51,18 @@ class QemuTarget(Target):
     def reach(self, options: ReachOptions) -> Iterator[Connection]:
         """Boot the build; QEMU runs until the context ends, whatever happens."""
         key = throwaway_key(options.work)
-        boot_options = boot.BootOptions(memory_mib=options.memory_mib, ssh_key=key.with_suffix(".pub"))
         progress = options.progress
+        agent = AgentBuild.of(Manifest.load(self.build))
         with contextlib.ExitStack() as stack:
+            # A build that asks a provider gets a reference one, whose journal the checks read.
+            attached = stack.enter_context(reference_provider(options.work, agent.records)) if agent else None
+            boot_options = boot.BootOptions(
+                memory_mib=options.memory_mib,
+                ssh_key=key.with_suffix(".pub"),
+                overlay_files=attached.overlay_files if attached else (),
+                guest_services=(attached.guest_service,) if attached else (),
+                client_link=agent is not None,
+            )
             with progress.stage("boot", f"Boot {self.build.name} in QEMU over iPXE") as stage:
                 try:
                     machine = stack.enter_context(boot.running(self.build, boot_options))
@@ -71,7 +84,33 @@ class QemuTarget(Target):
                 test_devices_attached=boot_options.test_devices,
                 served={s.name: s.sha256 for s in machine.served() if s.sha256},
                 machine=machine,
+                provider=(
+                    attached.harness(machine.link, agent.openvpn_port, agent.openvpn_proto)
+                    if attached and agent and machine.link
+                    else None
+                ),
             )
+
+
+@dataclass(frozen=True)
+class AgentBuild:
+    """A build whose OpenVPN asks the provider (role provider_agent), from its manifest."""
+
+    records: list[str]
+    openvpn_proto: Literal["tcp", "udp"]
+    openvpn_port: int
+
+    @classmethod
+    def of(cls, manifest: Manifest) -> AgentBuild | None:
+        roles = {r.name: r.vars for r in manifest.roles}
+        if "provider_agent" not in roles or "openvpn_server" not in roles:
+            return None
+        openvpn = roles["openvpn_server"]
+        return cls(
+            records=[r["record"] for r in roles["provider_agent"].get("provider_agent_records", [])],
+            openvpn_proto="tcp" if openvpn.get("openvpn_server_proto") == "tcp" else "udp",
+            openvpn_port=int(openvpn.get("openvpn_server_port", 1194)),
+        )
 
 
 def throwaway_key(work: Path) -> Path:
