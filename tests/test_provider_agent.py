@@ -1,0 +1,179 @@
+"""The provider agent with Debian's real OpenVPN, a real client and the reference service, in a
+network namespace of the test's own: the role developer's loop, in seconds, without an image.
+
+The agent and OpenVPN's management snippet are rendered from the role's templates; OpenVPN,
+the agent and the service run inside the namespace (its loopback only), and the session check's
+own client and judgement (checks.provider) drive and read them. The boot tier runs the same
+check on the built image (tests/boot/test_verify.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from amnesiac.checks import provider as check
+from amnesiac.checks.expectations import ProviderHarness
+from amnesiac.provider.pki import ProviderPki, fingerprint_sha256, node_identity_files
+from amnesiac.provider.service import read_journal
+from tests.test_provider_check import COUNTER, SESSION, render_agent
+
+NODE = "node-test"
+RECORDS = [SESSION, COUNTER]
+SERVICE_PORT = 8443
+WAIT = 20.0  # an upper bound on a process starting, never a measurement
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("openvpn") is None, reason="openvpn is installed by `make setup`"
+)
+
+SERVICE = """
+import sys, time
+from pathlib import Path
+from amnesiac.provider.pki import ProviderPki, Pem
+from amnesiac.provider.service import ReferenceService
+work = Path(sys.argv[1])
+pki = ProviderPki(
+    ca=Pem((work / "ca.crt").read_bytes(), (work / "ca.key").read_bytes()),
+    service=Pem((work / "service.crt").read_bytes(), (work / "service.key").read_bytes()),
+)
+records = sys.argv[4].split(",")
+with ReferenceService(pki, {sys.argv[2]: sys.argv[3]}, records, journal=work / "journal.jsonl", port=%d):
+    (work / "service.ready").touch()
+    time.sleep(600)
+"""
+
+
+@pytest.fixture
+def netns(needs_root: None) -> Iterator[str]:
+    name = f"amnesiac-test-{secrets.token_hex(4)}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+@contextlib.contextmanager
+def node(netns: str, work: Path, **agent_vars: object) -> Iterator[ProviderHarness]:
+    """OpenVPN with the agent and the reference service, all inside `netns`, until the end."""
+    account, password = f"amnesiac-canary-{secrets.token_hex(4)}", secrets.token_urlsafe(12)
+    pki = ProviderPki.create(["127.0.0.1"])
+    for name, pem in (("ca", pki.ca), ("service", pki.service)):
+        (work / f"{name}.crt").write_bytes(pem.cert)
+        (work / f"{name}.key").write_bytes(pem.key)
+    credentials = work / "credentials"
+    credentials.mkdir()
+    files = node_identity_files(f"https://127.0.0.1:{SERVICE_PORT}", pki, pki.issue_node(NODE))
+    for name, (data, _) in files.items():
+        (credentials / name).write_bytes(data)
+    (credentials / "management.pw").write_text(secrets.token_hex(16) + "\n")
+    server = pki.issue_node("amnesiac-openvpn-server")  # any certificate: the client pins it
+    (work / "server.crt").write_bytes(server.cert)
+    (work / "server.key").write_bytes(server.key)
+    agent = work / "provider-agent"
+    agent.write_text(render_agent(provider_agent_records=[r.model_dump() for r in RECORDS], **agent_vars))
+    agent.chmod(0o700)
+    (work / "service.py").write_text(SERVICE % SERVICE_PORT)
+    in_ns = ["ip", "netns", "exec", netns]
+    records = ",".join(r.record for r in RECORDS)
+    with contextlib.ExitStack() as stack:
+        start = _starter(stack, work)
+        service = [sys.executable, str(work / "service.py"), str(work), account, password, records]
+        start("service", [*in_ns, *service])
+        _wait((work / "service.ready").exists, "the reference service")
+        start("openvpn", [
+            *in_ns, "openvpn", "--dev", "tun", "--disable-dco", "--topology", "subnet",
+            "--server", "10.8.0.0", "255.255.255.0", "--local", "127.0.0.1", "--port", "1194",
+            "--proto", "udp", "--cert", str(work / "server.crt"), "--key", str(work / "server.key"),
+            "--dh", "none", "--peer-fingerprint", ":".join(["00"] * 32), "--verify-client-cert", "none",
+            "--management", "127.0.0.1", "7505", str(credentials / "management.pw"),
+            "--management-client-auth", "--keepalive", "10", "60", "--verb", "3",
+        ])  # fmt: skip
+        start("agent", [*in_ns, "env", f"CREDENTIALS_DIRECTORY={credentials}", "bash", str(agent)])
+        # OpenVPN holds a client that arrives before the agent: start with the agent connected.
+        _wait(lambda: b"MANAGEMENT: Client connected" in (work / "openvpn.log").read_bytes(), "the agent")
+        yield ProviderHarness(
+            journal=str(work / "journal.jsonl"),
+            node=NODE,
+            netns=netns,
+            openvpn_host="127.0.0.1",
+            openvpn_port=1194,
+            openvpn_proto="udp",
+            account=account,
+            password=password,
+        )
+
+
+def _starter(stack: contextlib.ExitStack, work: Path) -> Callable[[str, list[str]], None]:
+    def start(name: str, argv: list[str]) -> None:
+        log = (work / f"{name}.log").open("wb")
+        stack.callback(log.close)
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        stack.callback(_stop, process)
+
+    return start
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _wait(done: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not done():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not start within {WAIT:.0f} s")
+        time.sleep(0.1)
+
+
+def server_fingerprint(work: Path) -> str:
+    return fingerprint_sha256((work / "server.crt").read_bytes())
+
+
+def test_a_session_sends_exactly_the_permitted_records(netns: str, tmp_path: Path) -> None:
+    with node(netns, tmp_path) as harness:
+        fingerprint = server_fingerprint(tmp_path)
+        wrong = check._session(harness, fingerprint, password=secrets.token_hex(6), hold=0.0)
+        assert not wrong.connected and "AUTH_FAILED" in wrong.log, wrong.tail
+        session = check._session(harness, fingerprint, password=harness.password, hold=1.0)
+        assert session.connected, session.tail
+        seen = check._wait_for_records(harness, RECORDS, start=0)
+    assert check._judge(seen, RECORDS, harness) == [], [check._shown(r) for r in seen]
+    paths = [r.path for r in seen]
+    # The refused client caused one question and no record; the session, a counter +1 and -1.
+    assert paths[:2] == ["/v1/auth", "/v1/auth"] and paths.count("/v1/records/device-counter") == 2
+    assert all(
+        dict(r.fields).get("password") in (None, "<redacted>") for r in read_journal(Path(harness.journal))
+    )
+
+
+def test_a_field_the_policy_does_not_permit_is_caught(netns: str, tmp_path: Path) -> None:
+    with node(netns, tmp_path, provider_agent_extra_fields=["client_port"]) as harness:
+        session = check._session(harness, server_fingerprint(tmp_path), password=harness.password, hold=0.5)
+        assert session.connected, session.tail
+        seen = check._wait_for_records(harness, RECORDS, start=0)
+    problems = check._judge(seen, RECORDS, harness)
+    assert any("fields not permitted ['client_port']" in p for p in problems), problems
+
+
+def test_an_unreachable_service_refuses_every_client(netns: str, tmp_path: Path) -> None:
+    with node(netns, tmp_path) as harness:
+        subprocess.run(["pkill", "-f", str(tmp_path / "service.py")], check=False)
+        time.sleep(0.5)
+        session = check._session(harness, server_fingerprint(tmp_path), password=harness.password, hold=0.0)
+    assert not session.connected and "AUTH_FAILED" in session.log, session.tail
