@@ -99,7 +99,7 @@ def node(netns: str, work: Path, **agent_vars: object) -> Iterator[ProviderHarne
             "--management", "127.0.0.1", "7505", str(credentials / "management.pw"),
             "--management-client-auth", "--keepalive", "10", "60", "--verb", "3",
         ])  # fmt: skip
-        start("agent", [*in_ns, "env", f"CREDENTIALS_DIRECTORY={credentials}", "bash", str(agent)])
+        start("agent", [*in_ns, "env", f"CREDENTIALS_DIRECTORY={credentials}", "bash", str(agent), "openvpn"])
         # OpenVPN holds a client that arrives before the agent: start with the agent connected.
         _wait(lambda: b"MANAGEMENT: Client connected" in (work / "openvpn.log").read_bytes(), "the agent")
         yield ProviderHarness(

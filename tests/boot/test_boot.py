@@ -95,6 +95,17 @@ def test_booted_the_manifest_cmdline_on_a_tmpfs_root(machine: boot.BootedMachine
     assert ssh(machine, key, "findmnt -n -o FSTYPE /").strip() == "tmpfs"
 
 
+def test_without_a_provider_identity_the_server_serves_no_one_and_says_so(
+    machine: boot.BootedMachine, key: Path
+) -> None:
+    """Booted without the per-host overlay of provider_agent: the console says why, the agent
+    does not run, so OpenVPN authenticates nobody."""
+    assert "amnesiac: no provider identity" in machine.console(), machine.console(20)
+    state = ssh(machine, key, "systemctl is-active amnesiac-provider-agent.service || true").strip()
+    assert state == "inactive"
+    assert ssh(machine, key, "systemctl is-active openvpn-server@server.service").strip() == "active"
+
+
 def test_test_devices_are_attached(machine: boot.BootedMachine) -> None:
     attached = {d["name"] for d in machine.qmp("qom-list", path="/machine/peripheral")}
     assert {"xhci", "kbd0", "stick0", "disk0"} <= attached

@@ -39,6 +39,8 @@ class ProviderHarness(BaseModel):
     openvpn_proto: str
     account: str  # an account the service accepts: unique to this run, a canary
     password: str
+    # WireGuard: the file whose lines ("KEY IP/PREFIX") the service answers /v1/wireguard/peers with.
+    peers_file: str | None = None
 
 
 class Expectations(BaseModel):

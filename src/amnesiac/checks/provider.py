@@ -11,13 +11,16 @@ target was given. It is the one kind of check that can verify a claim with `perm
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import re
 import secrets
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from amnesiac.checks.expectations import Expectations, PermittedRecord, ProviderHarness
@@ -25,13 +28,25 @@ from amnesiac.checks.logging import find_everywhere
 from amnesiac.checks.meta import KERNEL, Surface, check
 from amnesiac.checks.plugin import not_applicable
 from amnesiac.checks.probe import Probe
-from amnesiac.provider.service import Request, read_journal
+from amnesiac.provider.service import PEERS, Request, read_journal
 
 SERVER_CERT = "/etc/openvpn/server/identity/server.crt"
 # Bounds, never measurements: a TCG guest answers slowly.
 CONNECT_SECONDS = 60.0
 HOLD_SECONDS = 3.0  # keepalive pings cross the data channel meanwhile
 RECORD_SECONDS = 30.0
+WIREGUARD_SECONDS = 60.0
+# Traffic through a tunnel: a DNS query to the server's resolver at its tunnel address (argv[1]),
+# true when an answer with the query's id comes back (the verifier need not have ping or dig).
+DNS_PROBE = """
+import socket, sys
+header = bytes.fromhex("a5a5 0100 0001 0000 0000 0000")  # id, recursion desired, one question
+query = header + b"\\x08amnesiac\\x07invalid\\x00" + bytes.fromhex("0001 0001")  # A, IN
+with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    s.settimeout(2)
+    s.sendto(query, (sys.argv[1], 53))
+    sys.exit(0 if s.recvfrom(512)[0][:2] == query[:2] else 1)
+"""  # the agent adds a peer within its interval (5 s) of the service's change
 # What each event can carry (docs/provider-interface.md): the node sends a permitted field only
 # when it exists at that event, and never the counted ones.
 AT_CONNECT = ("account", "client_ip", "client_port", "session_id", "session_start")
@@ -73,7 +88,7 @@ def session_records_observed(probe: Probe, expected: Expectations) -> None:
     assert not wrong.connected, "a wrong password was accepted"
     assert "AUTH_FAILED" in wrong.log, f"the client was not refused by the server: {wrong.tail}"
     refused = read_journal(Path(harness.journal))[before:]
-    asked = [r for r in refused if r.method != "TLS"]  # a failed handshake reached nothing
+    asked = [r for r in refused if not _background(r)]
     assert [r.path for r in asked] == ["/v1/auth"], f"a refused client caused {_paths(asked)}"
 
     session = _session(harness, fingerprint, password=harness.password, hold=HOLD_SECONDS)
@@ -84,8 +99,139 @@ def session_records_observed(probe: Probe, expected: Expectations) -> None:
 
     problems = _judge(seen, expected.permitted_records, harness)
     assert problems == [], "; ".join(problems)
-    found = find_everywhere(probe, harness.account)
-    assert found == [], f"the account name stayed on the server in {found}"
+    canaries = [harness.account]
+    if expected.wireguard_interface and harness.peers_file:
+        canaries.append(_wireguard(probe, harness, expected.wireguard_interface, expected.permitted_records))
+    for canary in canaries:
+        found = find_everywhere(probe, canary)
+        assert found == [], f"{canary} (an account) stayed on the server in {found}"
+
+
+def _background(request: Request) -> bool:
+    """Requests no client caused: a handshake the service refused (it reached nothing), and the
+    WireGuard agent asking which peers it may accept."""
+    return request.method == "TLS" or (request.method == "GET" and request.path == PEERS)
+
+
+@dataclass(frozen=True)
+class _Tunnel:
+    """Both ends of a WireGuard client's tunnel to the server."""
+
+    server_key: str
+    endpoint: str  # the server's address on the harness's link, and WireGuard's port
+    server_ip: str  # inside the tunnel
+    client_ip: str
+
+
+def _wireguard(
+    probe: Probe, harness: ProviderHarness, interface: str, permitted: list[PermittedRecord]
+) -> str:
+    """A WireGuard session: the service allows a new peer, a real client (wireguard-go in the
+    harness's namespace) handshakes and pings the server through the tunnel, the service
+    withdraws the peer. The records it caused must be exactly the permitted ones; returns the
+    peer's public key (its account) for the search of the server's files."""
+    if shutil.which("wireguard-go") is None or shutil.which("wg") is None:
+        raise RuntimeError(
+            "the verifier has no WireGuard client (apt-get install wireguard-go wireguard-tools)"
+        )
+    server_key = probe.run(f"wg show {interface} public-key").stdout.strip()
+    port = probe.run(f"wg show {interface} listen-port").stdout.strip()
+    address = probe.run(f"ip -4 -o addr show dev {interface}").stdout.split()
+    assert server_key and port.isdigit() and "inet" in address, f"{interface} is not up on the server"
+    server = ipaddress.ip_interface(address[address.index("inet") + 1])
+    tunnel = _Tunnel(
+        server_key=server_key,
+        endpoint=f"{harness.openvpn_host}:{port}",
+        server_ip=str(server.ip),
+        client_ip=str(next(h for h in server.network.hosts() if h != server.ip)),
+    )
+    private = _output(["wg", "genkey"])
+    public = _output(["wg", "pubkey"], private)
+    peers = Path(harness.peers_file or "")
+    before = len(read_journal(Path(harness.journal)))
+    peers.write_text(f"{public} {tunnel.client_ip}/32\n")  # the service allows the peer
+    with _wireguard_client(harness, private, tunnel) as ping:
+        answered = _until(ping, WIREGUARD_SECONDS)
+        probe.note(f"WireGuard: {'the resolver answered through the tunnel' if answered else 'no answer'}")
+        assert answered, f"the server did not answer through WireGuard within {WIREGUARD_SECONDS:.0f} s"
+        wanted = {(r.record, "connect") for r in permitted if "connect" in r.events}
+        _wait_for(harness, wanted, before)
+        peers.write_text("")  # the service withdraws it
+        wanted |= {(r.record, "disconnect") for r in permitted if "disconnect" in r.events}
+        seen = _wait_for(harness, wanted, before)
+    received = "\n".join(_shown(r) for r in seen if not _background(r))
+    probe.note(f"the service received (WireGuard):\n{received}")
+    problems = _judge(seen, permitted, harness, auth=False)
+    assert problems == [], "WireGuard: " + "; ".join(problems)
+    accounts = {dict(r.fields).get("account") for r in seen if _record_name(r)} - {None}
+    assert accounts <= {public}, f"WireGuard records named accounts {accounts}, not the peer's key"
+    return public
+
+
+@contextlib.contextmanager
+def _wireguard_client(
+    harness: ProviderHarness, private: str, tunnel: _Tunnel
+) -> Iterator[Callable[[], bool]]:
+    """wireguard-go in the harness's namespace with its tunnel to the server; yields a probe that
+    is true when the server's resolver answered a query sent through the tunnel."""
+    name = f"amwg{secrets.token_hex(3)}"
+    ns = ["ip", "netns", "exec", harness.netns]
+    with tempfile.TemporaryDirectory(prefix="amnesiac-wg-") as tmp:
+        key = Path(tmp) / "private"
+        key.write_text(private + "\n")
+        key.chmod(0o600)
+        daemon = subprocess.Popen(
+            [*ns, "wireguard-go", "-f", name], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        try:
+            _until(lambda: _ok([*ns, "ip", "link", "show", name]), 10)
+            for argv in (
+                [*ns, "wg", "set", name, "private-key", str(key), "peer", tunnel.server_key,
+                 "endpoint", tunnel.endpoint, "allowed-ips", f"{tunnel.server_ip}/32",
+                 "persistent-keepalive", "1"],
+                [*ns, "ip", "addr", "add", f"{tunnel.client_ip}/32", "dev", name],
+                [*ns, "ip", "link", "set", name, "up"],
+                [*ns, "ip", "route", "add", f"{tunnel.server_ip}/32", "dev", name],
+            ):  # fmt: skip
+                subprocess.run(argv, capture_output=True, check=True)
+            yield lambda: _ok([*ns, sys.executable, "-c", DNS_PROBE, tunnel.server_ip])
+        finally:
+            daemon.terminate()
+            try:
+                daemon.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+                daemon.wait()
+            subprocess.run([*ns, "ip", "link", "del", name], capture_output=True, check=False)
+
+
+def _ok(argv: list[str]) -> bool:
+    return subprocess.run(argv, capture_output=True, check=False).returncode == 0
+
+
+def _output(argv: list[str], stdin: str | None = None) -> str:
+    return subprocess.run(argv, input=stdin, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def _until(done: Callable[[], bool], seconds: float) -> bool:
+    """Poll `done` until it holds or `seconds` pass (a bound, never a measurement)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if done():
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def _wait_for(harness: ProviderHarness, wanted: set[tuple[str, str]], start: int) -> list[Request]:
+    """The journal since `start` once every (record, event) in `wanted` arrived, or RECORD_SECONDS."""
+
+    def arrived() -> bool:
+        seen = read_journal(Path(harness.journal))[start:]
+        return wanted <= {(_record_name(r), dict(r.fields).get("event")) for r in seen}
+
+    _until(arrived, RECORD_SECONDS)
+    return read_journal(Path(harness.journal))[start:]
 
 
 class _Session:
@@ -178,24 +324,20 @@ def _wait_for_records(
     harness: ProviderHarness, permitted: list[PermittedRecord], start: int
 ) -> list[Request]:
     """The requests since `start`, once every permitted event arrived or RECORD_SECONDS passed."""
-    wanted = {(r.record, e) for r in permitted for e in r.events}
-    deadline = time.monotonic() + RECORD_SECONDS
-    while True:
-        seen = read_journal(Path(harness.journal))[start:]
-        got = {(_record_name(r), dict(r.fields).get("event")) for r in seen}
-        if wanted <= got or time.monotonic() > deadline:
-            return seen
-        time.sleep(0.25)
+    return _wait_for(harness, {(r.record, e) for r in permitted for e in r.events}, start)
 
 
-def _judge(seen: list[Request], permitted: list[PermittedRecord], harness: ProviderHarness) -> list[str]:
-    """Every way what the service received differs from what the policy permits."""
+def _judge(
+    seen: list[Request], permitted: list[PermittedRecord], harness: ProviderHarness, *, auth: bool = True
+) -> list[str]:
+    """Every way what the service received differs from what the policy permits (`auth`: the
+    session had to ask about an account, as an OpenVPN login does)."""
     problems: list[str] = []
     by_name = {r.record: r for r in permitted}
     expected_events = {(r.record, e) for r in permitted for e in r.events}
     received: set[tuple[str, str]] = set()
     for request in seen:
-        if request.method == "TLS":  # a handshake the service refused: nothing was received
+        if _background(request):
             continue
         if request.client_cn != harness.node:
             problems.append(f"{request.path} came without the node's certificate ({request.client_cn!r})")
@@ -224,7 +366,7 @@ def _judge(seen: list[Request], permitted: list[PermittedRecord], harness: Provi
             problems.append(f"record {name} at {event}: fields not permitted {extra}, missing {missing}")
     for name, event in sorted(expected_events - received):
         problems.append(f"record {name} was never received at {event}")
-    if not any(r.path == "/v1/auth" for r in seen):
+    if auth and not any(r.path == "/v1/auth" for r in seen):
         problems.append("the service was never asked about the account")
     return problems
 
@@ -244,7 +386,8 @@ def _shown(request: Request) -> str:
     return f"{request.method} {request.path} {request.status} {who} {fields}"
 
 
-AGENT_UNIT = "amnesiac-provider-agent.service"
+# OpenVPN's agent, and WireGuard's where the image has one.
+AGENT_UNITS = ("amnesiac-provider-agent.service", "amnesiac-provider-wireguard.service")
 AGENT = "/usr/local/libexec/amnesiac/provider-agent"
 # An output redirection to a path or a variable (`> file`, `>> "$f"`, `2>$x`), not to a
 # descriptor (`>&3`), not inside a word or a quoted protocol line ('>CLIENT:...'), not `<>`.
@@ -267,22 +410,27 @@ CONFINED = {
         "no-activity-logging",
         "no-pii-on-server",
     ],
-    rationale="The agent that sends the permitted records runs as a dynamic user on a read-only "
-    "system with no writable directory and its output discarded, and its script redirects "
-    "nothing to a file: it has nowhere to keep a record.",
+    rationale="The agents that send the permitted records (OpenVPN's, and WireGuard's where there is "
+    "one) run as dynamic users on a read-only system with no writable directory and their output "
+    "discarded, and their script redirects nothing to a file: they have nowhere to keep a record.",
 )
 def agent_writes_nothing(probe: Probe, kind: Surface) -> None:
-    unit = probe.run(f"cat /etc/systemd/system/{AGENT_UNIT}")
-    assert unit.rc == 0, f"no provider agent ({AGENT_UNIT}): the permitted records have no way off the server"
-    settings = _unit_settings(unit.stdout)
-    if kind is not Surface.ROOTFS:
-        # What systemd made of the unit, drop-ins included.
-        shown = probe.run(f"systemctl show {AGENT_UNIT} -p {','.join([*WRITABLE, *CONFINED])}").stdout
-        settings = {**settings, **_unit_settings(shown)}
-    writable = {k: v for k in WRITABLE if (v := settings.get(k, ""))}
-    assert writable == {}, f"the agent may write to {writable}"
-    wrong = {k: settings.get(k, "") for k, v in CONFINED.items() if settings.get(k, "") != v}
-    assert wrong == {}, f"the agent is not confined as it should be: {wrong} (want {CONFINED})"
+    paths = " ".join(f"/etc/systemd/system/{unit}" for unit in AGENT_UNITS)
+    units = probe.run(f"ls {paths} 2>/dev/null").stdout
+    present = [u for u in AGENT_UNITS if u in units]
+    assert AGENT_UNITS[0] in present, (
+        f"no provider agent ({AGENT_UNITS[0]}): the permitted records have no way off the server"
+    )
+    for unit in present:
+        settings = _unit_settings(probe.run(f"cat /etc/systemd/system/{unit}").stdout)
+        if kind is not Surface.ROOTFS:
+            # What systemd made of the unit, drop-ins included.
+            shown = probe.run(f"systemctl show {unit} -p {','.join([*WRITABLE, *CONFINED])}").stdout
+            settings = {**settings, **_unit_settings(shown)}
+        writable = {k: v for k in WRITABLE if (v := settings.get(k, ""))}
+        assert writable == {}, f"{unit} may write to {writable}"
+        wrong = {k: settings.get(k, "") for k, v in CONFINED.items() if settings.get(k, "") != v}
+        assert wrong == {}, f"{unit} is not confined as it should be: {wrong} (want {CONFINED})"
     script = probe.run(f"cat {AGENT}").stdout
     code = [line for line in script.splitlines() if not line.lstrip().startswith("#")]
     writes = [line.strip() for line in code for target in REDIRECT.findall(line) if target != "/dev/null"]

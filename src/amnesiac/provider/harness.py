@@ -37,6 +37,7 @@ class AttachedProvider:
     account: str
     password: str
     journal: Path
+    peers_file: Path  # the WireGuard peers the service allows: rewritten by the session check
 
     def harness(self, link: ClientLink, openvpn_port: int, openvpn_proto: str) -> ProviderHarness:
         return ProviderHarness(
@@ -48,6 +49,7 @@ class AttachedProvider:
             openvpn_proto=openvpn_proto,
             account=self.account,
             password=self.password,
+            peers_file=str(self.peers_file),
         )
 
 
@@ -61,7 +63,8 @@ def reference_provider(work: Path, records: list[str]) -> Iterator[AttachedProvi
     node = pki.issue_node(NODE_NAME)
     files = node_identity_files(f"https://{GUEST_PROVIDER}", pki, node)
     overlay = tuple(OverlayFile(f"{IDENTITY_DIR}/{name}", data, mode) for name, (data, mode) in files.items())
-    with ReferenceService(pki, {account: password}, records, journal=journal) as service:
+    peers = work / "provider-wireguard-peers"
+    with ReferenceService(pki, {account: password}, records, journal=journal, peers_file=peers) as service:
         yield AttachedProvider(
             service=service,
             overlay_files=overlay,
@@ -69,4 +72,5 @@ def reference_provider(work: Path, records: list[str]) -> Iterator[AttachedProvi
             account=account,
             password=password,
             journal=journal,
+            peers_file=peers,
         )

@@ -125,7 +125,9 @@ class ReferenceService:
 
     `accounts` maps usernames to passwords for /v1/auth; `records` are the record names
     /v1/records/{record} accepts; `peers` are the (public key, allowed IP/prefix) lines of
-    /v1/wireguard/peers. The client must present a certificate from the PKI's CA.
+    /v1/wireguard/peers, or, with `peers_file`, that file's lines as they are at each request
+    (another process, a check, allows and removes peers by rewriting it). The client must
+    present a certificate from the PKI's CA.
     """
 
     def __init__(
@@ -138,6 +140,7 @@ class ReferenceService:
         host: str = "127.0.0.1",
         port: int = 0,
         peers: Iterable[tuple[str, str]] = (),
+        peers_file: Path | None = None,
     ) -> None:
         self.accounts = dict(accounts)
         self.records = frozenset(records)
@@ -145,6 +148,7 @@ class ReferenceService:
         for peer in self.peers:
             if any(not part or any(char.isspace() for char in part) for part in peer):
                 raise ValueError(f"a peer is a public key and an IP/prefix without spaces, not {peer!r}")
+        self.peers_file = peers_file
         self.journal = journal
         self.host = host
         self._requests: list[Request] = []
@@ -154,6 +158,16 @@ class ReferenceService:
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, args=(SHUTDOWN_POLL,), name="amnesiac-provider", daemon=True
         )
+
+    def current_peers(self) -> tuple[tuple[str, str], ...]:
+        """The peers to answer with now: the file's lines (missing: none), else `peers`."""
+        if self.peers_file is None:
+            return self.peers
+        try:
+            lines = self.peers_file.read_text().splitlines()
+        except FileNotFoundError:
+            return ()
+        return tuple((f[0], f[1]) for f in (line.split() for line in lines) if len(f) == 2)
 
     def __enter__(self) -> ReferenceService:
         self._thread.start()
@@ -315,7 +329,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         elif isinstance(body, int):
             self._answer(body, "body too large" if body == 413 else "malformed request")
         elif path == PEERS:
-            peers = self.server.service.peers
+            peers = self.server.service.current_peers()
             self._answer(200, "".join(f"{key} {allowed_ip}\n" for key, allowed_ip in peers))
         else:
             fields = self._form(body)
