@@ -175,3 +175,18 @@ def test_malformed_records_name_file_and_line(
     assert words in message, message
     assert message.startswith(f"{path}:{line}: "), message
     assert "\n" not in message
+
+
+def test_the_records_the_agent_sends_are_never_set_by_hand(tmp_path: Path) -> None:
+    """provider_agent_records comes from `permits`: a control that sets it is refused by line."""
+    text = FOURTH.replace(
+        "      - role: provider_agent\n    checks: [provider.agent_writes_nothing]\n  - id: data-volume",
+        "      - role: provider_agent\n        vars:\n          provider_agent_records: []\n"
+        "    checks: [provider.agent_writes_nothing]\n  - id: data-volume",
+        1,
+    )
+    assert text != FOURTH
+    with pytest.raises(PolicyError) as caught:
+        policy.load(write(tmp_path, text))
+    assert "provider_agent_records is not set by hand" in str(caught.value)
+    assert "fourth.yml:" in str(caught.value)

@@ -15,7 +15,8 @@ from amnesiac import policy
 from amnesiac.checks.expectations import PermittedRecord, ProviderHarness
 from amnesiac.checks.provider import REDIRECT, _judge, _unit_settings
 from amnesiac.checks.vpn_confinement import management_problem
-from amnesiac.image.plan import RECORDS_VAR, make_plan, permitted_record_vars
+from amnesiac.image.plan import make_plan, permitted_record_vars
+from amnesiac.policy import RECORDS_VAR
 from amnesiac.provider.service import Request
 
 REPO = Path(__file__).resolve().parent.parent

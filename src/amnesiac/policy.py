@@ -69,6 +69,10 @@ TECHNICAL_CLAIMS = frozenset(
     }
 )
 
+# Role variables the build derives from the policy itself (image.plan), never written in a control.
+RECORDS_VAR = "provider_agent_records"  # what the records role sends (image.plan.permitted_record_vars)
+DERIVED_VARS = {RECORDS_VAR: "the build derives it from the claims' `permits`"}
+
 # Limits on what the loader reads. The largest shipped policy is 32 KB, 762 values, 6 levels deep.
 MAX_BYTES = 4 * 1024 * 1024  # the policy file, and each source text it quotes
 MAX_DEPTH = 32  # nested mappings and sequences
@@ -830,6 +834,8 @@ class _Validator:
             var = role.variables.get(name)
             if var is None:
                 self.fail((*at, "vars", name), f"role '{role.name}' has no variable {_q(name)}")
+            if name in DERIVED_VARS:
+                self.fail((*at, "vars", name), f"{name} is not set by hand: {DERIVED_VARS[name]}")
             if problem := var.problem_with(value):
                 self.fail((*at, "vars", name), _clip(problem, 200))
             if name in self.set_by and self.set_by[name][0] != value:

@@ -30,8 +30,8 @@ from amnesiac.checks.meta import catalogue, integrity_checks
 from amnesiac.checks.results import CheckRecord, CheckResult, Evidence, read_records
 from amnesiac.errors import ExitCode, UnreachableError, UsageError
 from amnesiac.image.manifest import Manifest
-from amnesiac.image.plan import RECORDS_VAR, make_plan, permitted_record_vars
-from amnesiac.policy import Policy
+from amnesiac.image.plan import make_plan, permitted_record_vars
+from amnesiac.policy import RECORDS_VAR, Policy
 from amnesiac.progress import Progress
 from amnesiac.report import fleet, model, render
 from amnesiac.report.model import CheckOutcome, Identity, Report, Verdict

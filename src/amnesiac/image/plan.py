@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from amnesiac import paths
-from amnesiac.policy import Policy
+from amnesiac.policy import RECORDS_VAR, Policy
 from amnesiac.roles import Role, catalog
 
 # mmdebstrap variant: Essential plus apt, which the roles' package tasks (and molecule) use.
@@ -97,9 +97,8 @@ def make_plan(
     )
 
 
-# The role that sends permitted records, and its variable the build fills from `permits`.
+# The role that sends permitted records; the build fills its RECORDS_VAR from `permits`.
 RECORDS_ROLE = "provider_agent"
-RECORDS_VAR = "provider_agent_records"
 
 
 def permitted_record_vars(policy: Policy) -> dict[str, Any]:
