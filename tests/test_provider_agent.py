@@ -24,6 +24,7 @@ from amnesiac.checks import provider as check
 from amnesiac.checks.expectations import ProviderHarness
 from amnesiac.provider.pki import ProviderPki, fingerprint_sha256, node_identity_files
 from amnesiac.provider.service import read_journal
+from amnesiac.run import spawn, stop_group
 from tests.test_provider_check import COUNTER, SESSION, render_agent
 
 NODE = "node-test"
@@ -118,19 +119,9 @@ def _starter(stack: contextlib.ExitStack, work: Path) -> Callable[[str, list[str
     def start(name: str, argv: list[str]) -> None:
         log = (work / f"{name}.log").open("wb")
         stack.callback(log.close)
-        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-        stack.callback(_stop, process)
+        stack.callback(stop_group, spawn(argv, stdout=log, stderr=subprocess.STDOUT), term_timeout=10)
 
     return start
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 def _wait(done: Callable[[], bool], what: str) -> None:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from amnesiac.serving import InThread
+
 log = logging.getLogger("amnesiac.http")
 
 CHUNK = 1 << 20
@@ -64,7 +66,7 @@ class Served:
         }
 
 
-class FileServer:
+class FileServer(InThread):
     """`with FileServer(table) as server:` serves on 127.0.0.1, a free port, in a thread."""
 
     def __init__(self, table: Mapping[str, Source], host: str = "127.0.0.1") -> None:
@@ -73,22 +75,9 @@ class FileServer:
         self.table = dict(table)
         self._records: list[Served] = []
         self._lock = threading.Lock()
-        self._httpd = _Server((host, 0), _handler_for(self))
-        self.port: int = self._httpd.server_address[1]
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="amnesiac-http", daemon=True)
-
-    def __enter__(self) -> FileServer:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self._thread.is_alive():
-            self._httpd.shutdown()
-            self._thread.join(timeout=10)
-        self._httpd.server_close()
+        httpd = _Server((host, 0), _handler_for(self))
+        self.port: int = httpd.server_address[1]
+        self._serve_in_thread(httpd, "amnesiac-http")
 
     @property
     def url(self) -> str:

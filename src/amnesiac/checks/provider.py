@@ -29,6 +29,7 @@ from amnesiac.checks.meta import KERNEL, Surface, check
 from amnesiac.checks.plugin import not_applicable
 from amnesiac.checks.probe import Probe
 from amnesiac.provider.service import PEERS, Request, read_journal
+from amnesiac.run import spawn, stop_group
 
 SERVER_CERT = "/etc/openvpn/server/identity/server.crt"
 # Bounds, never measurements: a TCG guest answers slowly.
@@ -180,7 +181,7 @@ def _wireguard_client(
         key = Path(tmp) / "private"
         key.write_text(private + "\n")
         key.chmod(0o600)
-        daemon = subprocess.Popen(
+        daemon = spawn(
             [*ns, "wireguard-go", "-f", name], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         try:
@@ -196,12 +197,7 @@ def _wireguard_client(
                 subprocess.run(argv, capture_output=True, check=True)
             yield lambda: _ok([*ns, sys.executable, "-c", DNS_PROBE, tunnel.server_ip])
         finally:
-            daemon.terminate()
-            try:
-                daemon.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-                daemon.wait()
+            stop_group(daemon, term_timeout=10)
             subprocess.run([*ns, "ip", "link", "del", name], capture_output=True, check=False)
 
 
@@ -247,7 +243,7 @@ class _Session:
 def _session(harness: ProviderHarness, fingerprint: str, *, password: str, hold: float) -> _Session:
     """One client session: connect with the account, hold it, disconnect (exit notification)."""
     with _client_files(harness, fingerprint, password) as (config, log_path):
-        process = subprocess.Popen(
+        process = spawn(
             ["ip", "netns", "exec", harness.netns, "openvpn", "--config", str(config)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -257,13 +253,8 @@ def _session(harness: ProviderHarness, fingerprint: str, *, password: str, hold:
             if connected and hold:
                 time.sleep(hold)
         finally:
-            if process.poll() is None:
-                process.terminate()  # SIGTERM: explicit-exit-notify tells the server at once
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            # SIGTERM: with explicit-exit-notify the client tells the server at once.
+            stop_group(process, term_timeout=15)
         return _Session(log_path.read_text(errors="replace"), connected)
 
 

@@ -29,6 +29,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 from amnesiac.provider.pki import ProviderPki
+from amnesiac.serving import InThread
 
 AUTH = "/v1/auth"
 RECORDS = "/v1/records/"
@@ -120,7 +121,7 @@ def read_journal(path: Path) -> list[Request]:
     return [Request.from_dict(json.loads(line)) for line in complete.decode("utf-8").splitlines() if line]
 
 
-class ReferenceService:
+class ReferenceService(InThread):
     """`with ReferenceService(pki, accounts, records) as service:` serves HTTPS in a thread.
 
     `accounts` maps usernames to passwords for /v1/auth; `records` are the record names
@@ -153,11 +154,10 @@ class ReferenceService:
         self.host = host
         self._requests: list[Request] = []
         self._lock = threading.Lock()
-        self._httpd = _Server((host, port), _server_context(pki), self)
         # A short poll interval: shutdown() waits for the loop's next poll, and a context should end promptly.
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, args=(SHUTDOWN_POLL,), name="amnesiac-provider", daemon=True
-        )
+        httpd = _Server((host, port), _server_context(pki), self)
+        self._port = int(httpd.server_address[1])
+        self._serve_in_thread(httpd, "amnesiac-provider", SHUTDOWN_POLL)
 
     def current_peers(self) -> tuple[tuple[str, str], ...]:
         """The peers to answer with now: the file's lines (missing: none), else `peers`."""
@@ -169,22 +169,9 @@ class ReferenceService:
             return ()
         return tuple((f[0], f[1]) for f in (line.split() for line in lines) if len(f) == 2)
 
-    def __enter__(self) -> ReferenceService:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self._thread.is_alive():
-            self._httpd.shutdown()
-            self._thread.join(timeout=10)
-        self._httpd.server_close()
-
     @property
     def port(self) -> int:
-        return int(self._httpd.server_address[1])
+        return self._port
 
     @property
     def url(self) -> str:
