@@ -75,7 +75,7 @@ def verified(inventory: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
 def test_every_host_verifies_every_technical_claim_it_can(verified: tuple[int, dict[str, Any], Path]) -> None:
     """Live servers over SSH: every claim verified but those permitting a record, which only a
     reference service can observe (qemu: targets attach one; a fleet's records go to the
-    provider's own): partially verified, so the fleet is incomplete (exit 5), never a pass."""
+    provider's own): unproven, so the fleet is incomplete (exit 5), never a pass."""
     code, stdout, report = verified
     fleet = json.loads((report / "fleet.json").read_text())
     assert sorted(fleet["hosts"]) == sorted(HOSTS)
@@ -85,7 +85,7 @@ def test_every_host_verifies_every_technical_claim_it_can(verified: tuple[int, d
     assert permitted, "the default policy permits a record (the device counter)"
     for name, host in fleet["hosts"].items():
         not_verified = {c: s for c, s in host["claims"].items() if s != "verified"}
-        assert not_verified == dict.fromkeys(permitted, "partially-verified"), name
+        assert not_verified == dict.fromkeys(permitted, "unproven"), name
         assert technical <= set(host["claims"]), name
         assert host["verdict"] == "incomplete" and host["identity"]["boot_id"], name
     assert code == 5 and fleet["verdict"] == "incomplete" and stdout["verdict"] == "incomplete"
