@@ -112,4 +112,4 @@ def _netmask(prefix: int) -> str:
 
 def _quiet(argv: list[str]) -> None:
     """Cleanup that must not fail the way out (the device may already be gone)."""
-    subprocess.run(argv, capture_output=True, check=False)
+    run(argv, check=False, capture=True)

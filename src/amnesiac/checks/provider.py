@@ -29,7 +29,7 @@ from amnesiac.checks.meta import KERNEL, Surface, check
 from amnesiac.checks.plugin import not_applicable
 from amnesiac.checks.probe import Probe
 from amnesiac.provider.service import PEERS, Request, read_journal
-from amnesiac.run import spawn, stop_group
+from amnesiac.run import run, spawn, stop_group
 
 SERVER_CERT = "/etc/openvpn/server/identity/server.crt"
 # Bounds, never measurements: a TCG guest answers slowly.
@@ -194,19 +194,20 @@ def _wireguard_client(
                 [*ns, "ip", "link", "set", name, "up"],
                 [*ns, "ip", "route", "add", f"{tunnel.server_ip}/32", "dev", name],
             ):  # fmt: skip
-                subprocess.run(argv, capture_output=True, check=True)
+                run(argv, capture=True)
             yield lambda: _ok([*ns, sys.executable, "-c", DNS_PROBE, tunnel.server_ip])
         finally:
             stop_group(daemon, term_timeout=10)
-            subprocess.run([*ns, "ip", "link", "del", name], capture_output=True, check=False)
+            run([*ns, "ip", "link", "del", name], check=False, capture=True)
 
 
 def _ok(argv: list[str]) -> bool:
-    return subprocess.run(argv, capture_output=True, check=False).returncode == 0
+    return run(argv, check=False, capture=True).returncode == 0
 
 
 def _output(argv: list[str], stdin: str | None = None) -> str:
-    return subprocess.run(argv, input=stdin, capture_output=True, text=True, check=True).stdout.strip()
+    data = stdin.encode() if stdin is not None else None
+    return run(argv, capture=True, input_bytes=data).stdout.decode().strip()
 
 
 def _until(done: Callable[[], bool], seconds: float) -> bool:
