@@ -24,6 +24,7 @@ from amnesiac.boot import image as boot_image
 from amnesiac.boot.http import FileServer, Served, Source
 from amnesiac.errors import UsageError
 from amnesiac.image.manifest import Manifest
+from amnesiac.run import stop_group
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeFakeFakeFakeFakeFakeFakeFakeFakeFakeFake test@amnesiac"
 
@@ -426,3 +427,47 @@ def test_cli_help_documents_the_lifecycle() -> None:
     assert result.returncode == 0
     for words in ("Ctrl-C", "--wait", "--ssh-key", "--no-test-devices", "--memory", "manifest.json"):
         assert words in result.stdout
+
+
+# --- the TCG emulator race: one more boot, on exactly that failure ---------------------------------
+
+RACE_CONSOLE = (
+    "[    1.658284] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI\n"
+    "[    1.661266] RIP: 0010:hrtimer_start_range_ns+0x1c6/0x430\n"
+    "[    3.263046] Kernel panic - not syncing: Fatal exception in interrupt\n"
+)
+
+
+def fake_qemu(tmp_path: Path, first: str) -> tuple[list[str], Path]:
+    """A stand-in for QEMU that writes `first` to the console and exits on its first run, then
+    starts the kernel and stays up: the harness logic alone, in milliseconds."""
+    serial, runs = tmp_path / "serial.log", tmp_path / "runs"
+    script = (
+        f'echo x >> {runs}; if [ "$(wc -l < {runs})" -eq 1 ]; then printf %s "$1" > {serial}; exit 0; fi; '
+        f'echo "[    4.197164] Run /init as init process" > {serial}; exec sleep 60'
+    )
+    return ["sh", "-c", script, "fake-qemu", first], serial
+
+
+@pytest.mark.parametrize(
+    ("first", "retried"),
+    [(RACE_CONSOLE, True), ("[    2.1] Kernel panic - not syncing: Out of memory\n", False)],
+    ids=["int3-race", "other-panic"],
+)
+def test_the_tcg_race_and_only_it_boots_again_once(tmp_path: Path, first: str, retried: bool) -> None:
+    argv, serial = fake_qemu(tmp_path, first)
+    qemu_log = tmp_path / "qemu.log"
+    process = machine._spawn_qemu(argv, qemu_log)
+    try:
+        process, why = machine._past_kernel_start(process, argv, qemu_log, serial)
+        if retried:
+            assert why is not None and "Kernel panic" in why
+            deadline = time.monotonic() + 30  # the second run starts writing at once
+            while "Run /init" not in serial.read_text() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert process.poll() is None and "Run /init" in serial.read_text()
+        else:
+            assert why is None and process.poll() is not None  # left for wait_ssh to report
+        assert (tmp_path / "runs").read_text().count("x") == (2 if retried else 1)
+    finally:
+        stop_group(process, grace=1, term_timeout=5)

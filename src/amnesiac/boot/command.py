@@ -39,6 +39,9 @@ def command(build_dir: Path, options: BootOptions, *, wait: bool, json_out: bool
         if machine.devices:
             say("  test devices: " + ", ".join(d.description for d in machine.devices))
         say(f"  ssh: {escape(machine.ssh_command())}")
+        if machine.emulator_retry:
+            why = escape(machine.emulator_retry)
+            say(f"  [yellow]booted again[/]: the first boot died of a TCG emulator race ({why})")
         if wait or json_out:
             with progress.stage("boot", "waiting for SSH") as stage:
                 seconds = machine.wait_ssh(timeout, on_tick=progress.detail)
