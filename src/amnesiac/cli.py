@@ -211,6 +211,15 @@ OpenSSH's format: `ops@example.net ssh-ed25519 AAAA...`. The signer's principal 
 recorded in versions/<version>/publish.json and shown by --list, which also hashes every
 version and shows one whose files differ from its record as damaged.
 
+Per-host identities (docs/identities.md): --identities DIR, one subdirectory per machine named
+by its MAC address (52-54-00-12-34-56) holding its keys and certificates at their paths in
+the root (etc/amnesiac/provider/, etc/openvpn/server/identity/, etc/wireguard/identity/ only).
+Each becomes PXE_ROOT/identities/<set>/<mac>.cpio, which boot.ipxe loads before it chains to
+the image; a machine without one says so on its console and serves no one. Published with a
+build, or alone to rotate keys (the current image stays), by the same atomic switch; signed
+like a manifest (--sign writes DIR/identities.json and its .sig) and refused unsigned where an
+allowed-signers file is in force. Sets the entry point no longer names are pruned.
+
 --usb writes a GPT disk image with an EFI system partition (systemd-boot, the build's kernel
 and initrd, started with the manifest's command line) to a file, a USB stick or a BMC's
 virtual media, after the same gate. A mounted or busy device is refused; one holding a
@@ -227,6 +236,7 @@ damaged artifact), 75 the root stayed locked past --lock-timeout.""",
   amnesiac flash build/ovpn --to ssh://root@boot1.example.net/srv/pxe
   amnesiac flash --to /srv/pxe --list                            versions, reports, signers
   amnesiac flash --to /srv/pxe --rollback                        back to the previous version
+  amnesiac flash --identities hosts/ --sign KEY --to /srv/pxe    rotate the fleet's identities
   amnesiac flash build/ovpn --usb /dev/sdX                       EFI USB stick: kernel + initrd
   ansible-playbook -i fleet.ini playbooks/publish.yml -e amnesiac_publish_build=build/ovpn""",
     )
@@ -254,6 +264,9 @@ damaged artifact), 75 the root stayed locked past --lock-timeout.""",
     flash.add_argument(
         "--lock-timeout", type=float, default=300, metavar="S", help="wait S seconds for another flash (300)"
     )
+    flash.add_argument(
+        "--identities", type=Path, metavar="DIR", help="per-host identities, one directory per MAC address"
+    )
     flash.add_argument("--usb", type=Path, metavar="FILE_OR_DEVICE", help="write an EFI-bootable USB image")
     flash.add_argument("--json", action="store_true", help="no live display; print the outcome as JSON")
 
@@ -273,6 +286,7 @@ def _flash(args: argparse.Namespace) -> int:
         report=args.report,
         force=args.force,
         sign=args.sign,
+        identities=args.identities,
         allowed_signers=args.allowed_signers,
         ssh_config=args.ssh_config,
         ssh_key=args.ssh_key,

@@ -4,13 +4,15 @@ Image A is the session's OVPN image ($AMNESIAC_BOOT_BUILD to reuse one while dev
 the same policy with another host name ($AMNESIAC_FLASH_BUILD_B, else built here: about two
 minutes with the rootfs cache). Both are copied, signed and given a passing report made with the
 report model (a full `amnesiac verify` of each would add minutes and is tested elsewhere), then
-published with `amnesiac flash`. QEMU's iPXE fetches the root's boot.ipxe, which chains into
-versions/<version>/: the boot harness checks that the kernel and initrd it served are the
-expected image's, and the machine's host name and command line say which one runs.
+published with `amnesiac flash`. QEMU's iPXE fetches the root's boot.ipxe, which loads the
+machine's identity (`--identities`, by its MAC address) and chains into versions/<version>/: the
+boot harness checks that the kernel and initrd it served are the expected image's, and the
+machine's host name, command line and identity files say which one runs and who it is.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -24,6 +26,7 @@ import pytest
 
 from amnesiac import boot
 from amnesiac.image.manifest import Manifest
+from amnesiac.provider.pki import ProviderPki, node_identity_files
 from tests.images import Built, build
 from tests.test_flash import keygen, make_report
 
@@ -127,11 +130,33 @@ def netboot(root: Path, expected: Path, key: Path) -> dict[str, str]:
         machine.wait_ssh(SSH_TIMEOUT)  # raises ImageMismatch if another image was served
         print(f"\nnetbooted {image(expected)[:12]} from {root}: SSH after {machine.ssh_ready_seconds} s")
         served = [r.name for r in machine.served() if r.status == 200]
+        provider = "/etc/amnesiac/provider"
         return {
             "served": " ".join(served),
             "hostname": ssh(machine, key, "cat /etc/hostname").strip(),
             "cmdline": ssh(machine, key, "cat /proc/cmdline").strip(),
+            "mac": ssh(machine, key, "cat /sys/class/net/e*/address").strip(),
+            "identity": ssh(
+                machine, key, f"cd {provider} && stat -c '%a %n' . * && sha256sum node.crt node.key || true"
+            ),
+            "console": machine.console(),
         }
+
+
+MAC = "52-54-00-12-34-56"  # QEMU's first NIC, as iPXE's ${mac:hexhyp} prints it
+
+
+def identities_for(base: Path, key: Path, *macs: str) -> Path:
+    """A signed identity set: a provider identity for each MAC address."""
+    pki = ProviderPki.create(["10.0.2.101"])
+    for mac in macs:
+        files = node_identity_files("https://10.0.2.101", pki, pki.issue_node(f"node-{mac}"))
+        for name, (data, _mode) in files.items():
+            path = base / mac / "etc/amnesiac/provider" / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+    flash("--identities", str(base), "--sign", str(key))
+    return base
 
 
 def test_publish_two_versions_netboot_the_new_roll_back_boot_the_old(
@@ -142,8 +167,9 @@ def test_publish_two_versions_netboot_the_new_roll_back_boot_the_old(
     shutil.copy(allowed, root / "allowed_signers")
     a, b = images["a"], images["b"]
 
+    ids = identities_for(tmp_path / "fleet", key, MAC, "52-54-00-00-00-01")
     flash(str(a), "--to", str(root))
-    flash(str(b), "--to", str(root))
+    flash(str(b), "--to", str(root), "--identities", str(ids))
     listed = json.loads(flash("--to", str(root), "--list", "--json").stdout)
     # A version is named by all its files; each holds one image.
     image_of = {v["version"]: v["image"] for v in listed["versions"]}
@@ -163,13 +189,32 @@ def test_publish_two_versions_netboot_the_new_roll_back_boot_the_old(
     assert not [name for name in served if old in name]
     assert seen["hostname"] == "amnesiac-b"
     assert f"amnesiac.image={image(b)}" in seen["cmdline"]
+    # This machine's identity, and only its own, arrived at boot with the image's modes.
+    assert seen["mac"] == MAC.replace("-", ":")
+    identity_set = json.loads(flash("--to", str(root), "--list", "--json").stdout)["identities"]
+    assert (
+        f"identities/{identity_set}/{MAC}.cpio" in served and "52-54-00-00-00-01.cpio" not in seen["served"]
+    )
+    source = ids / MAC / "etc/amnesiac/provider"
+    for line in ("700 .", "600 node.key", "644 node.crt"):
+        assert line in seen["identity"], seen["identity"]
+    for name in ("node.crt", "node.key"):
+        assert f"{hashlib.sha256((source / name).read_bytes()).hexdigest()}  {name}" in seen["identity"]
 
+    # A rotation to a set without this machine, then the image rolled back: the old image boots,
+    # with no identity, and says so on its console.
+    others = identities_for(tmp_path / "others", key, "52-54-00-00-00-02")
+    flash("--identities", str(others), "--to", str(root))
     flash("--to", str(root), "--rollback")
     seen = netboot(root, a, key)
     served = seen["served"].split()
     assert f"versions/{old}/initrd.img" in served and not [n for n in served if new in n]
     assert seen["hostname"] == "amnesiac"
     assert f"amnesiac.image={image(a)}" in seen["cmdline"]
+    assert not [n for n in served if n.endswith(".cpio") and n.startswith("identities/")], served
+    assert "node.crt" not in seen["identity"]
+    assert "amnesiac: no identity for 52:54:00:12:34:56" in seen["console"], seen["console"][-3000:]
+    assert "amnesiac: no provider identity" in seen["console"], seen["console"][-3000:]
 
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")

@@ -26,9 +26,16 @@ HARNESS_SCRIPT = "amnesiac-harness.ipxe"
 OVERLAY = "overlay.cpio"
 
 # Directories the overlay creates on the way to its files. `cp -a` in the early init copies
-# their modes over the image's, so they must be what the image has: /root, ~/.ssh and the provider
-# identity (provider_agent) are 0700.
-OVERLAY_DIR_MODES = {"root": 0o700, "root/.ssh": 0o700, "etc/amnesiac/provider": 0o700}
+# their modes over the image's, so they must be what the image has: /root, ~/.ssh and the
+# identity directories (provider_agent, openvpn_server, wireguard_server) are 0700.
+OVERLAY_DIR_MODES = {
+    "root": 0o700,
+    "root/.ssh": 0o700,
+    "etc/amnesiac/provider": 0o700,
+    "etc/openvpn/server/identity": 0o700,
+    "etc/wireguard": 0o700,
+    "etc/wireguard/identity": 0o700,
+}
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,9 @@ from rich.table import Table
 
 from amnesiac.errors import UsageError
 from amnesiac.flash import candidate as candidates
+from amnesiac.flash import identities, signing
 from amnesiac.flash import publish as ops
-from amnesiac.flash import signing
-from amnesiac.flash.model import MANIFEST, FlashError, os_error
+from amnesiac.flash.model import INDEX, INDEX_SIGNATURE, MANIFEST, FlashError, os_error
 from amnesiac.flash.store import Store, open_store
 from amnesiac.progress import Progress
 
@@ -43,6 +43,7 @@ class FlashOptions:
     ssh_key: Path | None = None
     lock_timeout: float = ops.DEFAULT_LOCK_TIMEOUT
     json: bool = False
+    identities: Path | None = None  # a directory of per-host identities (flash/identities.py)
 
 
 def action(options: FlashOptions) -> str:
@@ -68,6 +69,8 @@ def action(options: FlashOptions) -> str:
     name = chosen[0] if chosen else ("publish" if publish else ("sign" if options.sign else ""))
     if not name:
         raise UsageError("flash: say where: --to PXE_ROOT, --usb FILE_OR_DEVICE, or --sign KEY alone")
+    if options.identities is not None and name not in {"publish", "check", "sign"}:
+        raise UsageError(f"--{name} takes no --identities (they are published to a PXE root: --to)")
     if name in {"list", "rollback", "prune"}:
         if options.to is None:
             raise UsageError(f"--{name} needs --to PXE_ROOT")
@@ -87,8 +90,8 @@ def action(options: FlashOptions) -> str:
             raise UsageError(f"--{name} takes no {' / '.join(ignored)}")
     elif name == "usb" and options.to is not None:
         raise UsageError("--usb and --to are separate runs")
-    elif options.build is None:
-        raise UsageError(f"flash: BUILD_DIR is needed to {name}")
+    elif options.build is None and options.identities is None:
+        raise UsageError(f"flash: BUILD_DIR is needed to {name} (or --identities DIR alone)")
     return name
 
 
@@ -107,6 +110,7 @@ def _command(options: FlashOptions) -> int:
     signing_too = options.sign is not None and name in {"publish", "check", "usb", "sign"}
     if options.build is not None:  # before anything is signed or copied
         candidates.check_build(options.build, options.report)
+    identity_set = identities.load(options.identities) if options.identities is not None else None
     if options.allowed_signers is not None and name in {"publish", "check", "usb", "rollback"}:
         ops.allowed_signers(None, options.allowed_signers)  # a file that is not there: UsageError
     if signing_too and options.sign is not None:
@@ -117,7 +121,7 @@ def _command(options: FlashOptions) -> int:
         usb.preflight(options)
     progress = Progress(quiet=options.json)
     if signing_too and options.sign is not None:
-        _sign(_build(options), options.sign, progress)
+        identity_set = _sign(options.build, identity_set, options.sign, progress)
     if name == "usb":
         from amnesiac.flash import usb
 
@@ -136,14 +140,8 @@ def _command(options: FlashOptions) -> int:
             f"pruned {len(outcome.pruned)} version(s) from {outcome.root}",
         )
     elif name in {"publish", "check"}:
-        _publish(options, progress, store, check_only=name == "check")
+        _publish(options, progress, store, identity_set, check_only=name == "check")
     return 0
-
-
-def _build(options: FlashOptions) -> Path:
-    if options.build is None:
-        raise UsageError("flash: BUILD_DIR is needed")
-    return options.build
 
 
 def _store(options: FlashOptions) -> Store:
@@ -166,49 +164,105 @@ def _rollback(store: Store, options: FlashOptions, progress: Progress) -> None:
     _emit(options, progress, outcome.as_dict(), text)
 
 
-def _publish(options: FlashOptions, progress: Progress, store: Store | None, *, check_only: bool) -> None:
-    build = _build(options)
-    with progress.stage("check", f"Check {build}") as stage:
-        found = candidates.load(build, options.report)
-        allowed, source = ops.allowed_signers(store, options.allowed_signers)
-        admitted = ops.admit(found, allowed, source, force=options.force)
-        stage.note = _verdicts(admitted)
-    for objection in admitted.objections:
-        if not progress.quiet:
-            progress.console.print(f"[yellow]forced:[/] {objection}", soft_wrap=True)
+def _publish(
+    options: FlashOptions,
+    progress: Progress,
+    store: Store | None,
+    identity_set: identities.IdentitySet | None,
+    *,
+    check_only: bool,
+) -> None:
+    allowed, source = ops.allowed_signers(store, options.allowed_signers)
+    admitted = None
+    if options.build is not None:
+        with progress.stage("check", f"Check {options.build}") as stage:
+            found = candidates.load(options.build, options.report)
+            admitted = ops.admit(found, allowed, source, force=options.force)
+            stage.note = _verdicts(admitted)
+        for objection in admitted.objections:
+            if not progress.quiet:
+                progress.console.print(f"[yellow]forced:[/] {objection}", soft_wrap=True)
+    if identity_set is not None:  # a signature is never forced, for identities as for images
+        with progress.stage("check-identities", f"Check the identities in {identity_set.source}") as stage:
+            identity_set = identities.check_signature(identity_set, allowed, source)
+            signer = identity_set.signer
+            stage.note = f"{_hosts(identity_set)}, " + (
+                f"signed by {signer.principal}" if signer else "signature not checked"
+            )
     if check_only or store is None:
-        verdict = "fit to publish" if not admitted.objections else "publishable only with --force:"
-        data: dict[str, object] = {
-            "action": "check",
-            "build": str(build),
-            "version": admitted.version,
-            "image": admitted.image_sha256,
-            "objections": admitted.objections,
-            "signature": admitted.signer.model_dump() if admitted.signer else None,
-            "report": admitted.report.model_dump() if admitted.report else None,
-        }
-        _emit(options, progress, data, f"[bold]{verdict}[/] {admitted.version[:12]} (image {admitted.short})")
+        _emit_check(options, progress, admitted, identity_set)
         return
     outcome = ops.publish(
-        store, admitted, progress, force=options.force, keep=options.keep, lock_timeout=options.lock_timeout
+        store,
+        admitted,
+        progress,
+        identities=identity_set,
+        force=options.force,
+        keep=options.keep,
+        lock_timeout=options.lock_timeout,
     )
     what = "published" if outcome.switched else "already current:"
     version = str(outcome.version)[:12]
-    text = f"[bold green]{what}[/] {version} (image {admitted.short}) at {escape(outcome.root)}"
-    if outcome.switched:
+    image = f"image {admitted.short}" if admitted else "the current image"
+    text = f"[bold green]{what}[/] {version} ({image}) at {escape(outcome.root)}"
+    if identity_set is not None:
+        text += f" with identities {str(outcome.identities)[:12]} ({_hosts(identity_set)})"
+    if outcome.switched and admitted is not None:
         text += f" (previous: {(outcome.previous or 'none')[:12]})"
     if outcome.pruned:
         text += f"; pruned {', '.join(p[:12] for p in outcome.pruned)}"
     _emit(options, progress, outcome.as_dict(), text)
 
 
-def _sign(build: Path, key: Path, progress: Progress) -> None:
-    manifest = build / MANIFEST
-    if not manifest.is_file():
-        raise UsageError(f"{manifest}: missing; {build} is not a finished build")
-    with progress.stage("sign", f"Sign {manifest}") as stage:
-        out, fingerprint = signing.sign(manifest, key)
-        stage.note = f"{out.name}, {fingerprint}"
+def _hosts(identity_set: identities.IdentitySet) -> str:
+    count = len(identity_set.overlays)
+    return f"{count} host{'' if count == 1 else 's'}"
+
+
+def _emit_check(
+    options: FlashOptions,
+    progress: Progress,
+    admitted: candidates.Candidate | None,
+    identity_set: identities.IdentitySet | None,
+) -> None:
+    objections = admitted.objections if admitted else []
+    verdict = "fit to publish" if not objections else "publishable only with --force:"
+    data: dict[str, object] = {
+        "action": "check",
+        "build": str(options.build) if options.build else None,
+        "version": admitted.version if admitted else None,
+        "image": admitted.image_sha256 if admitted else None,
+        "objections": objections,
+        "signature": admitted.signer.model_dump() if admitted and admitted.signer else None,
+        "report": admitted.report.model_dump() if admitted and admitted.report else None,
+        "identities": identity_set.name if identity_set else None,
+        "hosts": sorted(identity_set.overlays) if identity_set else [],
+        "identities_signature": (
+            identity_set.signer.model_dump() if identity_set and identity_set.signer else None
+        ),
+    }
+    what = [f"{admitted.version[:12]} (image {admitted.short})"] if admitted else []
+    if identity_set is not None:
+        what.append(f"identities {identity_set.name[:12]} ({_hosts(identity_set)})")
+    _emit(options, progress, data, f"[bold]{verdict}[/] {' and '.join(what)}")
+
+
+def _sign(
+    build: Path | None, identity_set: identities.IdentitySet | None, key: Path, progress: Progress
+) -> identities.IdentitySet | None:
+    """Sign the build's manifest.json and the identities' index (whichever are given)."""
+    if build is not None:
+        manifest = build / MANIFEST
+        if not manifest.is_file():
+            raise UsageError(f"{manifest}: missing; {build} is not a finished build")
+        with progress.stage("sign", f"Sign {manifest}") as stage:
+            out, fingerprint = signing.sign(manifest, key)
+            stage.note = f"{out.name}, {fingerprint}"
+    if identity_set is not None:
+        with progress.stage("sign", f"Sign the identities in {identity_set.source}") as stage:
+            identity_set, fingerprint = identities.sign(identity_set, key)
+            stage.note = f"{INDEX} and {INDEX_SIGNATURE}, {fingerprint}"
+    return identity_set
 
 
 def _verdicts(found: candidates.Candidate) -> str:
@@ -266,3 +320,8 @@ def _list(store: Store, options: FlashOptions) -> None:
             notes,
         )
     console.print(table)
+    state = found.state
+    for name, hosts in found.identity_sets.items():
+        marks = {state.identities: " (current)", state.previous_identities: " (previous)"} if state else {}
+        count = "[red]no index[/]" if hosts is None else f"{len(hosts)} host{'' if len(hosts) == 1 else 's'}"
+        console.print(f"identities {name[:12]}{marks.get(name, '')}: {count}")

@@ -5,6 +5,11 @@ PXE_ROOT/
   boot.ipxe                 the entry point machines netboot: chains versions/<version>/boot.ipxe;
                             its comment line holds the state (current, previous); replaced
                             only by an atomic rename
+  identities/<set>/         (optional) one published identity set (flash/identities.py), never
+                            modified, named by its files like a version:
+    <mac>.cpio              one machine's identity overlay (52-54-00-12-34-56.cpio)
+    identities.json         every overlay's sha256 and the files it delivers
+    identities.json.sig     the OpenSSH signature of identities.json (when signed)
   versions/<version>/       one published version, never modified, named by its content (below):
     vmlinuz initrd.img boot.ipxe manifest.json   the build's files, checked against manifest.json
     manifest.json.sig       the OpenSSH signature of manifest.json (when signed)
@@ -23,7 +28,10 @@ versions by their image sha256; those are still read, rolled back to and pruned.
 
 A version appears in versions/ only complete and checked (renamed from .staging/), and the
 entry point names versions by hash, so a machine that fetched the old boot.ipxe goes on
-fetching the old version's files even while a publish switches: never a mix.
+fetching the old version's files even while a publish switches: never a mix. The same holds for
+identity sets: the entry point loads `identities/<set>/${mac:hexhyp}.cpio` (a machine without
+one says so on its console and boots to serve no one), and a set is switched with the image, or
+alone to rotate keys, by the same rename of boot.ipxe.
 """
 
 from __future__ import annotations
@@ -42,6 +50,9 @@ from amnesiac.errors import AmnesiacError, ExitCode
 
 ROOT_SCRIPT = "boot.ipxe"
 VERSIONS = "versions"
+IDENTITIES = "identities"
+INDEX = "identities.json"  # an identity set's list of overlays (what its signature covers)
+INDEX_SIGNATURE = "identities.json.sig"
 STAGING = ".staging"
 TRASH = ".trash"
 LOCK = ".flash.lock"
@@ -96,17 +107,34 @@ class State(_Model):
 
     current: Sha256
     previous: Sha256 | None = None
-    action: Literal["publish", "rollback"]
+    action: Literal["publish", "rollback", "identities"]
     switched: str  # ISO 8601, UTC
     by: str  # user@host of the flash that switched
+    identities: Sha256 | None = None  # the identity set machines load, if any
+    previous_identities: Sha256 | None = None  # the one before it (kept until the next switch)
+
+
+def identity_line(identities: str) -> str:
+    """The entry point's line that loads this machine's identity, or says on its console why not."""
+    return (
+        f"initrd {IDENTITIES}/{identities}/${{mac:hexhyp}}.cpio || "
+        f"echo amnesiac: no identity for ${{mac}} in {IDENTITIES}/{identities[:12]}: "
+        "this server will serve no one"
+    )
 
 
 def root_script(state: State) -> str:
-    """The entry point: a comment carrying the state, and a chain into the current version."""
+    """The entry point: a comment carrying the state, the identity, a chain into the current version.
+
+    iPXE keeps the identity overlay it loaded across `chain` and hands it to the kernel before
+    initrd.img (boot/overlay.py): the image's early init copies it over the root.
+    """
+    identity = f"{identity_line(state.identities)}\n" if state.identities else ""
     return (
         "#!ipxe\n"
         "# Written by `amnesiac flash`, replaced atomically on every publish and rollback: do not edit.\n"
         f"{STATE_MARK}{state.model_dump_json()}\n"
+        f"{identity}"
         f"chain {VERSIONS}/{state.current}/boot.ipxe\n"
     )
 
@@ -123,6 +151,8 @@ def parse_root_script(text: str, where: str) -> State | None:
         raise FlashError(f"{where}: unreadable flash state ({_first_error(exc)})") from None
     if f"chain {VERSIONS}/{state.current}/boot.ipxe" not in lines:
         raise FlashError(f"{where}: its chain line does not name the current version {state.current[:12]}")
+    if state.identities and identity_line(state.identities) not in lines:
+        raise FlashError(f"{where}: it does not load the identity set {state.identities[:12]} it names")
     return state
 
 

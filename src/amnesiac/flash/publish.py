@@ -26,8 +26,11 @@ from pathlib import Path
 from amnesiac.errors import UsageError
 from amnesiac.flash import signing
 from amnesiac.flash.candidate import Candidate, check_signature
+from amnesiac.flash.identities import IdentitySet, hosts_of
 from amnesiac.flash.model import (
     ALLOWED_SIGNERS,
+    IDENTITIES,
+    INDEX,
     MANIFEST,
     RECORD,
     ROOT_SCRIPT,
@@ -105,15 +108,26 @@ class Listing:
     state: State | None
     versions: list[Version]  # newest publish first; unreadable ones last
     checked: bool = False  # every version's files were hashed against its record
+    identity_sets: dict[str, list[str] | None] = field(default_factory=dict)  # set -> its hosts
 
     def as_dict(self) -> dict[str, object]:
         return {
             "root": self.root,
             "current": self.state.current if self.state else None,
             "previous": self.state.previous if self.state else None,
+            "identities": self.state.identities if self.state else None,
             "state": self.state.model_dump() if self.state else None,
             "checked": self.checked,
             "versions": [v.as_dict() for v in self.versions],
+            "identity_sets": [
+                {
+                    "set": name,
+                    "hosts": hosts,
+                    "current": bool(self.state and self.state.identities == name),
+                    "previous": bool(self.state and self.state.previous_identities == name),
+                }
+                for name, hosts in self.identity_sets.items()
+            ],
         }
 
 
@@ -132,6 +146,9 @@ class Outcome:
     signer: SignatureInfo | None = None
     report: ReportInfo | None = None
     image: str | None = None  # the image sha256 (of initrd.img) the version holds
+    identities: str | None = None  # the identity set machines load now
+    identities_signer: SignatureInfo | None = None
+    hosts: list[str] = field(default_factory=list)  # the hosts of an identity set just published
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -146,6 +163,9 @@ class Outcome:
             "forced": self.forced,
             "signature": self.signer.model_dump() if self.signer else None,
             "report": self.report.model_dump() if self.report else None,
+            "identities": self.identities,
+            "identities_signature": self.identities_signer.model_dump() if self.identities_signer else None,
+            "hosts": self.hosts,
         }
 
 
@@ -188,7 +208,8 @@ def _listing(store: Store, snap: Snapshot, *, check: bool = False) -> Listing:
             )
         )
     versions.sort(key=lambda v: -(v.record.serial if v.record else 0))
-    return Listing(store.label, snap.exists, state, versions, checked=check)
+    sets = {name: hosts_of(index) for name, index in snap.sets.items()}
+    return Listing(store.label, snap.exists, state, versions, checked=check, identity_sets=sets)
 
 
 def _damage(store: Store, name: str, record: PublishRecord) -> str | None:
@@ -245,17 +266,19 @@ def admit(candidate: Candidate, allowed: bytes | None, source: str, *, force: bo
 
 def publish(
     store: Store,
-    candidate: Candidate,
+    candidate: Candidate | None,
     progress: Progress,
     *,
+    identities: IdentitySet | None = None,
     force: bool = False,
     keep: int = DEFAULT_KEEP,
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
 ) -> Outcome:
-    """Publish an admitted candidate and make it current; prune beyond `keep`."""
-    forced = list(candidate.objections)
-    image = candidate.image_sha256
-    version = candidate.version
+    """Publish an admitted candidate and/or an identity set and make them current, in one switch;
+    prune beyond `keep`. Identities alone (a rotation) keep the current image."""
+    forced = list(candidate.objections) if candidate else []
+    if candidate is None:  # identities alone: checked before the lock, which would create the root
+        _must_have_image(store, store.snapshot())
     with _locked(store, progress, lock_timeout):
         snap = store.snapshot()
         state = _state(store, snap)
@@ -267,57 +290,153 @@ def publish(
         store.tidy()
         current = _listing(store, snap)
         copied = False
-        with progress.stage(
-            "copy", f"Copy {version[:12]} (image {candidate.short}) to {store.label}"
-        ) as stage:
-            there = _same(store, current, candidate)
-            if there is not None:
-                stage.note = f"{VERSIONS}/{there[:12]} already there, whole"
-                version = there
-            else:
-                if version in snap.records:  # damaged and not current: replaced below
-                    store.remove_version(version)
-                serial = max((v.record.serial for v in current.versions if v.record), default=0) + 1
-                record = candidate.record(serial=serial, by=operator(), forced=forced)
-                _copy_in(store, candidate, record)
-                copied = True
-                size = sum(f.size for f in candidate.expected.values())
-                stage.note = f"{size / 1024**2:.1f} MiB, sha256 checked against manifest.json"
+        if candidate is not None:
+            placed = _place_version(store, snap, current, candidate, forced=forced, progress=progress)
+            version, copied = placed
+        else:
+            version = _must_have_image(store, snap)
+        image = candidate.image_sha256 if candidate else _image(current, version)
+        identity_set = state.identities if state else None
+        if identities is not None:
+            identity_set = _place_identities(store, snap, state, identities, progress)
         switched = False
         previous = state.current if state else None
         with progress.stage("switch", f"Switch {store.label}/{ROOT_SCRIPT}") as stage:
-            if state is not None and state.current == version:
-                stage.note = f"{version[:12]} is already current"
+            if state is not None and (state.current, state.identities) == (version, identity_set):
+                stage.note = f"{version[:12]} is already current" + (
+                    f", with identities {identity_set[:12]}" if identity_set else ""
+                )
             else:
+                image_changed = state is None or state.current != version
+                identities_changed = identity_set != (state.identities if state else None)
                 new = State(
-                    current=version, previous=previous, action="publish", switched=now(), by=operator()
+                    current=version,
+                    previous=previous if image_changed else (state.previous if state else None),
+                    action="publish" if image_changed else "identities",
+                    switched=now(),
+                    by=operator(),
+                    identities=identity_set,
+                    previous_identities=(
+                        (state.identities if state else None)
+                        if identities_changed
+                        else (state.previous_identities if state else None)
+                    ),
                 )
                 _guard(store, "switching boot.ipxe", lambda: store.switch(root_script(new).encode()))
                 switched = True
-                stage.note = f"{(previous or 'nothing')[:12]} -> {version[:12]}"
+                changes = [f"{(previous or 'nothing')[:12]} -> {version[:12]}"] if image_changed else []
+                if identities_changed:
+                    old = (state.identities if state else None) or "none"
+                    changes.append(f"identities {old[:12]} -> {(identity_set or 'none')[:12]}")
+                stage.note = "; ".join(changes)
         _log(
             store,
-            "publish",
+            "publish" if candidate is not None else "identities",
             version,
             image=image,
-            previous=previous if switched else None,
+            previous=previous if switched and candidate is not None else None,
             forced=forced,
-            signer=candidate.signer,
+            signer=candidate.signer if candidate else None,
+            identities=identity_set if identities is not None else None,
+            identities_signer=identities.signer if identities else None,
         )
         pruned = _prune(store, keep)
+    image_switched = switched and (state is None or state.current != version)
     return Outcome(
-        "publish",
+        "publish" if candidate is not None else "identities",
         store.label,
         version,
-        previous if switched else (state.previous if state else None),
+        previous if image_switched else (state.previous if state else None),
         switched,
         copied,
         pruned,
         forced,
-        candidate.signer,
-        candidate.report,
+        candidate.signer if candidate else None,
+        candidate.report if candidate else None,
         image=image,
+        identities=identity_set,
+        identities_signer=identities.signer if identities else None,
+        hosts=sorted(identities.overlays) if identities else [],
     )
+
+
+def _must_have_image(store: Store, snap: Snapshot) -> str:
+    """The current version, for identities published alone; a UsageError when there is none."""
+    state = _state(store, snap) if snap.exists else None
+    if state is None:
+        raise UsageError(
+            f"{store.label}: no image published by amnesiac flash there; publish one with its "
+            "identities: amnesiac flash BUILD_DIR --identities DIR --to PXE_ROOT"
+        )
+    return state.current
+
+
+def _place_version(
+    store: Store,
+    snap: Snapshot,
+    current: Listing,
+    candidate: Candidate,
+    *,
+    forced: list[str],
+    progress: Progress,
+) -> tuple[str, bool]:
+    """versions/<version> holding the candidate, whole: found there, or copied in; and whether copied."""
+    version = candidate.version
+    with progress.stage("copy", f"Copy {version[:12]} (image {candidate.short}) to {store.label}") as stage:
+        there = _same(store, current, candidate)
+        if there is not None:
+            stage.note = f"{VERSIONS}/{there[:12]} already there, whole"
+            return there, False
+        if version in snap.records:  # damaged and not current: replaced below
+            store.remove_version(version)
+        serial = max((v.record.serial for v in current.versions if v.record), default=0) + 1
+        record = candidate.record(serial=serial, by=operator(), forced=forced)
+        _copy_in(store, candidate, record)
+        size = sum(f.size for f in candidate.expected.values())
+        stage.note = f"{size / 1024**2:.1f} MiB, sha256 checked against manifest.json"
+        return version, True
+
+
+def _place_identities(
+    store: Store, snap: Snapshot, state: State | None, identities: IdentitySet, progress: Progress
+) -> str:
+    """identities/<set> holding the set, whole: found there, or copied in and checked."""
+    name = identities.name
+    hosts = f"{len(identities.overlays)} host identit{'y' if len(identities.overlays) == 1 else 'ies'}"
+    with progress.stage("identities", f"Copy {hosts} to {store.label}") as stage:
+        expected = identities.expected
+        if name in snap.sets:
+            found = store.hashes(f"{IDENTITIES}/{name}", sorted(expected))
+            if found == expected:
+                stage.note = f"{IDENTITIES}/{name[:12]} already there, whole"
+                return name
+            if state is not None and state.identities == name:
+                raise Refused(
+                    f"{store.label}/{IDENTITIES}/{name[:12]} is current but damaged",
+                    hint="publish another identity set first; this one is then replaced",
+                )
+            store.remove_version(name, under=IDENTITIES)
+        staging: str | None = None
+        try:
+            staging = store.stage(name, identities.files())
+            found = store.hashes(staging, sorted(expected))
+            if found != expected:
+                raise FlashError(
+                    f"{store.label}: the copied identity set does not match {INDEX}; nothing was switched"
+                )
+            store.commit(staging, name, into=IDENTITIES)
+            staging = None
+        except OSError as exc:
+            raise FlashError(
+                f"{store.label}: copying the identity set failed ({os_error(exc)}); nothing was switched"
+            ) from None
+        finally:
+            if staging is not None:
+                with contextlib.suppress(OSError, FlashError):
+                    store.discard(staging)
+        signed = f"signed by {identities.signer.principal}" if identities.signer else "unsigned"
+        stage.note = f"{IDENTITIES}/{name[:12]}, {signed}"
+        return name
 
 
 def _same(store: Store, current: Listing, candidate: Candidate) -> str | None:
@@ -426,7 +545,13 @@ def rollback(
             stage.note = f"whole; signed by {signer.principal}" if signer else "whole; no allowed signers"
         with progress.stage("switch", f"Switch {store.label}/{ROOT_SCRIPT}") as stage:
             new = State(
-                current=target, previous=state.current, action="rollback", switched=now(), by=operator()
+                current=target,
+                previous=state.current,
+                action="rollback",
+                switched=now(),
+                by=operator(),
+                identities=state.identities,  # a rollback is of the image; the identities stay
+                previous_identities=state.previous_identities,
             )
             _guard(store, "switching boot.ipxe", lambda: store.switch(root_script(new).encode()))
             stage.note = f"{state.current[:12]} -> {target[:12]}"
@@ -489,20 +614,28 @@ def prune(
 
 
 def _prune(store: Store, keep: int) -> list[str]:
-    """Remove the versions beyond the `keep` newest; never the current or the previous one."""
+    """Remove the versions beyond the `keep` newest; never the current or the previous one.
+
+    Identity sets are kept only while the entry point names them (current, or previous for a
+    machine that fetched the old boot.ipxe): a rotated key does not linger on the boot server.
+    """
     current = listing(store)
-    protected = {current.state.current, current.state.previous} if current.state else set()
+    state = current.state
+    protected = {state.current, state.previous} if state else set()
     readable = [v for v in current.versions if v.record is not None]  # newest first
     kept = protected | {v.name for v in readable[:keep]}
-    doomed = [v.name for v in readable if v.name not in kept]
-    for name in doomed:
+    doomed = [(VERSIONS, v.name) for v in readable if v.name not in kept]
+    named = {state.identities, state.previous_identities} if state else set()
+    doomed += [(IDENTITIES, name) for name in current.identity_sets if state and name not in named]
+    for under, name in doomed:
         try:
-            store.remove_version(name)
+            store.remove_version(name, under=under)
         except OSError as exc:
-            raise FlashError(f"{store.label}: pruning {name[:12]} failed ({os_error(exc)})") from None
-    if doomed:
-        _log(store, "prune", None, pruned=doomed)
-    return doomed
+            raise FlashError(f"{store.label}: pruning {under}/{name[:12]} failed ({os_error(exc)})") from None
+    pruned = [name if under == VERSIONS else f"{IDENTITIES}/{name}" for under, name in doomed]
+    if pruned:
+        _log(store, "prune", None, pruned=pruned)
+    return pruned
 
 
 def check_version(version: str) -> str:
@@ -572,6 +705,8 @@ def _log(
     forced: list[str] | None = None,
     signer: SignatureInfo | None = None,
     pruned: list[str] | None = None,
+    identities: str | None = None,
+    identities_signer: SignatureInfo | None = None,
 ) -> None:
     entry: dict[str, object] = {"at": now(), "by": operator(), "action": action}
     if version:
@@ -586,6 +721,10 @@ def _log(
         entry["signed_by"] = f"{signer.principal} ({signer.key})"
     if pruned:
         entry["pruned"] = pruned
+    if identities:
+        entry["identities"] = identities
+    if identities_signer:
+        entry["identities_signed_by"] = f"{identities_signer.principal} ({identities_signer.key})"
     # The audit trail is a convenience: the switch has happened and publish.json records it.
     with contextlib.suppress(OSError, FlashError):
         store.append_log(json.dumps(entry))

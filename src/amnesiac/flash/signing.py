@@ -57,8 +57,10 @@ def check_key(key: Path) -> None:
     raise UsageError(f"--sign {key}: not an OpenSSH private key", hint=KEY_HINT)
 
 
-def sign(manifest: Path, key: Path) -> tuple[Path, str]:
-    """Write manifest.json.sig next to `manifest`; the key's fingerprint.
+def sign(
+    manifest: Path, key: Path, *, namespace: str = NAMESPACE, signature_name: str = SIGNATURE
+) -> tuple[Path, str]:
+    """Write manifest.json.sig (`signature_name`) next to `manifest`; the key's fingerprint.
 
     `key` is a private key without a passphrase, or a public key whose private half is in
     ssh-agent ($SSH_AUTH_SOCK): flash runs without a terminal to ask for a passphrase. A key
@@ -68,37 +70,46 @@ def sign(manifest: Path, key: Path) -> tuple[Path, str]:
     check_key(key)
     data = manifest.read_bytes()
     result = run(
-        ["ssh-keygen", "-Y", "sign", "-f", key, "-n", NAMESPACE], input_bytes=data, check=False, capture=True
+        ["ssh-keygen", "-Y", "sign", "-f", key, "-n", namespace], input_bytes=data, check=False, capture=True
     )
     if result.returncode != 0 or b"BEGIN SSH SIGNATURE" not in result.stdout:
         why = _tail(result.stderr) or f"exit code {result.returncode}"
         raise UsageError(f"--sign {key}: signing {manifest} failed: {why}", hint=KEY_HINT)
-    out = write_atomic(manifest.with_name(SIGNATURE), result.stdout)
-    return out, _fingerprint(result.stdout, data)
+    out = write_atomic(manifest.with_name(signature_name), result.stdout)
+    return out, _fingerprint(result.stdout, data, namespace)
 
 
-def verify(data: bytes, signature: bytes | None, allowed_signers: bytes, *, what: str) -> SignatureInfo:
+def verify(
+    data: bytes,
+    signature: bytes | None,
+    allowed_signers: bytes,
+    *,
+    what: str,
+    namespace: str = NAMESPACE,
+    signature_name: str = SIGNATURE,
+    hint: str = "sign it with `amnesiac flash BUILD --sign KEY`",
+) -> SignatureInfo:
     """Check `signature` over `data` against the allowed signers; Refused with the reason if not."""
     require_tools("ssh-keygen", package_hint="apt-get install openssh-client")
     if signature is None:
         raise Refused(
-            f"{what} is not signed ({SIGNATURE} missing) and an allowed-signers file is in force",
-            hint="sign it with `amnesiac flash BUILD --sign KEY`",
+            f"{what} is not signed ({signature_name} missing) and an allowed-signers file is in force",
+            hint=hint,
         )
     with tempfile.TemporaryDirectory(prefix="amnesiac-sig-") as tmp:
         sig, allowed = Path(tmp) / "sig", Path(tmp) / "allowed_signers"
         sig.write_bytes(signature)
         allowed.write_bytes(allowed_signers)
         check = run(
-            ["ssh-keygen", "-Y", "check-novalidate", "-n", NAMESPACE, "-s", sig],
+            ["ssh-keygen", "-Y", "check-novalidate", "-n", namespace, "-s", sig],
             input_bytes=data,
             check=False,
             capture=True,
         )
         if check.returncode != 0:
             raise Refused(
-                f"{what}: bad signature ({SIGNATURE} does not match it; changed after signing, "
-                f"or not signed for {NAMESPACE})"
+                f"{what}: bad signature ({signature_name} does not match it; changed after signing, "
+                f"or not signed for {namespace})"
             )
         key = _good(check.stdout + check.stderr)[1]
         found = run(
@@ -109,7 +120,7 @@ def verify(data: bytes, signature: bytes | None, allowed_signers: bytes, *, what
             raise Refused(f"{what}: signed by {key}, a key the allowed-signers file does not list")
         for principal in principals:
             result = run(
-                ["ssh-keygen", "-Y", "verify", "-f", allowed, "-I", principal, "-n", NAMESPACE, "-s", sig],
+                ["ssh-keygen", "-Y", "verify", "-f", allowed, "-I", principal, "-n", namespace, "-s", sig],
                 input_bytes=data,
                 check=False,
                 capture=True,
@@ -119,12 +130,12 @@ def verify(data: bytes, signature: bytes | None, allowed_signers: bytes, *, what
                 return SignatureInfo(
                     principal=who or principal,
                     key=key,
-                    namespace=NAMESPACE,
+                    namespace=namespace,
                     allowed_signers_sha256=hashlib.sha256(allowed_signers).hexdigest(),
                 )
         raise Refused(
             f"{what}: signed by {key} ({', '.join(principals)}), but allowed-signers does not "
-            f"allow it for {NAMESPACE} now (namespaces= or valid-before/after)"
+            f"allow it for {namespace} now (namespaces= or valid-before/after)"
         )
 
 
@@ -135,12 +146,12 @@ def _good(output: bytes) -> tuple[str, str]:
     return "", "an unnamed key"
 
 
-def _fingerprint(signature: bytes, data: bytes) -> str:
+def _fingerprint(signature: bytes, data: bytes, namespace: str) -> str:
     with tempfile.TemporaryDirectory(prefix="amnesiac-sig-") as tmp:
         sig = Path(tmp) / "sig"
         sig.write_bytes(signature)
         out = run(
-            ["ssh-keygen", "-Y", "check-novalidate", "-n", NAMESPACE, "-s", sig],
+            ["ssh-keygen", "-Y", "check-novalidate", "-n", namespace, "-s", sig],
             input_bytes=data,
             check=False,
             capture=True,

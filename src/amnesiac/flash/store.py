@@ -35,6 +35,8 @@ from typing import BinaryIO
 from amnesiac.errors import UsageError
 from amnesiac.files import sync_directory, write_atomic
 from amnesiac.flash.model import (
+    IDENTITIES,
+    INDEX,
     LOCK,
     LOG,
     RECORD,
@@ -75,6 +77,7 @@ class Snapshot:
     exists: bool
     script: bytes | None = None
     records: dict[str, bytes | None] = field(default_factory=dict)  # version -> publish.json
+    sets: dict[str, bytes | None] = field(default_factory=dict)  # identity set -> identities.json
 
 
 class Store(ABC):
@@ -113,8 +116,8 @@ class Store(ABC):
         """sha256 and size of the named files as stored (a missing file is left out)."""
 
     @abstractmethod
-    def commit(self, staging: str, version: str) -> None:
-        """Rename a staged directory to versions/<version> (which must not exist)."""
+    def commit(self, staging: str, version: str, into: str = VERSIONS) -> None:
+        """Rename a staged directory to versions/<version> (or identities/<set>), which must not exist."""
 
     @abstractmethod
     def discard(self, staging: str) -> None: ...
@@ -127,8 +130,8 @@ class Store(ABC):
     def append_log(self, line: str) -> None: ...
 
     @abstractmethod
-    def remove_version(self, version: str) -> None:
-        """Take versions/<version> out of versions/ with one rename, then delete it."""
+    def remove_version(self, version: str, under: str = VERSIONS) -> None:
+        """Take versions/<version> (or identities/<set>) out with one rename, then delete it."""
 
 
 # --- a local directory --------------------------------------------------------------------------
@@ -177,12 +180,13 @@ class LocalStore(Store):
         if not self.root.is_dir():
             return Snapshot(exists=False)
         records: dict[str, bytes | None] = {}
-        versions = self.root / VERSIONS
-        if versions.is_dir():
-            for entry in sorted(versions.iterdir()):
-                if HASH_NAME.match(entry.name) and entry.is_dir():
-                    records[entry.name] = _read(entry / RECORD)
-        return Snapshot(exists=True, script=_read(self.root / ROOT_SCRIPT), records=records)
+        sets: dict[str, bytes | None] = {}
+        for kind, found, name in ((VERSIONS, records, RECORD), (IDENTITIES, sets, INDEX)):
+            if (self.root / kind).is_dir():
+                for entry in sorted((self.root / kind).iterdir()):
+                    if HASH_NAME.match(entry.name) and entry.is_dir():
+                        found[entry.name] = _read(entry / name)
+        return Snapshot(exists=True, script=_read(self.root / ROOT_SCRIPT), records=records, sets=sets)
 
     def read(self, rel: str) -> bytes | None:
         return _read(self.root / rel)
@@ -225,12 +229,12 @@ class LocalStore(Store):
                 found[name] = FileInfo(sha256=sha256_file(path), size=path.stat().st_size)
         return found
 
-    def commit(self, staging: str, version: str) -> None:
-        versions = self.root / VERSIONS
+    def commit(self, staging: str, version: str, into: str = VERSIONS) -> None:
+        versions = self.root / into
         versions.mkdir(exist_ok=True)
         target = versions / version
         if target.exists():
-            raise FlashError(f"{self.label}: {VERSIONS}/{version} appeared during the publish")
+            raise FlashError(f"{self.label}: {into}/{version} appeared during the publish")
         (self.root / staging).rename(target)
         sync_directory(versions)
         with contextlib.suppress(OSError):
@@ -248,12 +252,12 @@ class LocalStore(Store):
         with (self.root / LOG).open("a") as log:
             log.write(line.rstrip("\n") + "\n")
 
-    def remove_version(self, version: str) -> None:
+    def remove_version(self, version: str, under: str = VERSIONS) -> None:
         trash = self.root / TRASH
         trash.mkdir(exist_ok=True)
         gone = trash / f"{version}.{os.getpid()}"
-        (self.root / VERSIONS / version).rename(gone)
-        sync_directory(self.root / VERSIONS)
+        (self.root / under / version).rename(gone)
+        sync_directory(self.root / under)
         shutil.rmtree(gone, ignore_errors=True)
 
 
@@ -305,6 +309,12 @@ for d in versions/*; do
   if [ -f "$d/publish.json" ]; then printf '\n%s record %s\n' "$sep" "$name"; cat "$d/publish.json"
   else printf '\n%s bare %s\n' "$sep" "$name"; fi
 done
+for d in identities/*; do
+  [ -d "$d" ] || continue
+  name=${d#identities/}
+  if [ -f "$d/identities.json" ]; then printf '\n%s set %s\n' "$sep" "$name"; cat "$d/identities.json"
+  else printf '\n%s bareset %s\n' "$sep" "$name"; fi
+done
 """
 
 READ_SCRIPT = r"""f=$1/$2
@@ -339,10 +349,10 @@ done
 """
 
 COMMIT_SCRIPT = r"""set -eu
-mkdir -p -- "$1/versions"
-if [ -e "$1/versions/$3" ]; then exit 17; fi
-mv -T -- "$1/$2" "$1/versions/$3"
-sync -- "$1/versions"
+mkdir -p -- "$1/$4"
+if [ -e "$1/$4/$3" ]; then exit 17; fi
+mv -T -- "$1/$2" "$1/$4/$3"
+sync -- "$1/$4"
 rmdir -- "$1/.staging" 2>/dev/null || true
 """
 
@@ -367,8 +377,8 @@ APPEND_SCRIPT = r"""cat >> "$1/flash.log"
 REMOVE_SCRIPT = r"""set -eu
 mkdir -p -- "$1/.trash"
 t="$1/.trash/$2.$$"
-mv -T -- "$1/versions/$2" "$t"
-sync -- "$1/versions"
+mv -T -- "$1/$3/$2" "$t"
+sync -- "$1/$3"
 rm -rf -- "$t"
 """
 
@@ -467,6 +477,7 @@ class SshStore(Store):
         out = self._remote("reading the PXE root", SNAPSHOT_SCRIPT, sep)
         parts = re.split(rb"\n" + re.escape(sep.encode()) + rb" (\w+)(?: (\S+))?\n", out)
         records: dict[str, bytes | None] = {}
+        sets: dict[str, bytes | None] = {}
         script: bytes | None = None
         exists = False
         for i in range(1, len(parts) - 2, 3):
@@ -477,7 +488,9 @@ class SshStore(Store):
                 script = body
             elif kind in {"record", "bare"} and HASH_NAME.match(name):
                 records[name] = body if kind == "record" else None
-        return Snapshot(exists=exists, script=script, records=records)
+            elif kind in {"set", "bareset"} and HASH_NAME.match(name):
+                sets[name] = body if kind == "set" else None
+        return Snapshot(exists=exists, script=script, records=records, sets=sets)
 
     def read(self, rel: str) -> bytes | None:
         result = run(self.ssh_argv(READ_SCRIPT, rel), capture=True, check=False)
@@ -525,13 +538,13 @@ class SshStore(Store):
         if self._holder is None or self._holder.poll() is not None:
             raise FlashError(f"{self.label}: lost the connection that holds the lock; nothing was switched")
 
-    def commit(self, staging: str, version: str) -> None:
+    def commit(self, staging: str, version: str, into: str = VERSIONS) -> None:
         self._still_locked()
-        result = run(self.ssh_argv(COMMIT_SCRIPT, staging, version), capture=True, check=False)
+        result = run(self.ssh_argv(COMMIT_SCRIPT, staging, version, into), capture=True, check=False)
         if result.returncode == EXISTS:
-            raise FlashError(f"{self.label}: {VERSIONS}/{version} appeared during the publish")
+            raise FlashError(f"{self.label}: {into}/{version} appeared during the publish")
         if result.returncode != 0:
-            raise FlashError(f"{self.label}: moving the copy into {VERSIONS}/ failed: {_why(result)}")
+            raise FlashError(f"{self.label}: moving the copy into {into}/ failed: {_why(result)}")
 
     def discard(self, staging: str) -> None:
         run(self.ssh_argv(DISCARD_SCRIPT, staging), capture=True, check=False)
@@ -545,8 +558,8 @@ class SshStore(Store):
     def append_log(self, line: str) -> None:
         self._remote("appending to flash.log", APPEND_SCRIPT, data=(line.rstrip("\n") + "\n").encode())
 
-    def remove_version(self, version: str) -> None:
-        self._remote(f"removing {VERSIONS}/{version[:12]}", REMOVE_SCRIPT, version)
+    def remove_version(self, version: str, under: str = VERSIONS) -> None:
+        self._remote(f"removing {under}/{version[:12]}", REMOVE_SCRIPT, version, under)
 
 
 def _release(proc: Popen[bytes]) -> None:
