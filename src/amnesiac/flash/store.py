@@ -303,18 +303,16 @@ root=$1 sep=$2
 cd -- "$root" 2>/dev/null || { printf '\n%s none\n' "$sep"; exit 0; }
 printf '\n%s root\n' "$sep"
 if [ -f boot.ipxe ]; then printf '\n%s script\n' "$sep"; cat boot.ipxe; fi
-for d in versions/*; do
-  [ -d "$d" ] || continue
-  name=${d#versions/}
-  if [ -f "$d/publish.json" ]; then printf '\n%s record %s\n' "$sep" "$name"; cat "$d/publish.json"
-  else printf '\n%s bare %s\n' "$sep" "$name"; fi
-done
-for d in identities/*; do
-  [ -d "$d" ] || continue
-  name=${d#identities/}
-  if [ -f "$d/identities.json" ]; then printf '\n%s set %s\n' "$sep" "$name"; cat "$d/identities.json"
-  else printf '\n%s bareset %s\n' "$sep" "$name"; fi
-done
+# $1: versions or identities, $2: the file that describes an entry, $3: the entry's tag
+entries() {
+  for d in "$1"/*; do
+    [ -d "$d" ] || continue
+    if [ -f "$d/$2" ]; then printf '\n%s %s %s\n' "$sep" "$3" "${d#"$1"/}"; cat "$d/$2"
+    else printf '\n%s bare%s %s\n' "$sep" "$3" "${d#"$1"/}"; fi
+  done
+}
+entries versions publish.json record
+entries identities identities.json set
 """
 
 READ_SCRIPT = r"""f=$1/$2
@@ -486,7 +484,7 @@ class SshStore(Store):
                 exists = True
             elif kind == "script":
                 script = body
-            elif kind in {"record", "bare"} and HASH_NAME.match(name):
+            elif kind in {"record", "barerecord"} and HASH_NAME.match(name):
                 records[name] = body if kind == "record" else None
             elif kind in {"set", "bareset"} and HASH_NAME.match(name):
                 sets[name] = body if kind == "set" else None
