@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -18,12 +19,14 @@ from pathlib import Path
 import pytest
 
 from amnesiac import boot
+from amnesiac.boot import memory
 from tests.images import Built
 
 pytestmark = pytest.mark.boot
 
 REPO = Path(__file__).resolve().parents[2]
 SSH_TIMEOUT = 600.0
+MIB = 1024**2
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +113,39 @@ def test_test_devices_are_attached(machine: boot.BootedMachine) -> None:
     attached = {d["name"] for d in machine.qmp("qom-list", path="/machine/peripheral")}
     assert {"xhci", "kbd0", "stick0", "disk0"} <= attached
     assert all(d.is_blank() for d in machine.devices), "the image wrote to a disk"
+
+
+def test_the_whole_ram_is_searched_from_the_host(machine: boot.BootedMachine, key: Path) -> None:
+    """Canaries planted in the guest's page cache (a tmpfs file) and in a process's memory (its
+    environment) are found in the dump of its RAM; a string the guest never saw is not."""
+    token = secrets.token_hex(8)
+    cache, process, never = (f"amnesiac-{kind}-{token}" for kind in ("cache", "process", "never"))
+    detached = "</dev/null >/dev/null 2>&1"  # else ssh waits for the background process's output
+    ssh(
+        machine,
+        key,
+        f"printf %s {cache} > /dev/shm/canary && setsid -f env CANARY={process} sleep 900 {detached}",
+    )
+    try:
+        found = machine.search_memory(
+            {"cache": cache.encode(), "process": process.encode(), "never": never.encode()}
+        )
+        # What holds each hit, asked of the guest's kernel while the canaries are still there.
+        addresses = found.hits["cache"] + found.hits["process"]
+        kinds = memory.page_kinds(ssh(machine, key, memory.kpageflags_command(addresses)))
+    finally:
+        ssh(machine, key, "rm -f /dev/shm/canary; pkill -x sleep || true")
+    where = {
+        name: sorted({kinds.get(address // memory.PAGE_SIZE, "?") for address in found.hits[name]})
+        for name in ("cache", "process")
+    }
+    print(f"\nsearched {found.searched_bytes / MIB:.0f} MiB in {found.seconds} s; hits held by {where}")
+    assert found.found("cache") and found.found("process"), found.as_dict()
+    assert not found.found("never"), found.as_dict()
+    assert "tmpfs or shared memory" in where["cache"], where
+    assert "process memory (anonymous)" in where["process"], where
+    assert found.searched_bytes >= 0.9 * machine.memory_mib * MIB  # all of its RAM, not a part
+    assert all(address < machine.memory_mib * MIB for address in found.hits["cache"])  # below 4 GiB: all RAM
 
 
 def test_cli_ready_json_then_sigterm_leaves_nothing(image: Path, key: Path, tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from amnesiac.boot.errors import BootError, ImageMismatch
 from amnesiac.boot.http import FileServer, Served
 from amnesiac.boot.image import MUST_MATCH, BootImage, ServedFiles, memory_mib, served_from_build, served_name
 from amnesiac.boot.link import ClientLink, attach, client_link
+from amnesiac.boot.memory import MemorySearch, search_guest
 from amnesiac.boot.overlay import OverlayFile, authorized_key, harness
 from amnesiac.boot.qemu import (
     GUEST_HTTP,
@@ -117,6 +118,12 @@ class BootedMachine:
         if self._qmp is None:
             raise BootError("QMP is not connected")
         return self._qmp.execute(command, **arguments)
+
+    def search_memory(self, needles: Mapping[str, bytes]) -> MemorySearch:
+        """Search the guest's whole RAM, dumped through QMP, for each needle (boot/memory.py)."""
+        if self._qmp is None:
+            raise BootError("QMP is not connected")
+        return search_guest(self._qmp, self._qemu_log.parent, needles)
 
     def wait_ssh(self, timeout: float = 600.0, on_tick: Callable[[str], None] | None = None) -> float:
         """Block until sshd answers with its banner on the forwarded port; seconds since start.
