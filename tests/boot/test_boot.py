@@ -120,11 +120,12 @@ def test_the_whole_ram_is_searched_from_the_host(machine: boot.BootedMachine, ke
     environment) are found in the dump of its RAM; a string the guest never saw is not."""
     token = secrets.token_hex(8)
     cache, process, never = (f"amnesiac-{kind}-{token}" for kind in ("cache", "process", "never"))
-    detached = "</dev/null >/dev/null 2>&1"  # else ssh waits for the background process's output
+    # Detached (ssh would wait for its output), its PID kept so that only it is stopped after.
+    holder = f"echo $$ > /dev/shm/canary.pid; exec env CANARY={process} sleep 900"
     ssh(
         machine,
         key,
-        f"printf %s {cache} > /dev/shm/canary && setsid -f env CANARY={process} sleep 900 {detached}",
+        f"printf %s {cache} > /dev/shm/canary && setsid -f sh -c '{holder}' </dev/null >/dev/null 2>&1",
     )
     try:
         found = machine.search_memory(
@@ -134,7 +135,11 @@ def test_the_whole_ram_is_searched_from_the_host(machine: boot.BootedMachine, ke
         addresses = found.hits["cache"] + found.hits["process"]
         kinds = memory.page_kinds(ssh(machine, key, memory.kpageflags_command(addresses)))
     finally:
-        ssh(machine, key, "rm -f /dev/shm/canary; pkill -x sleep || true")
+        ssh(
+            machine,
+            key,
+            "kill $(cat /dev/shm/canary.pid) 2>/dev/null; rm -f /dev/shm/canary /dev/shm/canary.pid",
+        )
     where = {
         name: sorted({kinds.get(address // memory.PAGE_SIZE, "?") for address in found.hits[name]})
         for name in ("cache", "process")
