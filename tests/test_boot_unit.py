@@ -471,3 +471,20 @@ def test_the_tcg_race_and_only_it_boots_again_once(tmp_path: Path, first: str, r
         assert (tmp_path / "runs").read_text().count("x") == (2 if retried else 1)
     finally:
         stop_group(process, grace=1, term_timeout=5)
+
+
+def test_interrupted_while_the_kernel_starts_qemu_is_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C before the machine owns QEMU (its cleanup is not registered yet): QEMU stops too."""
+    serial, qemu_log = tmp_path / "serial.log", tmp_path / "qemu.log"
+    argv = ["sh", "-c", f"echo 'iPXE ...' > {serial}; exec sleep 60"]
+    process = machine._spawn_qemu(argv, qemu_log)
+
+    def interrupt(_path: Path) -> str:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(machine, "read_log", interrupt)  # as the harness reads the console
+    with pytest.raises(KeyboardInterrupt):
+        machine._past_kernel_start(process, argv, qemu_log, serial)
+    assert process.poll() is not None

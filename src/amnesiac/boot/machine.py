@@ -341,17 +341,21 @@ def _past_kernel_start(
     report. The retry's reason is kept (BootedMachine.emulator_retry) and printed by its users.
     """
     deadline = time.monotonic() + KERNEL_START_TIMEOUT
-    while time.monotonic() < deadline:
-        console = read_log(serial_log)
-        if KERNEL_STARTED in console:
-            return process, None
-        if process.poll() is not None:
-            if EMULATOR_RACE.search(console) is None:
+    try:
+        while time.monotonic() < deadline:
+            console = read_log(serial_log)
+            if KERNEL_STARTED in console:
                 return process, None
-            why = failure_summary(console)
-            stop_group(process, grace=1, term_timeout=5)  # its relay children, if any are left
-            return _spawn_qemu(argv, qemu_log), why  # QEMU truncates the serial log it reopens
-        time.sleep(0.2)
+            if process.poll() is not None:
+                if EMULATOR_RACE.search(console) is None:
+                    return process, None
+                why = failure_summary(console)
+                stop_group(process, grace=1, term_timeout=5)  # its relay children, if any are left
+                return _spawn_qemu(argv, qemu_log), why  # QEMU truncates the serial log it reopens
+            time.sleep(0.2)
+    except BaseException:  # Ctrl-C or SIGTERM before the machine (and its cleanup) owns QEMU
+        stop_group(process, term_timeout=5)
+        raise
     return process, None
 
 
