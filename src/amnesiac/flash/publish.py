@@ -18,7 +18,7 @@ import getpass
 import hashlib
 import json
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +50,7 @@ from amnesiac.flash.model import (
     root_script,
     version_id,
 )
-from amnesiac.flash.store import Snapshot, Store
+from amnesiac.flash.store import Snapshot, Source, Store
 from amnesiac.progress import Progress
 
 DEFAULT_KEEP = 3
@@ -416,24 +416,9 @@ def _place_identities(
                     hint="publish another identity set first; this one is then replaced",
                 )
             store.remove_version(name, under=IDENTITIES)
-        staging: str | None = None
-        try:
-            staging = store.stage(name, identities.files())
-            found = store.hashes(staging, sorted(expected))
-            if found != expected:
-                raise FlashError(
-                    f"{store.label}: the copied identity set does not match {INDEX}; nothing was switched"
-                )
-            store.commit(staging, name, into=IDENTITIES)
-            staging = None
-        except OSError as exc:
-            raise FlashError(
-                f"{store.label}: copying the identity set failed ({os_error(exc)}); nothing was switched"
-            ) from None
-        finally:
-            if staging is not None:
-                with contextlib.suppress(OSError, FlashError):
-                    store.discard(staging)
+        _copy_checked(
+            store, name, identities.files(), expected, into=IDENTITIES, against=INDEX, what="the identity set"
+        )
         signed = f"signed by {identities.signer.principal}" if identities.signer else "unsigned"
         stage.note = f"{IDENTITIES}/{name[:12]}, {signed}"
         return name
@@ -463,25 +448,43 @@ def _copy_in(store: Store, candidate: Candidate, record: PublishRecord) -> None:
         **candidate.expected,
         RECORD: FileInfo(sha256=hashlib.sha256(data).hexdigest(), size=len(data)),
     }
+    _copy_checked(
+        store, candidate.version, files, expected, into=VERSIONS, against=MANIFEST, what=candidate.short
+    )
+
+
+def _copy_checked(
+    store: Store,
+    name: str,
+    files: Mapping[str, Source],
+    expected: Mapping[str, FileInfo],
+    *,
+    into: str,
+    against: str,
+    what: str,
+) -> None:
+    """Stage `files`, hash them where they landed, rename them into `into`/<name>; nothing is
+    left in .staging/ on failure. `against` names the file that lists the expected hashes,
+    `what` the copy in an error."""
     staging: str | None = None
     try:
-        staging = store.stage(candidate.version, files)
+        staging = store.stage(name, files)
         found = store.hashes(staging, sorted(expected))
-        for name, want in expected.items():
-            got = found.get(name)
+        for file_name, want in expected.items():
+            got = found.get(file_name)
             if got != want:
                 what = "missing" if got is None else f"sha256 {got.sha256[:16]}, {got.size} bytes"
                 raise FlashError(
-                    f"{store.label}: the copy of {name} does not match manifest.json ({what}; "
+                    f"{store.label}: the copy of {file_name} does not match {against} ({what}; "
                     f"expected {want.sha256[:16]}, {want.size} bytes); nothing was switched"
                 )
         store.checkpoint("staged")
-        store.commit(staging, candidate.version)
+        store.commit(staging, name, into=into)
         staging = None
         store.checkpoint("committed")
     except OSError as exc:
         raise FlashError(
-            f"{store.label}: copying {candidate.short} failed ({exc.strerror or type(exc).__name__}); "
+            f"{store.label}: copying {what} failed ({exc.strerror or type(exc).__name__}); "
             "nothing was switched"
         ) from None
     finally:

@@ -57,6 +57,7 @@ from amnesiac.ssh import SshUrl, client_args, parse_url
 #   copy       the copy is under way: the small files are staged, initrd.img is not yet whole
 #   staged     the copy is whole and its hashes match manifest.json; not yet in versions/
 #   committed  the copy is versions/<version>/; the entry point still names the previous version
+# (an identity set published with it reaches staged and committed too, in identities/)
 #   switch     the new entry point is about to replace the old one (over ssh: it is written beside)
 CHECKPOINTS = ("copy", "staged", "committed", "switch")
 CHUNK = 1 << 20
