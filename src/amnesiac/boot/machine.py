@@ -45,11 +45,12 @@ from amnesiac.boot.qmp import Qmp
 from amnesiac.run import spawn, stop_group
 
 # QEMU 7.2's multi-threaded TCG can let one vCPU run code that another has just repatched (the
-# kernel's int3-based static-key patching during its first seconds): about one TCG boot in
-# thirty ended in "Oops: int3" and "Kernel panic - not syncing: Fatal exception in interrupt"
-# 1.6-3.3 s in (benchmarks/README.md). One host thread for both vCPUs (`-accel tcg,thread=single`)
-# avoids it at about +60 % boot time; instead the harness watches the kernel start and, on
-# exactly that failure under TCG, boots the same files once more and records that it did.
+# kernel's int3-based static-key patching during its first seconds): 1 TCG boot in 46 measured
+# ended in "Oops: int3" and "Kernel panic - not syncing: Fatal exception in interrupt", and
+# CI's and a clean clone's boots died so 1.6-3.3 s in (benchmarks/README.md). One host thread
+# for both vCPUs (`-accel tcg,thread=single`) avoids it at about +60 % boot time; instead the
+# harness watches the kernel start and, on exactly that failure under TCG, boots the same files
+# once more and records that it did.
 EMULATOR_RACE = re.compile(r"Oops: int3\b")
 KERNEL_STARTED = "Run /init as init process"
 KERNEL_START_TIMEOUT = 180.0  # seconds to wait for the kernel to reach /init before moving on
