@@ -1139,12 +1139,7 @@ def sshd(tmp_path_factory: pytest.TempPathFactory, keys: dict[str, Path]) -> Ite
         yield client
 
 
-def test_ssh_publish_list_rollback(
-    builds: list[Path], sshd: Path, tmp_path: Path, keys: dict[str, Path]
-) -> None:
-    root = tmp_path / "remote-pxe"
-    root.mkdir()
-    shutil.copy(keys["allowed"], root / "allowed_signers")
+def test_ssh_publish_list_rollback(builds: list[Path], sshd: Path, root: Path) -> None:
     url = f"ssh://pxe-test{root}"
     args = ("--ssh-config", str(sshd), "--json")
     for build in builds[:3]:

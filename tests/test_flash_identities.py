@@ -31,8 +31,9 @@ MAC_A = "52-54-00-12-34-56"
 MAC_B = "52:54:00:AB:CD:EF"  # as ops may write it; published as 52-54-00-ab-cd-ef
 
 
-def identity_dir(base: Path, hosts: dict[str, str]) -> Path:
-    """A directory of identities: for each MAC a provider identity issued to `name`."""
+def identity_dir(base: Path, hosts: dict[str, str], *, wireguard: bool = True) -> Path:
+    """A directory of identities: for each MAC a provider identity issued to `name` (and a
+    WireGuard key file naming it)."""
     pki = ProviderPki.create(["10.0.2.101"])
     base.mkdir(parents=True, exist_ok=True)
     for mac, name in hosts.items():
@@ -42,9 +43,10 @@ def identity_dir(base: Path, hosts: dict[str, str]) -> Path:
             path = base / mac / "etc/amnesiac/provider" / file_name
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
-        wg = base / mac / "etc/wireguard/identity/wg0.key"
-        wg.parent.mkdir(parents=True)
-        wg.write_text(f"{name}-wireguard-key\n")
+        if wireguard:
+            wg = base / mac / "etc/wireguard/identity/wg0.key"
+            wg.parent.mkdir(parents=True)
+            wg.write_text(f"{name}-wireguard-key\n")
     return base
 
 
@@ -230,11 +232,9 @@ def test_overlays_are_reproducible(tmp_path: Path) -> None:
 
 
 def test_ssh_publish_identities(
-    builds: list[Path], sshd: Path, tmp_path: Path, keys: dict[str, Path]
+    builds: list[Path], sshd: Path, root: Path, tmp_path: Path, keys: dict[str, Path]
 ) -> None:
-    root = tmp_path / "remote-pxe"
-    root.mkdir()
-    shutil.copy(keys["allowed"], root / "allowed_signers")
+    """The same over ssh:// to the root (with its allowed signers) on the loopback sshd."""
     url = f"ssh://pxe-test{root}"
     args = ("--ssh-config", str(sshd), "--json")
     first = identity_dir(tmp_path / "ids1", {MAC_A: "a1"})

@@ -26,9 +26,9 @@ import pytest
 
 from amnesiac import boot
 from amnesiac.image.manifest import Manifest
-from amnesiac.provider.pki import ProviderPki, node_identity_files
 from tests.images import Built, build
 from tests.test_flash import keygen, make_report
+from tests.test_flash_identities import identity_dir
 
 pytestmark = pytest.mark.boot
 
@@ -148,13 +148,7 @@ MAC = "52-54-00-12-34-56"  # QEMU's first NIC, as iPXE's ${mac:hexhyp} prints it
 
 def identities_for(base: Path, key: Path, *macs: str) -> Path:
     """A signed identity set: a provider identity for each MAC address."""
-    pki = ProviderPki.create(["10.0.2.101"])
-    for mac in macs:
-        files = node_identity_files("https://10.0.2.101", pki, pki.issue_node(f"node-{mac}"))
-        for name, (data, _mode) in files.items():
-            path = base / mac / "etc/amnesiac/provider" / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
+    identity_dir(base, {mac: f"node-{mac}" for mac in macs}, wireguard=False)
     flash("--identities", str(base), "--sign", str(key))
     return base
 
