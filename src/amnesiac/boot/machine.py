@@ -91,6 +91,7 @@ class BootedMachine:
     _qmp: Qmp | None
     _qemu_log: Path
     link: ClientLink | None = None  # BootOptions.client_link
+    checks_qmp: Path | None = None  # the monitor the checks' own process connects to
     ssh_ready_seconds: float | None = None
     ssh_banner: str = ""
     emulator_retry: str | None = None  # the emulator failure the guest was booted again after
@@ -124,7 +125,12 @@ class BootedMachine:
         """Search the guest's whole RAM, dumped through QMP, for each needle (boot/memory.py)."""
         if self._qmp is None:
             raise BootError("QMP is not connected")
-        return search_guest(self._qmp, self._qemu_log.parent, needles)
+        return search_guest(self._qmp, self.work, needles)
+
+    @property
+    def work(self) -> Path:
+        """The harness's private directory (removed with the machine): where dumps are written."""
+        return self._qemu_log.parent
 
     def wait_ssh(self, timeout: float = 600.0, on_tick: Callable[[str], None] | None = None) -> float:
         """Block until sshd answers with its banner on the forwarded port; seconds since start.
@@ -278,7 +284,7 @@ def running(build: Path | ServedFiles, options: BootOptions | None = None) -> It
             device_args = [*device_args, *link.qemu_args()]
         serial_log = options.serial_log or work / "serial.log"
         serial_log.parent.mkdir(parents=True, exist_ok=True)
-        qemu_log, qmp_socket = work / "qemu.log", work / "qmp.sock"
+        qemu_log, qmp_socket, checks_qmp = work / "qemu.log", work / "qmp.sock", work / "checks-qmp.sock"
         argv = qemu_argv(
             qemu=qemu,
             relay=busybox,
@@ -291,6 +297,7 @@ def running(build: Path | ServedFiles, options: BootOptions | None = None) -> It
             serial_log=serial_log,
             guest_services=options.guest_services,
             qmp_socket=qmp_socket,
+            checks_qmp_socket=checks_qmp,
             device_args=device_args,
         )
         started = time.monotonic()
@@ -315,6 +322,7 @@ def running(build: Path | ServedFiles, options: BootOptions | None = None) -> It
             _server=server,
             _qmp=None,
             _qemu_log=qemu_log,
+            checks_qmp=checks_qmp,
         )
         stack.callback(_shielded_stop, machine)
         machine._qmp = _connect_qmp(machine, qmp_socket)

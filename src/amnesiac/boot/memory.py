@@ -81,22 +81,53 @@ def page_kind(flags: int) -> str:
 
 def kpageflags_command(addresses: list[int]) -> str:
     """A shell command for the guest (root) printing `PFN FLAGS` for the page of each address."""
+    return _per_page("/proc/kpageflags", addresses)
+
+
+def kpagecgroup_command(addresses: list[int]) -> str:
+    """The same for `PFN INODE`: the inode of the memory cgroup the page is charged to (0: none)."""
+    return _per_page("/proc/kpagecgroup", addresses)
+
+
+# Every cgroup directory as `INODE PATH`, to name the owners kpagecgroup gives by inode.
+CGROUPS_COMMAND = "find /sys/fs/cgroup -type d -exec stat -c '%i %n' {} +"
+
+
+def _per_page(table: str, addresses: list[int]) -> str:
     pfns = sorted({address // PAGE_SIZE for address in addresses})
     reads = "; ".join(
-        f"printf '%s ' {pfn}; dd if=/proc/kpageflags bs=8 skip={pfn} count=1 2>/dev/null | od -An -tu8"
-        for pfn in pfns
+        f"printf '%s ' {pfn}; dd if={table} bs=8 skip={pfn} count=1 2>/dev/null | od -An -tu8" for pfn in pfns
     )
     return reads or "true"
 
 
 def page_kinds(output: str) -> dict[int, str]:
     """PFN -> kind from what kpageflags_command printed."""
-    kinds = {}
+    return {pfn: page_kind(word) for pfn, word in _words(output).items()}
+
+
+def page_owners(output: str, cgroups: str) -> dict[int, str]:
+    """PFN -> the cgroup (a systemd unit or slice, relative to /sys/fs/cgroup) its owner is in,
+    from what kpagecgroup_command and CGROUPS_COMMAND printed; pages charged to none are left out.
+
+    Both tables are read just after the dump, with the guest running again: a page freed in
+    between (a process that exited, a service restarted) reads as free, never as its old owner.
+    """
+    names = {}
+    for line in cgroups.splitlines():
+        inode, _, path = line.partition(" ")
+        if inode.isdigit() and path:
+            names[int(inode)] = path.removeprefix("/sys/fs/cgroup").strip("/") or "the root cgroup"
+    return {pfn: names.get(inode, f"cgroup inode {inode}") for pfn, inode in _words(output).items() if inode}
+
+
+def _words(output: str) -> dict[int, int]:
+    words = {}
     for line in output.splitlines():
         parts = line.split()
         if len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit():
-            kinds[int(parts[0])] = page_kind(int(parts[1]))
-    return kinds
+            words[int(parts[0])] = int(parts[1])
+    return words
 
 
 def dump(qmp: Qmp, path: Path, timeout: float = DUMP_TIMEOUT) -> None:

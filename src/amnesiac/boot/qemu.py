@@ -69,6 +69,7 @@ def qemu_argv(
     serial_log: Path,
     guest_services: Sequence[GuestService] = (),
     qmp_socket: Path,
+    checks_qmp_socket: Path | None = None,
     device_args: Sequence[str] = (),
 ) -> list[str]:
     """The QEMU command line. `forwards` are (protocol, host port, guest port)."""
@@ -99,6 +100,9 @@ def qemu_argv(
         "-chardev", f"file,id=serial0,path={_opt(serial_log)}",
         "-serial", "chardev:serial0",
         "-qmp", f"unix:{_opt(qmp_socket)},server=on,wait=off",
+        # A second monitor for the checks, which run in their own process (QMP serves one client
+        # per socket): they dump the guest's memory through it (boot/memory.py).
+        *(["-qmp", f"unix:{_opt(checks_qmp_socket)},server=on,wait=off"] if checks_qmp_socket else []),
         "-netdev", _opt_join(netdev),
         # QEMU finds Debian's iPXE ROM by itself; naming it with romfile= stops SeaBIOS from
         # booting it (measured with QEMU 7.2), so find_tools() only checks that it is there.
