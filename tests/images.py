@@ -59,6 +59,10 @@ WITHOUT_CONTROLS = {
     # A record with fields the policy does not permit, and a copy kept on the server.
     "provider_agent_extra_fields": "[client_ip, session_start]",
     "provider_agent_local_copy": "true",
+    # Nothing cleared or restarted: a session's canaries stay in RAM past the bound.
+    "no_logs_clear_freed_memory": "false",
+    "dns_resolver_lifetime_seconds": "0",
+    "provider_agent_fresh_openvpn_when_idle": "false",
 }
 
 

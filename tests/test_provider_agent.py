@@ -168,3 +168,19 @@ def test_an_unreachable_service_refuses_every_client(netns: str, tmp_path: Path)
         time.sleep(0.5)
         session = check._session(harness, server_fingerprint(tmp_path), password=harness.password, hold=0.0)
     assert not session.connected and "AUTH_FAILED" in session.log, session.tail
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+def test_openvpn_is_told_to_exit_after_its_last_session(netns: str, tmp_path: Path, fresh: bool) -> None:
+    """provider_agent_fresh_openvpn_when_idle: once the last session's records are sent, the agent
+    has OpenVPN exit (systemd starts a fresh process on the server); off, OpenVPN keeps running."""
+    with node(netns, tmp_path, provider_agent_fresh_openvpn_when_idle=fresh) as harness:
+        session = check._session(harness, server_fingerprint(tmp_path), password=harness.password, hold=0.5)
+        assert session.connected, session.tail
+        check._wait_for_records(harness, RECORDS, start=0)
+        log = tmp_path / "openvpn.log"
+        deadline = time.monotonic() + 5.0  # the agent signals right after the disconnect's records
+        while b"process exiting" not in log.read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        told = b"process exiting" in log.read_bytes()
+    assert told == fresh, log.read_text(errors="replace")[-2000:]
