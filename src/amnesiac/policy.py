@@ -257,6 +257,9 @@ class Header(_Strict):
     sources: dict[Annotated[str, Field(pattern=r"^[a-z]{2}$")], str] = Field(min_length=1)
     # The provider's services that permitted records go to, by name.
     endpoints: dict[Identifier, Endpoint] = Field(default_factory=dict)
+    # What "not kept" means in time: seconds after a client disconnects by which the server holds
+    # nothing of its session anywhere, RAM included (checked by amnesia.session_forgotten).
+    forget_after_disconnect_seconds: int = Field(default=60, ge=1, le=3600, strict=True)
 
 
 class ImageSettings(_Strict):

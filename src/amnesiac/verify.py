@@ -254,6 +254,8 @@ def expectations(loaded: Policy, built: Manifest | None, connection: Connection)
             PermittedRecord.model_validate(r) for r in permitted_record_vars(loaded).get(RECORDS_VAR, [])
         ],
         provider=connection.provider,
+        guest_memory=connection.guest_memory,
+        forget_seconds=loaded.policy.forget_after_disconnect_seconds,
     )
 
 

@@ -41,6 +41,21 @@ class ProviderHarness(BaseModel):
     password: str
     # WireGuard: the file whose lines ("KEY IP/PREFIX") the service answers /v1/wireguard/peers with.
     peers_file: str | None = None
+    # A TCP sink the guest reaches at sink_host:sink_port (a guestfwd rule): the destination of
+    # a session's canary traffic, which writes what it received to sink_file.
+    sink_host: str | None = None
+    sink_port: int | None = None
+    sink_file: str | None = None
+
+
+class GuestMemory(BaseModel):
+    """The target's physical memory, as the harness that runs it can dump it (qemu: targets)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    qmp_socket: str  # a QMP monitor reserved for the checks
+    dump_dir: str  # where QEMU may write a dump (the harness's private directory)
+    memory_mib: int
 
 
 class Expectations(BaseModel):
@@ -59,6 +74,10 @@ class Expectations(BaseModel):
     image_sha256: str | None = None  # the build the target should be running
     permitted_records: list[PermittedRecord] = Field(default_factory=list)  # the policy's permits
     provider: ProviderHarness | None = None  # the verifier's reference service, when attached
+    guest_memory: GuestMemory | None = None  # qemu: the checks can search all of the server's RAM
+    # The policy's bound: seconds after a client disconnects by which the server holds nothing
+    # of its session anywhere, RAM included.
+    forget_seconds: int = 60
 
     def write(self, path: Path) -> Path:
         return write_atomic(path, self.model_dump_json(indent=2) + "\n")

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from amnesiac.canary import client_connected
 from amnesiac.checks.expectations import Expectations, PermittedRecord, ProviderHarness
 from amnesiac.checks.logging import find_everywhere
 from amnesiac.checks.meta import KERNEL, Surface, check
@@ -250,7 +251,7 @@ def _session(harness: ProviderHarness, fingerprint: str, *, password: str, hold:
             stderr=subprocess.DEVNULL,
         )
         try:
-            connected = _wait_log(log_path, process, CONNECT_SECONDS)
+            connected = client_connected(log_path, process, CONNECT_SECONDS)
             if connected and hold:
                 time.sleep(hold)
         finally:
@@ -297,19 +298,6 @@ def _client_files(harness: ProviderHarness, fingerprint: str, password: str) -> 
             )
         )
         yield config, log
-
-
-def _wait_log(log: Path, process: subprocess.Popen[bytes], timeout: float) -> bool:
-    """True when the session is up; False when refused, ended or still down after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = log.read_text(errors="replace") if log.exists() else ""
-        if "Initialization Sequence Completed" in text:
-            return True
-        if "AUTH_FAILED" in text or process.poll() is not None:
-            return False
-        time.sleep(0.25)
-    return False
 
 
 def _wait_for_records(

@@ -18,6 +18,7 @@ from pathlib import Path
 from amnesiac.boot.link import ClientLink
 from amnesiac.boot.overlay import OverlayFile
 from amnesiac.boot.qemu import GuestService
+from amnesiac.boot.sink import Sink
 from amnesiac.checks.expectations import ProviderHarness
 from amnesiac.provider.pki import ProviderPki, node_identity_files
 from amnesiac.provider.service import ReferenceService
@@ -39,7 +40,9 @@ class AttachedProvider:
     journal: Path
     peers_file: Path  # the WireGuard peers the service allows: rewritten by the session check
 
-    def harness(self, link: ClientLink, openvpn_port: int, openvpn_proto: str) -> ProviderHarness:
+    def harness(
+        self, link: ClientLink, openvpn_port: int, openvpn_proto: str, sink: Sink | None = None
+    ) -> ProviderHarness:
         return ProviderHarness(
             journal=str(self.journal),
             node=NODE_NAME,
@@ -50,6 +53,9 @@ class AttachedProvider:
             account=self.account,
             password=self.password,
             peers_file=str(self.peers_file),
+            sink_host=sink.service.guest_ip if sink else None,
+            sink_port=sink.service.guest_port if sink else None,
+            sink_file=str(sink.received) if sink else None,
         )
 
 

@@ -11,7 +11,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
-from amnesiac.checks.expectations import ProviderHarness
+from amnesiac.checks.expectations import GuestMemory, ProviderHarness
 from amnesiac.checks.meta import Surface
 from amnesiac.errors import UnreachableError, UsageError
 
@@ -74,6 +74,7 @@ class Connection:
     # The machine the backend runs itself (qemu:, driven through QMP): the capabilities only some
     # kinds of target have (guest memory dumps, hot-plug, a TPM) hang off it; None elsewhere.
     machine: BootedMachine | None = None
+    guest_memory: GuestMemory | None = None  # qemu: the checks may dump the server's RAM
     # qemu: the reference provider service the target was given, for the session check.
     provider: ProviderHarness | None = None
 

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Literal
 
 from amnesiac import boot, ssh
+from amnesiac.boot.sink import traffic_sink
+from amnesiac.checks.expectations import GuestMemory
 from amnesiac.checks.meta import Surface
 from amnesiac.errors import UsageError
 from amnesiac.image.manifest import NAME as MANIFEST
@@ -56,11 +58,13 @@ class QemuTarget(Target):
         with contextlib.ExitStack() as stack:
             # A build that asks a provider gets a reference one, whose journal the checks read.
             attached = stack.enter_context(reference_provider(options.work, agent.records)) if agent else None
+            # Where its clients' canary traffic goes through it (checks/amnesia.py).
+            sink = stack.enter_context(traffic_sink(options.work)) if agent else None
             boot_options = boot.BootOptions(
                 memory_mib=options.memory_mib,
                 ssh_key=key.with_suffix(".pub"),
                 overlay_files=attached.overlay_files if attached else (),
-                guest_services=(attached.guest_service,) if attached else (),
+                guest_services=(attached.guest_service, sink.service) if attached and sink else (),
                 client_link=agent is not None,
             )
             with progress.stage("boot", f"Boot {self.build.name} in QEMU over iPXE") as stage:
@@ -86,8 +90,15 @@ class QemuTarget(Target):
                 test_devices_attached=boot_options.test_devices,
                 served={s.name: s.sha256 for s in machine.served() if s.sha256},
                 machine=machine,
+                guest_memory=GuestMemory(
+                    qmp_socket=str(machine.checks_qmp),
+                    dump_dir=str(machine.work),
+                    memory_mib=machine.memory_mib,
+                )
+                if machine.checks_qmp
+                else None,
                 provider=(
-                    attached.harness(machine.link, agent.openvpn_port, agent.openvpn_proto)
+                    attached.harness(machine.link, agent.openvpn_port, agent.openvpn_proto, sink)
                     if attached and agent and machine.link
                     else None
                 ),

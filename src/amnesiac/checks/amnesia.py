@@ -1,0 +1,101 @@
+"""Measured amnesia: what a client told the server is gone from all of its RAM within the policy's
+bound after the client disconnects (amnesiac.canary holds the session and the search).
+
+Files, journals and logs are searched by the other checks; RAM is where a seized server still
+holds what it was sent. This check is the one that looks there: a real session through the
+booted server carrying canaries (account, client address and port, a DNS name, payload through
+the tunnel), the guest's whole physical memory dumped from the host and searched while the session
+runs (the positive control: the search must find what the server was told) and again every few
+seconds after the disconnect, until nothing is left or the bound passes.
+"""
+
+from __future__ import annotations
+
+from amnesiac.canary import Forgetting, measure
+from amnesiac.checks.expectations import Expectations
+from amnesiac.checks.meta import KERNEL, check
+from amnesiac.checks.plugin import not_applicable
+from amnesiac.checks.probe import Probe
+
+# What the server must have been told, so must be found while the session runs: a search that
+# does not find them proves nothing about their absence later.
+MUST_BE_SEEN = ("account", "client address", "client sockaddr", "dns name")
+NEVER = "never sent"
+MIB = 1024 * 1024
+
+
+@check(
+    claims=[
+        "no-ip-logging",
+        "no-dns-logging",
+        "no-traffic-logging",
+        "no-bandwidth-logging",
+        "no-activity-logging",
+        "no-visited-resources",
+        "no-pii-on-server",
+    ],
+    rationale="A real OpenVPN client session through the booted server carries canaries (its account, "
+    "its own address and port, a DNS name resolved through the server, payload to a sink through the "
+    "tunnel); the server's whole RAM, dumped from the host, holds them while the session runs and none "
+    "of them within the policy's bound after the disconnect; a string never sent is never found.",
+    targets=KERNEL,
+    not_applicable="the server's RAM can be searched only where the verifier runs the machine "
+    "(qemu: targets), and only through a session of a reference provider's account",
+)
+def session_forgotten(probe: Probe, expected: Expectations) -> None:
+    harness, guest = expected.provider, expected.guest_memory
+    if guest is None:
+        not_applicable(
+            "the verifier cannot read this target's RAM (only a qemu: target's, whose machine it runs)"
+        )
+    if harness is None or harness.sink_host is None:
+        not_applicable("no reference provider and client link are attached: no session to carry canaries")
+    assert guest is not None and harness is not None
+    probe.run("uname -r; nproc; grep MemTotal /proc/meminfo")  # what was searched, for the record
+
+    def shell(command: str) -> str:  # attribution reads: the summary below is the evidence
+        return str(probe.host.run(command).stdout)
+
+    result = measure(harness, guest, shell, bound=float(expected.forget_seconds))
+    probe.note(_summary(result))
+
+    seen = set(result.during.found())
+    missing = [name for name in MUST_BE_SEEN if name not in seen]
+    assert missing == [], (
+        f"the positive control failed: {missing} not found in the server's RAM during the session, so "
+        f"the search proves nothing (session: {result.client_log.strip()[-300:]})"
+    )
+    assert result.sink_received, "the session's payload never reached the sink: no traffic crossed the server"
+    assert all(NEVER not in s.found() for s in [result.during, *result.after]), (
+        "a string never sent was found: the search is not telling the canaries apart"
+    )
+    kept = result.kept()
+    assert kept == {}, (
+        f"{expected.forget_seconds} s after the disconnect the server's RAM still held "
+        + "; ".join(f"{name} in {_holders(where)}" for name, where in kept.items())
+    )
+
+
+def _summary(result: Forgetting) -> str:
+    searches = [result.during, *result.after]
+    lines = [
+        f"searched {result.during.searched_bytes / MIB:.0f} MiB of guest RAM {len(searches)} times "
+        f"({sum(s.seconds for s in searches):.1f} s, dump included); bound {result.bound:.0f} s; "
+        f"payload reached the sink: {result.sink_received}",
+        f"session: {' | '.join(result.client_log.strip().splitlines()[:2])}",
+    ]
+    forgotten = result.forgotten_after()
+    for name in result.canaries.needles():
+        during = result.during.hits.get(name, [])
+        where = _holders(result.during.holders.get(name, {}))
+        if name not in forgotten:
+            lines.append(f"{name}: not in RAM during the session")
+            continue
+        gone = forgotten[name]
+        after = f"gone {gone:.0f} s after the disconnect" if gone is not None else "STILL THERE at the bound"
+        lines.append(f"{name}: {len(during)} in RAM during the session ({where}); {after}")
+    return "\n".join(lines)
+
+
+def _holders(where: dict[str, int]) -> str:
+    return ", ".join(f"{count} in {holder}" for holder, count in where.items()) or "nothing"
