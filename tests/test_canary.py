@@ -61,9 +61,10 @@ def test_the_time_to_forget_is_the_first_search_after_which_nothing_came_back() 
 def test_pages_are_attributed_to_the_cgroup_of_their_owner() -> None:
     owners = memory.page_owners(
         "10 4242\n11 0\n12 99\n",
-        "1 /sys/fs/cgroup\n4242 /sys/fs/cgroup/system.slice/unbound.service\n",
+        "1 /sys/fs/cgroup\n"
+        "4242 /sys/fs/cgroup/system.slice/system-openvpn\\x2dserver.slice/openvpn-server@a.service\n",
     )
-    assert owners == {10: "system.slice/unbound.service", 12: "cgroup inode 99"}  # 11: charged to none
+    assert owners == {10: "openvpn-server@a.service", 12: "cgroup inode 99"}  # 11: charged to none
     assert "/proc/kpagecgroup" in memory.kpagecgroup_command([0x1000, 0x1FFF, 0x2000])
     assert memory.kpagecgroup_command([0x1000, 0x1FFF]).count("dd ") == 1  # one read per page
 

@@ -12,6 +12,7 @@ cache). The guest is paused while QEMU writes the dump, so the search sees one i
 from __future__ import annotations
 
 import mmap
+import re
 import struct
 import time
 from collections.abc import Mapping
@@ -117,8 +118,16 @@ def page_owners(output: str, cgroups: str) -> dict[int, str]:
     for line in cgroups.splitlines():
         inode, _, path = line.partition(" ")
         if inode.isdigit() and path:
-            names[int(inode)] = path.removeprefix("/sys/fs/cgroup").strip("/") or "the root cgroup"
+            names[int(inode)] = _unit_name(path.removeprefix("/sys/fs/cgroup").strip("/"))
     return {pfn: names.get(inode, f"cgroup inode {inode}") for pfn, inode in _words(output).items() if inode}
+
+
+def _unit_name(cgroup: str) -> str:
+    """`system.slice/system-openvpn\\x2dserver.slice/openvpn-server@server.service` ->
+    `openvpn-server@server.service`: the unit (its last part), systemd's escapes undone."""
+    if not cgroup:
+        return "the root cgroup"
+    return re.sub(r"\\x([0-9a-f]{2})", lambda m: chr(int(m.group(1), 16)), cgroup.rsplit("/", 1)[-1])
 
 
 def _words(output: str) -> dict[int, int]:
