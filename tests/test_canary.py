@@ -15,7 +15,8 @@ from amnesiac.boot import memory
 from amnesiac.boot.sink import GUEST_SINK, traffic_sink
 from amnesiac.canary import Canaries, Forgetting, Search
 from amnesiac.checks import amnesia
-from amnesiac.checks.expectations import Expectations, GuestMemory, ProviderHarness
+from amnesiac.checks.expectations import Expectations, GuestMemory
+from tests.test_provider_check import HARNESS
 
 
 def test_canaries_are_unique_to_a_session_and_distinct() -> None:
@@ -78,18 +79,6 @@ def test_the_sink_keeps_what_the_guest_sent(tmp_path: Path) -> None:
         while b"amnesiac-payload-1" not in sink.received.read_bytes() and time.monotonic() < deadline:
             time.sleep(0.05)
     assert sink.received.read_bytes() == b"amnesiac-payload-1"
-
-
-HARNESS = ProviderHarness(
-    journal="/nonexistent",
-    node="n",
-    netns="ns",
-    openvpn_host="198.18.0.2",
-    openvpn_port=1194,
-    openvpn_proto="udp",
-    account="a",
-    password="p",  # noqa: S106 (a test account's)
-)
 
 
 @pytest.mark.parametrize(
