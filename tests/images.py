@@ -63,6 +63,7 @@ WITHOUT_CONTROLS = {
     "no_logs_clear_freed_memory": "false",
     "dns_resolver_lifetime_seconds": "0",
     "provider_agent_fresh_openvpn_when_idle": "false",
+    "firewall_vpn_untracked": "false",
 }
 
 
