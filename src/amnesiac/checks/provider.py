@@ -11,18 +11,16 @@ target was given. It is the one kind of check that can verify a claim with `perm
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import re
 import secrets
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
+from amnesiac import wireguard_client
 from amnesiac.canary import client_connected
 from amnesiac.checks.expectations import Expectations, PermittedRecord, ProviderHarness
 from amnesiac.checks.logging import find_everywhere
@@ -30,7 +28,7 @@ from amnesiac.checks.meta import KERNEL, Surface, check
 from amnesiac.checks.plugin import not_applicable
 from amnesiac.checks.probe import Probe
 from amnesiac.provider.service import PEERS, Request, read_journal
-from amnesiac.run import run, spawn, stop_group
+from amnesiac.run import spawn, stop_group
 
 SERVER_CERT = "/etc/openvpn/server/identity/server.crt"
 # Bounds, never measurements: a TCG guest answers slowly.
@@ -38,17 +36,6 @@ CONNECT_SECONDS = 60.0
 HOLD_SECONDS = 3.0  # keepalive pings cross the data channel meanwhile
 RECORD_SECONDS = 30.0
 WIREGUARD_SECONDS = 60.0
-# Traffic through a tunnel: a DNS query to the server's resolver at its tunnel address (argv[1]),
-# true when an answer with the query's id comes back (the verifier need not have ping or dig).
-DNS_PROBE = """
-import socket, sys
-header = bytes.fromhex("a5a5 0100 0001 0000 0000 0000")  # id, recursion desired, one question
-query = header + b"\\x08amnesiac\\x07invalid\\x00" + bytes.fromhex("0001 0001")  # A, IN
-with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-    s.settimeout(2)
-    s.sendto(query, (sys.argv[1], 53))
-    sys.exit(0 if s.recvfrom(512)[0][:2] == query[:2] else 1)
-"""  # the agent adds a peer within its interval (5 s) of the service's change
 # What each event can carry (docs/provider-interface.md): the node sends a permitted field only
 # when it exists at that event, and never the counted ones.
 AT_CONNECT = ("account", "client_ip", "client_port", "session_id", "session_start")
@@ -115,52 +102,30 @@ def _background(request: Request) -> bool:
     return request.method == "TLS" or (request.method == "GET" and request.path == PEERS)
 
 
-@dataclass(frozen=True)
-class _Tunnel:
-    """Both ends of a WireGuard client's tunnel to the server."""
-
-    server_key: str
-    endpoint: str  # the server's address on the harness's link, and WireGuard's port
-    server_ip: str  # inside the tunnel
-    client_ip: str
-
-
 def _wireguard(
     probe: Probe, harness: ProviderHarness, interface: str, permitted: list[PermittedRecord]
 ) -> str:
     """A WireGuard session: the service allows a new peer, a real client (wireguard-go in the
-    harness's namespace) handshakes and pings the server through the tunnel, the service
-    withdraws the peer. The records it caused must be exactly the permitted ones; returns the
-    peer's public key (its account) for the search of the server's files."""
-    if shutil.which("wireguard-go") is None or shutil.which("wg") is None:
-        raise RuntimeError(
-            "the verifier has no WireGuard client (apt-get install wireguard-go wireguard-tools)"
-        )
-    server_key = probe.run(f"wg show {interface} public-key").stdout.strip()
-    port = probe.run(f"wg show {interface} listen-port").stdout.strip()
-    address = probe.run(f"ip -4 -o addr show dev {interface}").stdout.split()
-    assert server_key and port.isdigit() and "inet" in address, f"{interface} is not up on the server"
-    server = ipaddress.ip_interface(address[address.index("inet") + 1])
-    tunnel = _Tunnel(
-        server_key=server_key,
-        endpoint=f"{harness.openvpn_host}:{port}",
-        server_ip=str(server.ip),
-        client_ip=str(next(h for h in server.network.hosts() if h != server.ip)),
-    )
-    private = _output(["wg", "genkey"])
-    public = _output(["wg", "pubkey"], private)
+    harness's namespace) handshakes and queries the server's resolver through the tunnel, the
+    service withdraws the peer. The records it caused must be exactly the permitted ones; returns
+    the peer's public key (its account) for the search of the server's files."""
+    wireguard_client.require_client()
+    tunnel = wireguard_client.tunnel_to(lambda c: probe.run(c).stdout, interface, harness.openvpn_host)
+    private, public = wireguard_client.keypair()
     peers = Path(harness.peers_file or "")
     before = len(read_journal(Path(harness.journal)))
-    peers.write_text(f"{public} {tunnel.client_ip}/32\n")  # the service allows the peer
-    with _wireguard_client(harness, private, tunnel) as ping:
-        answered = _until(ping, WIREGUARD_SECONDS)
-        probe.note(f"WireGuard: {'the resolver answered through the tunnel' if answered else 'no answer'}")
-        assert answered, f"the server did not answer through WireGuard within {WIREGUARD_SECONDS:.0f} s"
+    with (
+        wireguard_client.allowed_peer(peers, public, tunnel.client_ip),
+        wireguard_client.wireguard_client(harness.netns, private, tunnel) as answered,
+    ):
+        through = wireguard_client.until(answered, WIREGUARD_SECONDS)
+        probe.note(f"WireGuard: {'the resolver answered through the tunnel' if through else 'no answer'}")
+        assert through, f"the server did not answer through WireGuard within {WIREGUARD_SECONDS:.0f} s"
         wanted = {(r.record, "connect") for r in permitted if "connect" in r.events}
         _wait_for(harness, wanted, before)
-        peers.write_text("")  # the service withdraws it
-        wanted |= {(r.record, "disconnect") for r in permitted if "disconnect" in r.events}
-        seen = _wait_for(harness, wanted, before)
+    # The service withdrew the peer.
+    wanted |= {(r.record, "disconnect") for r in permitted if "disconnect" in r.events}
+    seen = _wait_for(harness, wanted, before)
     received = "\n".join(_shown(r) for r in seen if not _background(r))
     probe.note(f"the service received (WireGuard):\n{received}")
     problems = _judge(seen, permitted, harness, auth=False)
@@ -170,57 +135,6 @@ def _wireguard(
     return public
 
 
-@contextlib.contextmanager
-def _wireguard_client(
-    harness: ProviderHarness, private: str, tunnel: _Tunnel
-) -> Iterator[Callable[[], bool]]:
-    """wireguard-go in the harness's namespace with its tunnel to the server; yields a probe that
-    is true when the server's resolver answered a query sent through the tunnel."""
-    name = f"amwg{secrets.token_hex(3)}"
-    ns = ["ip", "netns", "exec", harness.netns]
-    with tempfile.TemporaryDirectory(prefix="amnesiac-wg-") as tmp:
-        key = Path(tmp) / "private"
-        key.write_text(private + "\n")
-        key.chmod(0o600)
-        daemon = spawn(
-            [*ns, "wireguard-go", "-f", name], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        try:
-            _until(lambda: _ok([*ns, "ip", "link", "show", name]), 10)
-            for argv in (
-                [*ns, "wg", "set", name, "private-key", str(key), "peer", tunnel.server_key,
-                 "endpoint", tunnel.endpoint, "allowed-ips", f"{tunnel.server_ip}/32",
-                 "persistent-keepalive", "1"],
-                [*ns, "ip", "addr", "add", f"{tunnel.client_ip}/32", "dev", name],
-                [*ns, "ip", "link", "set", name, "up"],
-                [*ns, "ip", "route", "add", f"{tunnel.server_ip}/32", "dev", name],
-            ):  # fmt: skip
-                run(argv, capture=True)
-            yield lambda: _ok([*ns, sys.executable, "-c", DNS_PROBE, tunnel.server_ip])
-        finally:
-            stop_group(daemon, term_timeout=10)
-            run([*ns, "ip", "link", "del", name], check=False, capture=True)
-
-
-def _ok(argv: list[str]) -> bool:
-    return run(argv, check=False, capture=True).returncode == 0
-
-
-def _output(argv: list[str], stdin: str | None = None) -> str:
-    data = stdin.encode() if stdin is not None else None
-    return run(argv, capture=True, input_bytes=data).stdout.decode().strip()
-
-
-def _until(done: Callable[[], bool], seconds: float) -> bool:
-    """Poll `done` until it holds or `seconds` pass (a bound, never a measurement)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if done():
-            return True
-        time.sleep(0.5)
-    return False
-
-
 def _wait_for(harness: ProviderHarness, wanted: set[tuple[str, str]], start: int) -> list[Request]:
     """The journal since `start` once every (record, event) in `wanted` arrived, or RECORD_SECONDS."""
 
@@ -228,7 +142,7 @@ def _wait_for(harness: ProviderHarness, wanted: set[tuple[str, str]], start: int
         seen = read_journal(Path(harness.journal))[start:]
         return wanted <= {(_record_name(r), dict(r.fields).get("event")) for r in seen}
 
-    _until(arrived, RECORD_SECONDS)
+    wireguard_client.until(arrived, RECORD_SECONDS)
     return read_journal(Path(harness.journal))[start:]
 
 
