@@ -64,6 +64,7 @@ WITHOUT_CONTROLS = {
     "dns_resolver_lifetime_seconds": "0",
     "provider_agent_fresh_openvpn_when_idle": "false",
     "firewall_vpn_untracked": "false",
+    "provider_agent_wireguard_forget_idle_endpoints": "false",
 }
 
 

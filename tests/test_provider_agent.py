@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from amnesiac import wireguard_client
 from amnesiac.checks import provider as check
 from amnesiac.checks.expectations import ProviderHarness
 from amnesiac.provider.pki import ProviderPki, fingerprint_sha256, node_identity_files
@@ -47,7 +48,10 @@ pki = ProviderPki(
     service=Pem((work / "service.crt").read_bytes(), (work / "service.key").read_bytes()),
 )
 records = sys.argv[4].split(",")
-with ReferenceService(pki, {sys.argv[2]: sys.argv[3]}, records, journal=work / "journal.jsonl", port=%d):
+peers = work / "peers"  # a WireGuard test allows peers by writing it
+with ReferenceService(
+    pki, {sys.argv[2]: sys.argv[3]}, records, journal=work / "journal.jsonl", port=%d, peers_file=peers
+):
     (work / "service.ready").touch()
     time.sleep(600)
 """
@@ -184,3 +188,73 @@ def test_openvpn_is_told_to_exit_after_its_last_session(netns: str, tmp_path: Pa
             time.sleep(0.1)
         told = b"process exiting" in log.read_bytes()
     assert told == fresh, log.read_text(errors="replace")[-2000:]
+
+
+@pytest.mark.skipif(shutil.which("wireguard-go") is None, reason="wireguard-go is installed by `make setup`")
+@pytest.mark.parametrize("forget", [True, False])
+def test_a_quiet_wireguard_peer_ends_its_session_and_its_endpoint_is_forgotten(
+    netns: str, tmp_path: Path, forget: bool
+) -> None:
+    """provider_agent_wireguard_forget_idle_endpoints: a peer from which nothing came for the idle
+    time has its disconnect record sent and (the control) the kernel forgets where it was; the
+    peer stays allowed. Server and client are wireguard-go interfaces in the test's namespace."""
+    with node(
+        netns, tmp_path, provider_agent_wireguard_interval=1, provider_agent_wireguard_idle_seconds=3,
+        provider_agent_wireguard_forget_idle_endpoints=forget,
+    ) as harness, contextlib.ExitStack() as stack:  # fmt: skip
+        in_ns = ["ip", "netns", "exec", netns]
+        server, client = f"amsrv{secrets.token_hex(3)}", f"amcli{secrets.token_hex(3)}"
+        start = _starter(stack, tmp_path)
+        start("wg-server", [*in_ns, "wireguard-go", "-f", server])
+        _wait(lambda: _ok([*in_ns, "wg", "show", server]), "the server's wireguard-go")
+        server_private, server_public = wireguard_client.keypair()
+        client_private, client_public = wireguard_client.keypair()
+        (tmp_path / "server.wg").write_text(server_private)
+        (tmp_path / "client.wg").write_text(client_private)
+        _run(
+            [*in_ns, "wg", "set", server, "private-key", str(tmp_path / "server.wg"), "listen-port", "51820"]
+        )
+        _run([*in_ns, "ip", "link", "set", server, "up"])
+        agent = [*in_ns, "env", f"CREDENTIALS_DIRECTORY={tmp_path / 'credentials'}", "bash",
+                 str(tmp_path / "provider-agent"), "wireguard", server]  # fmt: skip
+        start("wg-agent", agent)
+        (tmp_path / "peers").write_text(f"{client_public} 10.9.0.2/32\n")
+        _wait(
+            lambda: client_public in _out([*in_ns, "wg", "show", server, "peers"]),
+            "the agent adding the peer",
+        )
+        daemon = spawn(
+            [*in_ns, "wireguard-go", "-f", client], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+        )
+        try:
+            _wait(lambda: _ok([*in_ns, "wg", "show", client]), "the client's wireguard-go")
+            peer = ["peer", server_public, "endpoint", "127.0.0.1:51820", "allowed-ips", "10.9.0.1/32"]
+            key = ["private-key", str(tmp_path / "client.wg")]
+            _run([*in_ns, "wg", "set", client, *key, *peer, "persistent-keepalive", "1"])
+            _run([*in_ns, "ip", "link", "set", client, "up"])
+            _wait(lambda: "127.0.0.1:" in _out([*in_ns, "wg", "show", server, "endpoints"]), "the handshake")
+        finally:
+            stop_group(daemon, term_timeout=10)  # the client goes quiet
+        _wait(lambda: _events(harness) >= {"connect", "disconnect"}, "the disconnect record")
+        time.sleep(2)  # two of the agent's intervals after it
+        endpoints = _out([*in_ns, "wg", "show", server, "endpoints"])
+    assert client_public in endpoints, "the peer must stay allowed"
+    assert ("127.0.0.1:" not in endpoints) == forget, endpoints
+
+
+def _events(harness: ProviderHarness) -> set[str]:
+    return {
+        str(dict(r.fields).get("event")) for r in read_journal(Path(harness.journal)) if r.method == "POST"
+    }
+
+
+def _ok(argv: list[str]) -> bool:
+    return subprocess.run(argv, capture_output=True, check=False).returncode == 0
+
+
+def _out(argv: list[str]) -> str:
+    return subprocess.run(argv, capture_output=True, text=True, check=False).stdout
+
+
+def _run(argv: list[str]) -> None:
+    subprocess.run(argv, capture_output=True, check=True)
