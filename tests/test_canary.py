@@ -6,11 +6,13 @@ from __future__ import annotations
 import ipaddress
 import socket
 import struct
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
+from amnesiac import residue
 from amnesiac.boot import memory
 from amnesiac.boot.sink import GUEST_SINK, traffic_sink
 from amnesiac.canary import Canaries, Forgetting, Search
@@ -32,6 +34,49 @@ def test_canaries_are_unique_to_a_session_and_distinct() -> None:
     assert family == socket.AF_INET and socket.ntohs(port) == one.client_port
     assert needles["client sockaddr"][4:] == socket.inet_aton(one.client_address)
     assert b"." not in needles["dns name"]  # one label: found in the text form and the wire form
+    # Connection tracking's tuple: the address in a zeroed 16-byte union, then the port.
+    tuple_ = needles["client conntrack tuple"]
+    assert tuple_[:4] == socket.inet_aton(one.client_address) and tuple_[4:16] == bytes(12)
+    assert struct.unpack(">H", tuple_[16:])[0] == one.client_port
+
+
+def test_the_servers_views_name_where_a_canary_is_without_the_server_seeing_it_in_clear(
+    tmp_path: Path,
+) -> None:
+    """The views' command runs here as it would on the server: a process whose environment holds
+    canaries, and a file written since `since`, are named; the command itself never holds a
+    canary in clear (it would find itself, and leave a copy in the server's RAM)."""
+    canaries = Canaries.fresh("amnesiac-canary-views")
+    needles = canaries.needles()
+    command = residue.command(needles, since=int(time.time()) - 5)
+    for value in needles.values():
+        assert value not in command.encode()
+    secret = f"{canaries.client_address}:{canaries.client_port} {canaries.account}"
+    holder = subprocess.Popen(["sleep", "30"], env={"AMNESIAC_TEST": secret})
+    try:
+        shown = subprocess.run(["sh", "-c", command], capture_output=True, text=True, check=True)
+    finally:
+        holder.kill()
+        holder.wait()
+    views = residue.parse(shown.stdout, needles)
+    process = "process sleep (environ, no service)"
+    named = ("account", "client address", "client address:port")
+    assert {name: views.get(name, {}).get(process) for name in named} == dict.fromkeys(named, 1)
+    assert "never sent" not in views and "client sockaddr" not in views  # binary: RAM only
+
+
+def test_views_parse_counts_a_match_for_every_canary_it_holds() -> None:
+    needles = {"address": b"198.18.0.7", "address:port": b"198.18.0.7:4000", "name": b"n-1"}
+    output = "\n".join([
+        "connection tracking\t" + b"198.18.0.7:4000".hex(),
+        "file /run/x\t" + b"198.18.0.7".hex(),
+        "garbage line",
+        "journal\tzz",
+    ])  # fmt: skip
+    assert residue.parse(output, needles) == {
+        "address": {"connection tracking": 1, "file /run/x": 1},
+        "address:port": {"connection tracking": 1},
+    }
 
 
 def _search(after: float | None, **hits: int) -> Search:
@@ -42,6 +87,7 @@ def test_the_time_to_forget_is_the_first_search_after_which_nothing_came_back() 
     canaries = Canaries.fresh("amnesiac-canary-a")
     result = Forgetting(
         canaries,
+        "OpenVPN",
         during=_search(None, account=3, **{"dns name": 2, "client address": 1}),
         after=[
             _search(0.0, account=2, **{"dns name": 2}),
@@ -54,7 +100,7 @@ def test_the_time_to_forget_is_the_first_search_after_which_nothing_came_back() 
     )
     assert result.forgotten_after() == {"account": 15.0, "dns name": 10.0, "client address": 0.0}
     assert result.kept() == {}
-    still = Forgetting(canaries, result.during, [_search(60.0, account=1)], 60.0, True)
+    still = Forgetting(canaries, "OpenVPN", result.during, [_search(60.0, account=1)], 60.0, True)
     assert still.forgotten_after()["account"] is None
     assert list(still.kept()) == ["account"]
 

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from amnesiac import residue, wireguard_client
 from amnesiac.boot import memory
 from amnesiac.boot.link import HOST_ADDRESS, PREFIX
 from amnesiac.boot.qmp import Qmp
@@ -35,6 +36,7 @@ from amnesiac.run import run, spawn, stop_group
 
 CONNECT_SECONDS = 60.0  # a bound: a TCG guest answers slowly
 POLL_SECONDS = 5.0  # between searches after the disconnect
+NEVER = "never sent"  # the negative control's name among the needles
 # Canary traffic, run inside the harness's namespace: a DNS query for argv[2] to the resolver the
 # server pushed (argv[1]), then argv[4] over TCP to the sink (argv[3] "host:port"). It prints what
 # happened, one line each.
@@ -69,15 +71,24 @@ print("sink: sent", len(payload), "bytes")
 class Canaries:
     """What one session told the server, as the byte strings a search looks for."""
 
-    account: str
+    account: str | None  # None: a WireGuard session, whose account (the peer's key) stays allowed
     client_address: str
     client_port: int
     dns_name: str
     payload: str
     never: str  # the negative control: sent nowhere
 
+    def packet_header(self, server: str) -> bytes:
+        """The start of every packet the client sent the server (IPv4 source and destination, then
+        the UDP or TCP source port), as a network card's receive buffer holds it."""
+        return (
+            socket.inet_aton(self.client_address)
+            + socket.inet_aton(server)
+            + struct.pack(">H", self.client_port)
+        )
+
     @classmethod
-    def fresh(cls, account: str) -> Canaries:
+    def fresh(cls, account: str | None) -> Canaries:
         token = secrets.token_hex(6)
         # 198.18.0.0/24 is the link's; .100-.249 leaves the harness's and the guest's addresses.
         return cls(
@@ -90,15 +101,22 @@ class Canaries:
         )
 
     def needles(self) -> dict[str, bytes]:
-        sockaddr = struct.pack("<H", socket.AF_INET) + struct.pack(">H", self.client_port)
+        address = socket.inet_aton(self.client_address)
+        port = struct.pack(">H", self.client_port)
+        sockaddr = struct.pack("<H", socket.AF_INET) + port + address
+        # Connection tracking's tuple (struct nf_conntrack_man): the address in a zeroed 16-byte
+        # union, then the port; a flow's entry outlives its last packet by its timeout.
+        conntrack = address + bytes(12) + port
+        account = {"account": self.account.encode()} if self.account else {}
         return {
-            "account": self.account.encode(),
+            **account,
             "client address": self.client_address.encode(),
             "client address:port": f"{self.client_address}:{self.client_port}".encode(),
-            "client sockaddr": sockaddr + socket.inet_aton(self.client_address),
+            "client sockaddr": sockaddr,
+            "client conntrack tuple": conntrack,
             "dns name": self.dns_name.split(".")[0].encode(),  # as a label: text and wire form
             "payload": self.payload.encode(),
-            "never sent": self.never.encode(),
+            NEVER: self.never.encode(),
         }
 
 
@@ -111,9 +129,11 @@ class Search:
     seconds: float  # the dump and the search (the guest is paused for the dump)
     hits: dict[str, list[int]]
     holders: dict[str, dict[str, int]] = field(default_factory=dict)  # canary -> holder -> hits
+    views: dict[str, dict[str, int]] = field(default_factory=dict)  # canary -> view -> matches
 
     def found(self) -> list[str]:
-        return [name for name, addresses in self.hits.items() if addresses]
+        """The canaries in RAM or in one of the server's own views (amnesiac.residue)."""
+        return [name for name, addresses in self.hits.items() if addresses or self.views.get(name)]
 
 
 @dataclass
@@ -121,6 +141,7 @@ class Forgetting:
     """A session and the searches after it: when each canary was last seen."""
 
     canaries: Canaries
+    vpn: str  # "OpenVPN" or "WireGuard"
     during: Search
     after: list[Search]
     bound: float
@@ -142,9 +163,9 @@ class Forgetting:
         return result
 
     def kept(self) -> dict[str, dict[str, int]]:
-        """What the last search still found, and where."""
+        """What the last search still found, and where: the pages' holders and the server's views."""
         last = self.after[-1] if self.after else self.during
-        return {name: last.holders.get(name, {}) for name in last.found()}
+        return {name: {**last.holders.get(name, {}), **last.views.get(name, {})} for name in last.found()}
 
 
 def measure(
@@ -154,38 +175,65 @@ def measure(
     *,
     bound: float,
     poll: float = POLL_SECONDS,
+    wireguard: str | None = None,
+    packet_headers: bool = False,
 ) -> Forgetting:
-    """A session with canaries through the server, a search while it runs, then searches every
-    `poll` seconds after the disconnect until nothing is found or `bound` has passed.
-    `shell` runs a command on the server as root and returns its output (attribution)."""
+    """A session with canaries through the server (OpenVPN, or WireGuard through the interface
+    named by `wireguard`), a search while it runs, then searches every `poll` seconds after the
+    disconnect until nothing is found or `bound` has passed. `shell` runs a command on the server
+    as root and returns its output (attribution and the server's own views). `packet_headers`
+    also looks for the client's packets as received (benchmarks/forget.py: the network cards'
+    receive buffers keep them until later traffic overwrites them; no control clears them yet)."""
     if harness.sink_host is None or harness.sink_file is None:
         raise RuntimeError("the target has no traffic sink for the session's payload")
-    canaries = Canaries.fresh(harness.account)
+    if wireguard:
+        wireguard_client.require_client()
+        tunnel = wireguard_client.tunnel_to(shell, wireguard, harness.openvpn_host)
+        private, public = wireguard_client.keypair()
+        canaries = Canaries.fresh(None)
+        # The peer stays allowed after the client goes quiet: what must go is where it was.
+        allowed: contextlib.AbstractContextManager[None] = wireguard_client.allowed_peer(
+            Path(harness.peers_file or ""), public, tunnel.client_ip
+        )
+        session = wireguard_session(harness, canaries, tunnel, private)
+    else:
+        canaries = Canaries.fresh(harness.account)
+        allowed = contextlib.nullcontext()
+        session = tunnel_session(harness, canaries, shell)
     needles = canaries.needles()
+    if packet_headers:
+        needles["client packet header"] = canaries.packet_header(harness.openvpn_host)
+    # The views decode what they look for inside the server's own processes: never the negative
+    # control, which must stay a string the server never had.
+    viewed = {name: value for name, value in needles.items() if name != NEVER}
     qmp = Qmp(Path(guest.qmp_socket), timeout=60.0)
     try:
+        since = int(shell("date +%s").strip())  # the server's clock: files written from now on
 
         def look(after: float | None) -> Search:
             found = memory.search_guest(qmp, Path(guest.dump_dir), needles)
             search = Search(after, found.searched_bytes, found.seconds, found.hits)
-            search.holders = holders(found.hits, shell) if search.found() else {}
+            search.holders = holders(found.hits, shell) if any(found.hits.values()) else {}
+            search.views = residue.parse(shell(residue.command(viewed, since)), viewed)
             return search
 
-        with tunnel_session(harness, canaries, shell) as session:
-            during = look(None)
-        disconnected = time.monotonic()
-        after: list[Search] = []
-        while True:
-            elapsed = time.monotonic() - disconnected
-            after.append(look(round(elapsed, 1)))
-            wanted = set(during.found()) - {"never sent"}
-            if not wanted & set(after[-1].found()) or elapsed >= bound:
-                break
-            time.sleep(max(0.0, min(poll, bound - elapsed)))
+        with allowed:
+            with session as done:
+                during = look(None)
+            disconnected = time.monotonic()
+            after: list[Search] = []
+            while True:
+                elapsed = time.monotonic() - disconnected
+                after.append(look(round(elapsed, 1)))
+                wanted = set(during.found()) - {NEVER}
+                if not wanted & set(after[-1].found()) or elapsed >= bound:
+                    break
+                time.sleep(max(0.0, min(poll, bound - elapsed)))
     finally:
         qmp.close()
     received = canaries.payload.encode() in Path(harness.sink_file).read_bytes()
-    return Forgetting(canaries, during, after, bound, received, session.log)
+    vpn = "WireGuard" if wireguard else "OpenVPN"
+    return Forgetting(canaries, vpn, during, after, bound, received, done.log)
 
 
 @dataclass
@@ -205,32 +253,73 @@ def tunnel_session(
         .split("=", 1)[-1]
     )
     ns = ["ip", "netns", "exec", harness.netns]
-    address = f"{canaries.client_address}/{PREFIX}"
-    device = _link_device(harness.netns)
-    run(["ip", "-n", harness.netns, "addr", "add", address, "dev", device], capture=True)
     session = _Session()
+    with _client_address(harness, canaries), tempfile.TemporaryDirectory(prefix="amnesiac-canary-") as tmp:
+        config, log = _client_config(Path(tmp), harness, canaries, fingerprint)
+        client = spawn([*ns, "openvpn", "--config", str(config)], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)  # fmt: skip
+        try:
+            if not client_connected(log, client, CONNECT_SECONDS):
+                raise RuntimeError(f"the canary session did not connect: {_tail(log)}")
+            resolver = _pushed_resolver(log.read_text(errors="replace")) or "10.8.0.1"
+            session.log = _traffic(harness, canaries, resolver)
+            yield session
+        finally:
+            stop_group(client, term_timeout=15)
+            session.log += _tail(log)
+
+
+@contextlib.contextmanager
+def wireguard_session(
+    harness: ProviderHarness, canaries: Canaries, tunnel: wireguard_client.Tunnel, private: str
+) -> Iterator[_Session]:
+    """A WireGuard client (wireguard-go) from the canary address and port, its peer allowed by the
+    caller; it sends the canary traffic through the tunnel and yields while it runs. WireGuard has
+    no disconnect: when the context ends the client is gone and the server hears nothing more."""
+    session = _Session()
+    with (
+        _client_address(harness, canaries, route_to=harness.openvpn_host),
+        wireguard_client.wireguard_client(
+            harness.netns, private, tunnel, listen_port=canaries.client_port, through=[str(harness.sink_host)]
+        ) as answered,
+    ):
+        if not wireguard_client.until(answered, CONNECT_SECONDS):
+            raise RuntimeError(f"the WireGuard canary session got no answer within {CONNECT_SECONDS:.0f} s")
+        session.log = _traffic(harness, canaries, tunnel.server_ip)
+        yield session
+
+
+@contextlib.contextmanager
+def _client_address(
+    harness: ProviderHarness, canaries: Canaries, route_to: str | None = None
+) -> Iterator[None]:
+    """The canary address on the harness's link device while the context lasts; with `route_to`,
+    packets to that address leave from it (a client that cannot bind its source address)."""
+    ns = ["ip", "-n", harness.netns]
+    device = _link_device(harness.netns)
+    run([*ns, "addr", "add", f"{canaries.client_address}/{PREFIX}", "dev", device], capture=True)
+    route = [f"{route_to}/32", "dev", device, "src", canaries.client_address] if route_to else []
     try:
-        with tempfile.TemporaryDirectory(prefix="amnesiac-canary-") as tmp:
-            directory = Path(tmp)
-            config, log = _client_config(directory, harness, canaries, fingerprint)
-            client = spawn([*ns, "openvpn", "--config", str(config)], stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)  # fmt: skip
-            try:
-                if not client_connected(log, client, CONNECT_SECONDS):
-                    raise RuntimeError(f"the canary session did not connect: {_tail(log)}")
-                resolver = _pushed_resolver(log.read_text(errors="replace")) or "10.8.0.1"
-                sink = f"{harness.sink_host}:{harness.sink_port}"
-                traffic = run([*ns, sys.executable, "-c", TRAFFIC, resolver, canaries.dns_name, sink,
-                               canaries.payload], capture=True, check=False)  # fmt: skip
-                session.log = traffic.stdout.decode(errors="replace") + traffic.stderr.decode(
-                    errors="replace"
-                )
-                yield session
-            finally:
-                stop_group(client, term_timeout=15)
-                session.log += _tail(log)
+        if route:
+            run([*ns, "route", "add", *route], capture=True)
+        yield
     finally:
-        run(["ip", "-n", harness.netns, "addr", "del", address, "dev", device], check=False, capture=True)
+        if route:
+            run([*ns, "route", "del", *route], check=False, capture=True)
+        run(
+            [*ns, "addr", "del", f"{canaries.client_address}/{PREFIX}", "dev", device],
+            check=False,
+            capture=True,
+        )
+
+
+def _traffic(harness: ProviderHarness, canaries: Canaries, resolver: str) -> str:
+    """The canary traffic from the harness's namespace: what it said happened."""
+    sink = f"{harness.sink_host}:{harness.sink_port}"
+    argv = ["ip", "netns", "exec", harness.netns, sys.executable, "-c", TRAFFIC, resolver,
+            canaries.dns_name, sink, canaries.payload]  # fmt: skip
+    traffic = run(argv, capture=True, check=False)
+    return traffic.stdout.decode(errors="replace") + traffic.stderr.decode(errors="replace")
 
 
 def _client_config(
