@@ -5,7 +5,7 @@ Prints, per canary kind, how many copies the server held during the session, the
 the disconnect until none was left (or what still holds it at the bound), the RAM searched per
 second and the whole measurement's time. A figure, never an assertion.
 
-    .venv/bin/python -m benchmarks.forget build/cloudvpn [--bound 120]
+    .venv/bin/python -m benchmarks.forget build/cloudvpn [--bound 120] [--wireguard wg0] [--packet-headers]
 """
 
 from __future__ import annotations
@@ -29,6 +29,14 @@ def main() -> None:
     parser.add_argument(
         "--bound", type=float, default=120.0, help="seconds to keep searching after the disconnect"
     )
+    parser.add_argument(
+        "--wireguard", metavar="INTERFACE", help="a WireGuard session through this interface, not OpenVPN"
+    )
+    parser.add_argument(
+        "--packet-headers",
+        action="store_true",
+        help="also search for the client's packets as received (network cards' receive buffers)",
+    )
     args = parser.parse_args()
     target = QemuTarget.parse(str(args.build), f"qemu:{args.build}")
     with tempfile.TemporaryDirectory(prefix="amnesiac-forget-") as tmp:
@@ -43,12 +51,15 @@ def main() -> None:
                 connection.guest_memory,
                 lambda cmd: host.run(cmd).stdout,
                 bound=args.bound,
+                wireguard=args.wireguard,
+                packet_headers=args.packet_headers,
             )
             whole = time.monotonic() - start
     searches = [result.during, *result.after]
-    print(f"\nsession traffic: {result.client_log.strip().splitlines()[:2]}")
+    traffic = [ln for ln in result.client_log.strip().splitlines() if not ln.startswith(("20", "  "))]
+    print(f"\n{result.vpn} session traffic: {traffic[:6]}")
     print(f"the payload reached the sink through the server: {result.sink_received}")
-    print(f"{'canary':22} {'during':>7} {'forgotten after':>16}   still held at the end by")
+    print(f"{'canary':22} {'during':>7} {'forgotten after':>16}   shown during by / still held at the end by")
     kept = result.kept()
     gone = result.forgotten_after()
     for name in result.canaries.needles():
@@ -57,7 +68,8 @@ def main() -> None:
         shown = (
             "-" if name not in gone else (f"{when:.0f} s" if when is not None else f"> {args.bound:.0f} s")
         )
-        print(f"{name:22} {during:7d} {shown:>16}   {kept.get(name, '')}")
+        views = result.during.views.get(name, {})
+        print(f"{name:22} {during:7d} {shown:>16}   {views or ''} / {kept.get(name, '')}")
     searched = sum(s.searched_bytes for s in searches) / MIB
     rate = searched / sum(s.seconds for s in searches)
     size = result.during.searched_bytes / MIB
