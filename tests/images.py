@@ -61,6 +61,7 @@ WITHOUT_CONTROLS = {
     "provider_agent_local_copy": "true",
     # Nothing cleared or restarted: a session's canaries stay in RAM past the bound.
     "no_logs_clear_freed_memory": "false",
+    "no_logs_flush_receive_buffers_when_idle": "false",
     "dns_resolver_lifetime_seconds": "0",
     "provider_agent_fresh_openvpn_when_idle": "false",
     "firewall_vpn_untracked": "false",
