@@ -5,7 +5,7 @@ Prints, per canary kind, how many copies the server held during the session, the
 the disconnect until none was left (or what still holds it at the bound), the RAM searched per
 second and the whole measurement's time. A figure, never an assertion.
 
-    .venv/bin/python -m benchmarks.forget build/cloudvpn [--bound 120] [--wireguard wg0] [--packet-headers]
+    .venv/bin/python -m benchmarks.forget build/cloudvpn [--bound 120] [--wireguard wg0]
 """
 
 from __future__ import annotations
@@ -32,11 +32,6 @@ def main() -> None:
     parser.add_argument(
         "--wireguard", metavar="INTERFACE", help="a WireGuard session through this interface, not OpenVPN"
     )
-    parser.add_argument(
-        "--packet-headers",
-        action="store_true",
-        help="also search for the client's packets as received (network cards' receive buffers)",
-    )
     args = parser.parse_args()
     target = QemuTarget.parse(str(args.build), f"qemu:{args.build}")
     with tempfile.TemporaryDirectory(prefix="amnesiac-forget-") as tmp:
@@ -52,7 +47,6 @@ def main() -> None:
                 lambda cmd: host.run(cmd).stdout,
                 bound=args.bound,
                 wireguard=args.wireguard,
-                packet_headers=args.packet_headers,
             )
             whole = time.monotonic() - start
     searches = [result.during, *result.after]
@@ -62,7 +56,7 @@ def main() -> None:
     print(f"{'canary':22} {'during':>7} {'forgotten after':>16}   shown during by / still held at the end by")
     kept = result.kept()
     gone = result.forgotten_after()
-    for name in result.canaries.needles():
+    for name in result.during.hits:
         during = len(result.during.hits.get(name, []))
         when = gone.get(name)
         shown = (

@@ -176,14 +176,13 @@ def measure(
     bound: float,
     poll: float = POLL_SECONDS,
     wireguard: str | None = None,
-    packet_headers: bool = False,
 ) -> Forgetting:
     """A session with canaries through the server (OpenVPN, or WireGuard through the interface
     named by `wireguard`), a search while it runs, then searches every `poll` seconds after the
     disconnect until nothing is found or `bound` has passed. `shell` runs a command on the server
-    as root and returns its output (attribution and the server's own views). `packet_headers`
-    also looks for the client's packets as received (benchmarks/forget.py: the network cards'
-    receive buffers keep them until later traffic overwrites them; no control clears them yet)."""
+    as root and returns its output (attribution and the server's own views). The search
+    also looks for the client's packets as the network card received them (its receive buffers
+    keep them until freed or overwritten: no_logs_flush_receive_buffers_when_idle)."""
     if harness.sink_host is None or harness.sink_file is None:
         raise RuntimeError("the target has no traffic sink for the session's payload")
     if wireguard:
@@ -200,9 +199,7 @@ def measure(
         canaries = Canaries.fresh(harness.account)
         allowed = contextlib.nullcontext()
         session = tunnel_session(harness, canaries, shell)
-    needles = canaries.needles()
-    if packet_headers:
-        needles["client packet header"] = canaries.packet_header(harness.openvpn_host)
+    needles = {**canaries.needles(), "client packet header": canaries.packet_header(harness.openvpn_host)}
     # The views decode what they look for inside the server's own processes: never the negative
     # control, which must stay a string the server never had.
     viewed = {name: value for name, value in needles.items() if name != NEVER}

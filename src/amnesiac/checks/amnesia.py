@@ -4,9 +4,10 @@ bound after the client disconnects (amnesiac.canary holds the session and the se
 Files, journals and logs are searched by the other checks; RAM is where a seized server still
 holds what it was sent. This check is the one that looks there: a real session through the
 booted server carrying canaries (account, client address and port, a DNS name, payload through
-the tunnel), the guest's whole physical memory dumped from the host and searched while the session
-runs (the positive control: the search must find what the server was told) and again every few
-seconds after the disconnect, until nothing is left or the bound passes.
+the tunnel; OpenVPN, and WireGuard where the image has it), the guest's whole physical memory
+dumped from the host and searched (the client's packets too, as the network card received them)
+while the session runs (the positive control: the search must find what the server was told) and
+again every few seconds after the disconnect, until nothing is left or the bound passes.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from amnesiac.checks.probe import Probe
 # does not find them proves nothing about their absence later. WireGuard's kernel keeps the
 # client's endpoint as a sockaddr, never as text, and its account (the peer's key) stays allowed.
 MUST_BE_SEEN = {
-    "OpenVPN": ("account", "client address", "client sockaddr", "dns name"),
-    "WireGuard": ("client sockaddr", "dns name"),  # benchmarks/forget.py --wireguard
+    "OpenVPN": ("account", "client address", "client sockaddr", "client packet header", "dns name"),
+    "WireGuard": ("client sockaddr", "client packet header", "dns name"),
 }
 MIB = 1024 * 1024
 
@@ -37,9 +38,10 @@ MIB = 1024 * 1024
         "no-visited-resources",
         "no-pii-on-server",
     ],
-    rationale="A real OpenVPN client session through the booted server carries canaries (its account, "
-    "its own address and port, a DNS name resolved through the server, payload to a sink through the "
-    "tunnel); the server's whole RAM, dumped from the host, and its own views (journal, kernel log, "
+    rationale="A real client session through the booted server (OpenVPN, and WireGuard where the image "
+    "has it) carries canaries (its account, its own address and port, a DNS name resolved through the "
+    "server, payload to a sink through the tunnel); the server's whole RAM, dumped from the host (the "
+    "client's packets as the network card received them too), and its own views (journal, kernel log, "
     "connection tracking, sockets, WireGuard's peers, processes, tmpfs files) hold them while the session "
     "runs and none of them within the policy's bound after the disconnect; a string never sent is never "
     "found.",
@@ -61,10 +63,11 @@ def session_forgotten(probe: Probe, expected: Expectations) -> None:
     def shell(command: str) -> str:  # attribution reads: the summary below is the evidence
         return str(probe.host.run(command).stdout)
 
-    # OpenVPN only: a WireGuard session's payload stays in the network card's receive buffers
-    # (the kernel decrypts in place) until later traffic overwrites them, and no control clears
-    # them yet (docs/amnesia.md); benchmarks/forget.py --wireguard measures it.
-    results = [measure(harness, guest, shell, bound=float(expected.forget_seconds))]
+    bound = float(expected.forget_seconds)
+    results = [measure(harness, guest, shell, bound=bound)]
+    if expected.wireguard_interface and harness.peers_file:
+        wireguard = expected.wireguard_interface
+        results.append(measure(harness, guest, shell, bound=bound, wireguard=wireguard))
     probe.note("\n\n".join(_summary(result) for result in results))
     problems = [problem for result in results for problem in _problems(result, expected.forget_seconds)]
     assert problems == [], "; ".join(problems)
@@ -106,7 +109,7 @@ def _summary(result: Forgetting) -> str:
         f"session: {' | '.join(result.client_log.strip().splitlines()[:2])}",
     ]
     forgotten = result.forgotten_after()
-    for name in result.canaries.needles():
+    for name in result.during.hits:
         during = result.during.hits.get(name, [])
         where = _holders(result.during.holders.get(name, {}))
         if name not in forgotten:
