@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -689,24 +690,27 @@ def stopping_flash(point: str, *args: str) -> list[str]:
 
 
 def kill_at(point: str, build: Path, to: Path | str, *extra: str) -> None:
-    """Run a publish, let it stop itself at `point`, SIGKILL it there."""
-    proc = subprocess.Popen(
-        stopping_flash(point, str(build), "--to", str(to), "--json", *extra),
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + WAIT
-    while not stopped(proc.pid):
-        assert proc.poll() is None, (
-            f"flash ended before {point}: {proc.stderr.read().decode() if proc.stderr else ''}"
+    """Run a publish, let it stop itself at `point`, SIGKILL it there. Its temporary files, which
+    a SIGKILL leaves by definition, go to a directory of the test's, not the machine's /tmp."""
+    with tempfile.TemporaryDirectory(prefix="amnesiac-test-killed-") as scratch:
+        proc = subprocess.Popen(
+            stopping_flash(point, str(build), "--to", str(to), "--json", *extra),
+            cwd=REPO,
+            env={**os.environ, "TMPDIR": scratch},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
-        assert time.monotonic() < deadline, f"flash never reached {point}"
-        time.sleep(0.05)
-    proc.kill()
-    proc.wait()
-    if proc.stderr:
-        proc.stderr.close()
+        deadline = time.monotonic() + WAIT
+        while not stopped(proc.pid):
+            assert proc.poll() is None, (
+                f"flash ended before {point}: {proc.stderr.read().decode() if proc.stderr else ''}"
+            )
+            assert time.monotonic() < deadline, f"flash never reached {point}"
+            time.sleep(0.05)
+        proc.kill()
+        proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
 
 
 @pytest.mark.parametrize("point", CHECKPOINTS)
