@@ -206,7 +206,7 @@ def test_a_quiet_wireguard_peer_ends_its_session_and_its_endpoint_is_forgotten(
         server, client = f"amsrv{secrets.token_hex(3)}", f"amcli{secrets.token_hex(3)}"
         start = _starter(stack, tmp_path)
         start("wg-server", [*in_ns, "wireguard-go", "-f", server])
-        _wait(lambda: _ok([*in_ns, "wg", "show", server]), "the server's wireguard-go")
+        _wait(lambda: wireguard_client.ok([*in_ns, "wg", "show", server]), "the server's wireguard-go")
         server_private, server_public = wireguard_client.keypair()
         client_private, client_public = wireguard_client.keypair()
         (tmp_path / "server.wg").write_text(server_private)
@@ -227,7 +227,7 @@ def test_a_quiet_wireguard_peer_ends_its_session_and_its_endpoint_is_forgotten(
             [*in_ns, "wireguard-go", "-f", client], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
         )
         try:
-            _wait(lambda: _ok([*in_ns, "wg", "show", client]), "the client's wireguard-go")
+            _wait(lambda: wireguard_client.ok([*in_ns, "wg", "show", client]), "the client's wireguard-go")
             peer = ["peer", server_public, "endpoint", "127.0.0.1:51820", "allowed-ips", "10.9.0.1/32"]
             key = ["private-key", str(tmp_path / "client.wg")]
             _run([*in_ns, "wg", "set", client, *key, *peer, "persistent-keepalive", "1"])
@@ -246,10 +246,6 @@ def _events(harness: ProviderHarness) -> set[str]:
     return {
         str(dict(r.fields).get("event")) for r in read_journal(Path(harness.journal)) if r.method == "POST"
     }
-
-
-def _ok(argv: list[str]) -> bool:
-    return subprocess.run(argv, capture_output=True, check=False).returncode == 0
 
 
 def _out(argv: list[str]) -> str:
