@@ -127,6 +127,10 @@ def test_the_whole_ram_is_searched_from_the_host(machine: boot.BootedMachine, ke
         key,
         f"printf %s {cache} > /dev/shm/canary && setsid -f sh -c '{holder}' </dev/null >/dev/null 2>&1",
     )
+    # setsid returns before its child has exec'd sleep; under emulation the dump could start
+    # first and find only the command line's freed copies (CI, stop 19). Wait, bounded.
+    running = 'test "$(cat /proc/$(cat /dev/shm/canary.pid 2>/dev/null)/comm 2>/dev/null)" = sleep'
+    ssh(machine, key, f"for i in $(seq 100); do {running} && exit 0; sleep 0.1; done; exit 1")
     try:
         found = machine.search_memory(
             {"cache": cache.encode(), "process": process.encode(), "never": never.encode()}
