@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from amnesiac import boot
+from amnesiac import boot, ssh
 from amnesiac.boot import accel, machine, overlay, qemu
 from amnesiac.boot import image as boot_image
 from amnesiac.boot.http import FileServer, Served, Source
@@ -383,8 +383,8 @@ def test_ssh_banner_needs_a_real_banner() -> None:
 
         thread = threading.Thread(target=serve)
         thread.start()
-        assert machine.read_ssh_banner(port) == ""
-        assert machine.read_ssh_banner(port) == "SSH-2.0-OpenSSH_10.0p2 Debian-7"
+        assert ssh.read_banner(port) == ""
+        assert ssh.read_banner(port) == "SSH-2.0-OpenSSH_10.0p2 Debian-7"
         thread.join()
 
 

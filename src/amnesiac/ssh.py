@@ -10,6 +10,7 @@ import base64
 import hashlib
 import os
 import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,3 +162,14 @@ def fingerprint(key: str) -> str:
     """OpenSSH's SHA256 fingerprint of a public key line (`ssh-keygen -l` prints the same)."""
     blob = base64.b64decode(key.split()[1])
     return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
+def read_banner(port: int, host: str = "127.0.0.1", timeout: float = 3.0) -> str:
+    """The SSH identification line, if sshd answers (slirp accepts, then closes, before it does)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            data = sock.recv(256)
+    except OSError:
+        return ""
+    line = data.split(b"\r\n", 1)[0].split(b"\n", 1)[0].decode(errors="replace")
+    return line if line.startswith("SSH-") else ""

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from amnesiac import ssh
 from amnesiac.boot.accel import Accel, AccelChoice, choose_accel
 from amnesiac.boot.errors import BootError, ImageMismatch
 from amnesiac.boot.http import FileServer, Served
@@ -33,6 +34,7 @@ from amnesiac.boot.memory import MemorySearch, search_guest
 from amnesiac.boot.overlay import OverlayFile, authorized_key, harness
 from amnesiac.boot.qemu import (
     GUEST_HTTP,
+    KERNEL_STARTED,
     EmulatedDevice,
     GuestService,
     die_with_parent,
@@ -42,6 +44,7 @@ from amnesiac.boot.qemu import (
     read_log,
 )
 from amnesiac.boot.qmp import Qmp
+from amnesiac.boot.reset import boot_again
 from amnesiac.run import spawn, stop_group
 
 # QEMU 7.2's multi-threaded TCG can let one vCPU run code that another has just repatched (the
@@ -52,7 +55,6 @@ from amnesiac.run import spawn, stop_group
 # harness watches the kernel start and, on exactly that failure under TCG, boots the same files
 # once more and records that it did.
 EMULATOR_RACE = re.compile(r"Oops: int3\b")
-KERNEL_STARTED = "Run /init as init process"
 KERNEL_START_TIMEOUT = 180.0  # seconds to wait for the kernel to reach /init before moving on
 
 
@@ -141,7 +143,7 @@ class BootedMachine:
         deadline = time.monotonic() + timeout
         while True:
             self._check_alive("before SSH came up")
-            banner = read_ssh_banner(self.ssh_port)
+            banner = ssh.read_banner(self.ssh_port)
             if banner:
                 self.ssh_banner = banner
                 self.ssh_ready_seconds = round(time.monotonic() - self.started, 1)
@@ -155,6 +157,15 @@ class BootedMachine:
             if on_tick is not None:
                 on_tick(self.console(1)[-100:])
             time.sleep(1.0)
+
+    def reset(self, timeout: float = 600.0) -> float:
+        """A warm reset (boot/reset.py), then wait until sshd of the new boot answers; seconds
+        from the reset."""
+        if self._qmp is None:
+            raise BootError("QMP is not connected")
+        seconds = boot_again(self._qmp, self.serial_log, self.ssh_port, timeout, alive=self._check_alive)
+        self.check_served()  # what the new boot was served is the build too
+        return seconds
 
     def wait_console(self, text: str, timeout: float = 600.0) -> float:
         """Block until `text` appears on the serial console; seconds since start."""
@@ -383,17 +394,6 @@ def failure_summary(console: str, qemu_log: str = "") -> str:
 
 def _plain(text: str) -> str:
     return _ANSI.sub("", text)
-
-
-def read_ssh_banner(port: int, timeout: float = 3.0) -> str:
-    """The SSH identification line, if sshd answers (slirp accepts, then closes, before it does)."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-            data = sock.recv(256)
-    except OSError:
-        return ""
-    line = data.split(b"\r\n", 1)[0].split(b"\n", 1)[0].decode(errors="replace")
-    return line if line.startswith("SSH-") else ""
 
 
 def _free_port() -> int:

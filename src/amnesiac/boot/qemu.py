@@ -23,6 +23,8 @@ MIB = 1024**2
 QEMU = "qemu-system-x86_64"
 IPXE_ROMS = (Path("/usr/lib/ipxe/qemu/efi-virtio.rom"), Path("/usr/lib/ipxe/qemu/pxe-virtio.rom"))
 GUEST_HTTP = "10.0.2.100"  # where the guest finds the HTTP server (a guestfwd rule, port 80)
+# The kernel's console line as it hands over to the image's init: the kernel booted.
+KERNEL_STARTED = "Run /init as init process"
 NETDEV = "n0"  # the guest NIC's user-mode network (QMP's hostfwd_add names it)
 TEST_DISK_BYTES = 64 * MIB
 TEST_STICK_BYTES = 16 * MIB
