@@ -7,9 +7,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-import jinja2
 import pytest
-import yaml
 
 from amnesiac import policy
 from amnesiac.checks.expectations import PermittedRecord, ProviderHarness
@@ -18,9 +16,9 @@ from amnesiac.checks.vpn_confinement import management_problem
 from amnesiac.image.plan import make_plan, permitted_record_vars
 from amnesiac.policy import RECORDS_VAR
 from amnesiac.provider.service import Request
+from tests import role_templates
 
 REPO = Path(__file__).resolve().parent.parent
-ROLE = REPO / "roles/provider_agent"
 HARNESS = ProviderHarness(
     journal="/nonexistent",
     node="node-a",
@@ -131,16 +129,7 @@ def test_the_build_derives_the_agents_records_from_permits() -> None:
 
 def render_agent(**overrides: object) -> str:
     """The agent as the role renders it: its defaults and internal variables, then `overrides`."""
-    variables = {
-        **yaml.safe_load((ROLE / "defaults/main.yml").read_text()),
-        **yaml.safe_load((ROLE / "vars/main.yml").read_text()),
-        "ansible_managed": "test",
-        **overrides,
-    }
-    # A shell script, not HTML: Ansible renders role templates without autoescaping too.
-    environment = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)  # noqa: S701
-    template = environment.from_string((ROLE / "templates/provider-agent.sh.j2").read_text())
-    return template.render(**variables)
+    return role_templates.render("provider_agent", "provider-agent.sh.j2", **overrides)
 
 
 @pytest.mark.parametrize("local_copy", [False, True])

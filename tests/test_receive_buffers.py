@@ -7,17 +7,11 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-import jinja2
-import yaml
-
-ROLE = Path(__file__).resolve().parent.parent / "roles" / "no_logs"
+from tests import role_templates
 
 
 def _render(name: str) -> str:
-    variables = {**yaml.safe_load((ROLE / "defaults/main.yml").read_text()), "ansible_managed": "test"}
-    # A shell script and a unit file, not HTML: Ansible renders role templates without autoescaping too.
-    environment = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)  # noqa: S701
-    return environment.from_string((ROLE / "templates" / name).read_text()).render(**variables)
+    return role_templates.render("no_logs", name)
 
 
 def test_the_flush_script_is_valid_bash_and_rebinds_only_through_sysfs(tmp_path: Path) -> None:
