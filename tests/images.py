@@ -28,6 +28,7 @@ SDE = 1_700_000_000  # a fixed SOURCE_DATE_EPOCH: builds of the same inputs must
 WITHOUT_CONTROLS = {
     "server_base_packages": "[systemd, systemd-sysv, udev, iproute2, kmod, rsyslog]",
     "ram_root_no_block_storage": "false",
+    "ram_root_clear_at_shutdown": "false",
     # A root tmpfs of another size than the policy reviewed (384 MiB): the size check must see it.
     "ram_root_tmpfs_size_mib": "256",
     "ram_root_storage_modules": "[virtio_blk, virtio_scsi, sd_mod]",
