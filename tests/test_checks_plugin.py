@@ -161,3 +161,24 @@ def test_a_check_must_say_why_it_cannot_run_everywhere() -> None:
         check(claims=["x"], rationale="r", targets=KERNEL)(lambda: None)
     with pytest.raises(ValueError, match="names no claim"):
         check(claims=[], rationale="r")(lambda: None)
+
+
+def test_a_check_that_resets_the_target_runs_after_every_other(tmp_path: Path) -> None:
+    """Nothing may run on a machine that is booting again: however it is declared, it runs last."""
+    order = tmp_path / "order"
+    (tmp_path / "ordered.py").write_text(
+        "from amnesiac.checks.meta import check\n"
+        + "".join(
+            f"\n\n@check(claims=['c'], rationale='r', resets={name == 'resets'})\n"
+            f"def {name}(probe):\n    probe.run('echo {name} >> {order}')\n"
+            for name in ("resets", "first", "second")
+        )
+    )
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    subprocess.run(
+        [sys.executable, "-m", "pytest", "-c", str(tmp_path / "pytest.ini"), "-p", "amnesiac.checks.plugin",
+         "--hosts=local://", "--amnesiac-target-kind=container", f"--amnesiac-results={tmp_path / 'r.json'}",
+         "--amnesiac-checks=ordered.resets,ordered.first,ordered.second", str(tmp_path / "ordered.py"), "-q"],
+        capture_output=True, text=True, check=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert order.read_text().split() == ["first", "second", "resets"]

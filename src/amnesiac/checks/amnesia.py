@@ -12,11 +12,15 @@ again every few seconds after the disconnect, until nothing is left or the bound
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from amnesiac import previous_boot
 from amnesiac.canary import NEVER, Forgetting, measure
 from amnesiac.checks.expectations import Expectations
 from amnesiac.checks.meta import KERNEL, check
 from amnesiac.checks.plugin import not_applicable
 from amnesiac.checks.probe import Probe
+from amnesiac.targets import mux
 
 # What the server must have been told, so must be found while the session runs: a search that
 # does not find them proves nothing about their absence later. WireGuard's kernel keeps the
@@ -26,6 +30,7 @@ MUST_BE_SEEN = {
     "WireGuard": ("client sockaddr", "client packet header", "dns name"),
 }
 MIB = 1024 * 1024
+UNREADABLE = "the verifier cannot read this target's RAM (only a qemu: target's, whose machine it runs)"
 
 
 @check(
@@ -52,9 +57,7 @@ MIB = 1024 * 1024
 def session_forgotten(probe: Probe, expected: Expectations) -> None:
     harness, guest = expected.provider, expected.guest_memory
     if guest is None:
-        not_applicable(
-            "the verifier cannot read this target's RAM (only a qemu: target's, whose machine it runs)"
-        )
+        not_applicable(UNREADABLE)
     if harness is None or harness.sink_host is None:
         not_applicable("no reference provider and client link are attached: no session to carry canaries")
     assert guest is not None and harness is not None
@@ -125,3 +128,68 @@ def _summary(result: Forgetting) -> str:
 
 def _holders(where: dict[str, int]) -> str:
     return ", ".join(f"{count} in {holder}" for holder, count in where.items()) or "nothing"
+
+
+@check(
+    claims=["no-disk-storage", "no-pii-on-server"],
+    rationale="Everything is in RAM, and a reboot does not clear RAM: the firmware hands it as it was to "
+    "the next system, which may be one whoever seized the server brought. Canaries planted in a file of "
+    "the root tmpfs, a file of /dev/shm, a process's memory and the resolver are found in the server's "
+    "whole RAM, dumped from the host; then the server reboots the orderly way and QEMU stops it where it "
+    "would reset, and the same search of its RAM, as the image left it for the next system, finds none of "
+    "them. A string never sent is never found. (A reset button skips the image's way down: what the "
+    "server held then is what the other checks bound.)",
+    targets=KERNEL,
+    not_applicable="the server's RAM can be searched across its reboot only where the verifier runs the "
+    "machine (qemu: targets)",
+    resets=True,
+)
+def previous_boot_forgotten(probe: Probe, expected: Expectations) -> None:
+    guest = expected.guest_memory
+    if guest is None:
+        not_applicable(UNREADABLE)
+    assert guest is not None
+    probe.run("uname -r; grep MemTotal /proc/meminfo; findmnt -n -o FSTYPE,SIZE /")  # for the record
+
+    def shell(command: str) -> str:  # the canaries' planting: the note below is the evidence
+        return str(probe.host.run(command).stdout)
+
+    backend = probe.host.backend
+    destination = ["-p", str(backend.host.port or 22), f"{backend.host.user or 'root'}@{backend.host.name}"]
+    result = previous_boot.across_reboot(
+        guest, shell, hang_up=lambda: mux.hang_up(Path(backend.ssh_config), destination)
+    )
+    probe.note(_reboot_summary(result))
+    missing = [name for name in previous_boot.MUST_BE_SEEN if not result.before.found(name)]
+    assert missing == [], f"the positive control failed: {missing} not in the server's RAM before the reboot"
+    assert not result.before.found(previous_boot.NEVER), "a string never sent was found before the reboot"
+    assert result.after is not None, (
+        f"the server did not reach its reset {result.shutdown_seconds:.0f} s after `systemctl reboot` "
+        f"(QEMU: {result.state}): its RAM as it leaves it could not be searched"
+    )
+    assert not result.after.found(previous_boot.NEVER), "a string never sent was found after the reboot"
+    kept = result.kept()
+    assert kept == {}, "the reboot left the next system " + "; ".join(
+        f"{name} ({len(hits)} copies)" for name, hits in kept.items()
+    )
+
+
+def _reboot_summary(result: previous_boot.Reboot) -> str:
+    before = result.before
+    lines = [
+        f"searched {before.searched_bytes / MIB:.0f} MiB of guest RAM before `systemctl reboot` and after "
+        f"it, stopped where it would reset ({result.shutdown_seconds:.0f} s; QEMU: {result.state})",
+    ]
+    for name, hits in before.hits.items():
+        if name == previous_boot.NEVER:
+            continue
+        after = result.after.hits.get(name, []) if result.after else None
+        left = "not searched" if after is None else (f"{len(after)} left" if after else "none left")
+        lines.append(f"{name}: {len(hits)} copies before the reboot; {left}")
+    lines.append(
+        "not covered: a reset without the image's way down (the reset button, a watchdog) leaves what the "
+        "server held at that moment, as any machine does; the next boot of this image clears what it does "
+        "not use (init_on_free), another system does not; UEFI's memory-overwrite request, which has the "
+        "firmware clear RAM at the next boot, needs a UEFI boot path (this one is BIOS and iPXE)"
+    )
+    return "\n".join(lines)

@@ -41,6 +41,8 @@ class CheckMeta:
     # It watches permitted records leave for the provider's endpoint and nothing else leave or
     # stay: the only kind of check that can verify a claim with `permits` (report.claim_status).
     observes_records: bool = False
+    # It resets the target: it runs after every other check of the run (checks.plugin).
+    resets: bool = False
 
     def reason_not_applicable(self, kind: Surface) -> str | None:
         if kind in self.targets:
@@ -60,6 +62,7 @@ def check(
     not_applicable: str = "",
     integrity: bool = False,
     observes_records: bool = False,
+    resets: bool = False,
 ) -> Callable[[F], F]:
     """Mark a function as a claim check. Its id is `<module>.<function name>`."""
 
@@ -73,6 +76,7 @@ def check(
             not_applicable=" ".join(not_applicable.split()),
             integrity=integrity,
             observes_records=observes_records,
+            resets=resets,
         )
         if not meta.claims:
             raise ValueError(f"check {meta.id} names no claim")

@@ -74,7 +74,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         (keep if meta is not None and meta.id in ids else drop).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
-    items[:] = keep
+    # A check that resets the target goes last: nothing else may run on a machine booting again.
+    # (One target runs in one process; several are ssh: hosts, which no such check runs on.)
+    items[:] = sorted(keep, key=lambda item: bool((meta := _meta(item)) and meta.resets))
 
 
 def target_kind(config: pytest.Config) -> Surface:
