@@ -56,11 +56,13 @@ $(BIN)/.installed: pyproject.toml
 build: setup
 	$(BIN)/amnesiac build --policy $(POLICY) --out $(OUT)
 
-# Every tier: fast (unit, lint), build (real images), boot (QEMU + verify), browser (the HTML
-# report in Chromium), then molecule (every role in a container). About 60 min on 2 cores
-# (benchmarks/README.md).
+# Every tier: fast (unit, lint; on every CPU), build (real images), boot (QEMU + verify),
+# browser (the HTML report in Chromium), then molecule (every role in a container). About 75
+# min on 2 cores (benchmarks/README.md). The slow tiers run one test at a time: their images
+# are built once per session and shared, and two TCG guests would slow each other's boots.
 test: setup
-	$(BIN)/pytest -m 'not molecule' -p no:cacheprovider
+	$(BIN)/pytest -n auto -p no:cacheprovider
+	$(BIN)/pytest -m 'build or boot or browser' -p no:cacheprovider
 	$(MOLECULE_TESTS)
 
 # The molecule tier alone: every role's scenario and the whole image playbook's, each a
