@@ -20,4 +20,4 @@ def render(role: str, template: str, **overrides: object) -> str:
     # Not HTML: Ansible renders role templates without autoescaping too.
     environment = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)  # noqa: S701
     text = (directory / "templates" / template).read_text()
-    return environment.from_string(text).render(**variables, **overrides)
+    return environment.from_string(text).render({**variables, **overrides})
