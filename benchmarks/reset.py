@@ -17,15 +17,15 @@ A figure, never an assertion.
 from __future__ import annotations
 
 import argparse
-import shlex
 import tempfile
 from pathlib import Path
 
-from amnesiac import boot, previous_boot
+from amnesiac import previous_boot, ssh
 from amnesiac.boot.memory import MemorySearch
-from amnesiac.checks.expectations import GuestMemory
-from amnesiac.run import run
-from amnesiac.targets.qemu import throwaway_key
+from amnesiac.progress import Progress
+from amnesiac.targets import mux
+from amnesiac.targets.base import ReachOptions
+from amnesiac.targets.qemu import QemuTarget
 
 MIB = 1024 * 1024
 
@@ -35,30 +35,28 @@ def main() -> None:
     parser.add_argument("build", type=Path, help="a build directory")
     parser.add_argument("--case", choices=("reboot", "reset"), default="reboot")
     args = parser.parse_args()
+    target = QemuTarget.parse(str(args.build), f"qemu:{args.build}")
     with tempfile.TemporaryDirectory(prefix="amnesiac-reset-") as tmp:
-        key = throwaway_key(Path(tmp))
-        with boot.running(args.build, boot.BootOptions(ssh_key=key.with_suffix(".pub"))) as machine:
-            print(f"SSH after {machine.wait_ssh():.0f} s")
+        options = ReachOptions(work=Path(tmp), progress=Progress())
+        with target.reach(options) as connection:
+            machine, guest, config = connection.machine, connection.guest_memory, connection.ssh_config
+            if machine is None or guest is None or config is None:
+                raise SystemExit(f"{args.build}: the verifier cannot read this machine's RAM")
+            host = connection.testinfra_host()
+            url = ssh.parse_url(connection.host, option="connection", path=False)
 
             def shell(command: str) -> str:
-                argv = [*shlex.split(machine.ssh_command()), "-o", "BatchMode=yes", command]
-                return str(run(argv, capture=True, check=False, timeout=120).stdout.decode())
+                return str(host.run(command).stdout)
 
-            guest = GuestMemory(
-                qmp_socket=str(machine.checks_qmp),
-                dump_dir=str(machine.work),
-                memory_mib=machine.memory_mib,
-                serial_log=str(machine.serial_log),
-                ssh_port=machine.ssh_port,
-            )
             if args.case == "reboot":
-                result = previous_boot.across_reboot(guest, shell, hang_up=lambda: None)
+                result = previous_boot.across_reboot(guest, shell, hang_up=lambda: mux.hang_up(config, url))
                 before, after, seconds = result.before, result.after, result.shutdown_seconds
                 what = f"`systemctl reboot` to the stop where it would reset (QEMU: {result.state})"
             else:
                 planted = previous_boot.Planted.fresh()
                 shell(planted.command())
                 before = machine.search_memory(planted.needles())
+                mux.hang_up(config, url)  # the reset would leave it dead
                 seconds = machine.reset()
                 after = machine.search_memory(planted.needles())
                 what = "warm reset to the new boot's sshd"

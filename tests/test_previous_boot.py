@@ -6,7 +6,8 @@ from __future__ import annotations
 import subprocess
 
 from amnesiac.boot.memory import MemorySearch
-from amnesiac.previous_boot import MUST_BE_SEEN, NEVER, Planted, Reboot
+from amnesiac.canary import NEVER
+from amnesiac.previous_boot import MUST_BE_SEEN, Planted, Reboot
 
 
 def test_the_planting_command_is_bash_and_carries_no_canary_in_clear() -> None:

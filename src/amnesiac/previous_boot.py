@@ -25,10 +25,11 @@ from pathlib import Path
 
 from amnesiac.boot.memory import MemorySearch, search_guest
 from amnesiac.boot.qmp import Qmp
+from amnesiac.canary import NEVER
 from amnesiac.checks.expectations import GuestMemory
+from amnesiac.residue import escaped_bytes
 
 SHUTDOWN_SECONDS = 180.0  # a bound on the orderly reboot, under emulation
-NEVER = "never sent"  # the negative control's name among the needles
 PLANTED_BYTES = 262144  # per file: 64 pages, so that what survives is counted, not guessed
 # A DNS query (header, then the name's labels, type A, class IN) for the resolver on loopback.
 DNS_HEADER = bytes.fromhex("5a5a 0100 0001 0000 0000 0000")
@@ -60,9 +61,9 @@ class Planted:
     def command(self) -> str:
         """Plant them, each only in what it names: the command carries them as `\\xNN` escapes
         that the server's shell expands (the negative control never leaves the verifier)."""
-        n = {name: _escaped(value) for name, value in self.needles().items()}
+        n = {name: escaped_bytes(value) for name, value in self.needles().items()}
         name = self.needles()["resolver query"] + b".example"
-        query = _escaped(DNS_HEADER + _labels(name) + b"\x00\x01\x00\x01")
+        query = escaped_bytes(DNS_HEADER + _labels(name) + b"\x00\x01\x00\x01")
         holder = 'echo $$ > /dev/shm/amnesiac-canary.pid; exec env "CANARY=$1" sleep 86400'
         running = 'test "$(cat /proc/$(cat /dev/shm/amnesiac-canary.pid)/comm)" = sleep'
         fill, quiet = f"head -c {PLANTED_BYTES}", "/dev/null 2>&1"
@@ -126,10 +127,6 @@ def across_reboot(guest: GuestMemory, shell: Callable[[str], str], hang_up: Call
     finally:
         qmp.close()
     return Reboot(planted, before, after, seconds, state)
-
-
-def _escaped(value: bytes) -> str:
-    return "".join(f"\\x{b:02x}" for b in value)
 
 
 def _labels(name: bytes) -> bytes:

@@ -55,7 +55,7 @@ true
 def command(needles: Mapping[str, bytes], since: int) -> str:
     """The shell command that shows where the text `needles` are, among files changed since the
     server's clock read `since` (seconds since the epoch)."""
-    escaped = ["".join(f"\\x{b:02x}" for b in value) for value in needles.values() if _is_text(value)]
+    escaped = [escaped_bytes(value) for value in needles.values() if _is_text(value)]
     views = "\n".join(f"{run} 2> /dev/null | show {shlex.quote(name)}" for name, run in VIEWS)
     script = (
         SCRIPT.replace("PATTERNS", " ".join(shlex.quote(e) for e in escaped))
@@ -63,6 +63,11 @@ def command(needles: Mapping[str, bytes], since: int) -> str:
         .replace("SINCE", str(int(since)))
     )
     return f"bash -c {shlex.quote(script)}"
+
+
+def escaped_bytes(value: bytes) -> str:
+    """`value` as `\\xNN` escapes, which the server's printf expands: the bytes never travel in clear."""
+    return "".join(f"\\x{b:02x}" for b in value)
 
 
 def parse(output: str, needles: Mapping[str, bytes]) -> dict[str, dict[str, int]]:

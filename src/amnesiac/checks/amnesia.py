@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from amnesiac import previous_boot
+from amnesiac import previous_boot, ssh
 from amnesiac.canary import NEVER, Forgetting, measure
 from amnesiac.checks.expectations import Expectations
 from amnesiac.checks.meta import KERNEL, check
@@ -154,20 +154,19 @@ def previous_boot_forgotten(probe: Probe, expected: Expectations) -> None:
     def shell(command: str) -> str:  # the canaries' planting: the note below is the evidence
         return str(probe.host.run(command).stdout)
 
-    backend = probe.host.backend
-    destination = ["-p", str(backend.host.port or 22), f"{backend.host.user or 'root'}@{backend.host.name}"]
-    result = previous_boot.across_reboot(
-        guest, shell, hang_up=lambda: mux.hang_up(Path(backend.ssh_config), destination)
-    )
+    backend = probe.host.backend  # testinfra's ssh backend: the run's config and the host
+    url = ssh.SshUrl(host=backend.host.name, user=backend.host.user or "root", port=backend.host.port)
+    config = Path(backend.ssh_config)
+    result = previous_boot.across_reboot(guest, shell, hang_up=lambda: mux.hang_up(config, url))
     probe.note(_reboot_summary(result))
     missing = [name for name in previous_boot.MUST_BE_SEEN if not result.before.found(name)]
     assert missing == [], f"the positive control failed: {missing} not in the server's RAM before the reboot"
-    assert not result.before.found(previous_boot.NEVER), "a string never sent was found before the reboot"
+    assert not result.before.found(NEVER), "a string never sent was found before the reboot"
     assert result.after is not None, (
         f"the server did not reach its reset {result.shutdown_seconds:.0f} s after `systemctl reboot` "
         f"(QEMU: {result.state}): its RAM as it leaves it could not be searched"
     )
-    assert not result.after.found(previous_boot.NEVER), "a string never sent was found after the reboot"
+    assert not result.after.found(NEVER), "a string never sent was found after the reboot"
     kept = result.kept()
     assert kept == {}, "the reboot left the next system " + "; ".join(
         f"{name} ({len(hits)} copies)" for name, hits in kept.items()
@@ -181,7 +180,7 @@ def _reboot_summary(result: previous_boot.Reboot) -> str:
         f"it, stopped where it would reset ({result.shutdown_seconds:.0f} s; QEMU: {result.state})",
     ]
     for name, hits in before.hits.items():
-        if name == previous_boot.NEVER:
+        if name == NEVER:
             continue
         after = result.after.hits.get(name, []) if result.after else None
         left = "not searched" if after is None else (f"{len(after)} left" if after else "none left")

@@ -56,9 +56,6 @@ class GuestMemory(BaseModel):
     qmp_socket: str  # a QMP monitor reserved for the checks
     dump_dir: str  # where QEMU may write a dump (the harness's private directory)
     memory_mib: int
-    # Where to see the machine boot again after a reset: its console, and its sshd's port.
-    serial_log: str = ""
-    ssh_port: int = 0
 
 
 class Expectations(BaseModel):

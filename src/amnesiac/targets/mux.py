@@ -78,11 +78,11 @@ def open_master(config: Path, destination: Sequence[str]) -> bool:
     return True
 
 
-def hang_up(config: Path, destination: Sequence[str]) -> None:
-    """End the master to `destination` (if there is one): before its host resets, after which
-    its connection would be dead and the next command would wait on it. The next command opens a
+def hang_up(config: Path, url: ssh.SshUrl) -> None:
+    """End the master to `url` (if there is one): before its host resets, after which its
+    connection would be dead and the next command would wait on it. The next command opens a
     new one (the config's ControlMaster is auto)."""
-    argv = ["ssh", "-F", os.fspath(config), "-O", "exit", *destination]
+    argv = ["ssh", "-F", os.fspath(config), "-O", "exit", "-p", str(url.port or 22), url.destination]
     with contextlib.suppress(subprocess.TimeoutExpired):
         run(argv, capture=True, check=False, timeout=CLOSE_TIMEOUT)
 

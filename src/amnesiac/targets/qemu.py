@@ -94,8 +94,6 @@ class QemuTarget(Target):
                     qmp_socket=str(machine.checks_qmp),
                     dump_dir=str(machine.work),
                     memory_mib=machine.memory_mib,
-                    serial_log=str(machine.serial_log),
-                    ssh_port=machine.ssh_port,
                 )
                 if machine.checks_qmp
                 else None,
