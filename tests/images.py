@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -102,6 +103,20 @@ def build_and_unpack(base: Path, name: str, *extra: str, policy: str = "ovpn") -
         out / "initrd.img", manifest["image"]["initrd_pieces"], base / f"{name}.unpacked"
     )
     return Built(out, summary, manifest, root, early)
+
+
+def rootfs_only_cache(dest: Path) -> Path:
+    """A cache holding the shared cache's root filesystems and no role layer: a build from it
+    runs every role (a hard link where the file system allows, else a copy)."""
+    from amnesiac import paths
+
+    dest.mkdir(parents=True)
+    for made in paths.cache_dir().glob("rootfs-*"):
+        try:
+            (dest / made.name).hardlink_to(made)
+        except OSError:
+            shutil.copy2(made, dest / made.name)
+    return dest
 
 
 def without_controls_args() -> list[str]:

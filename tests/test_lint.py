@@ -20,11 +20,11 @@ def run(*cmd: str) -> None:
 
 
 def test_ruff_check() -> None:
-    run("ruff", "check", "src", "tests", "benchmarks", "molecule")
+    run("ruff", "check", "src", "tests", "benchmarks", "molecule", "playbooks")
 
 
 def test_ruff_format() -> None:
-    run("ruff", "format", "--check", "src", "tests", "benchmarks", "molecule")
+    run("ruff", "format", "--check", "src", "tests", "benchmarks", "molecule", "playbooks")
 
 
 def test_mypy_strict() -> None:

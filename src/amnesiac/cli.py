@@ -132,8 +132,10 @@ it counts as quoted when a claim's quote holds it or it holds a quote (policies/
         help="build a PXE/RAM-boot image from a policy",
         description="Build kernel, initrd (the whole root filesystem, unpacked into a size-limited "
         "tmpfs at boot), boot.ipxe and manifest.json into --out. The root filesystem from mmdebstrap "
-        "is cached by a hash of its inputs, so a rebuild after a role change skips it. --out is "
-        "replaced only when the build has succeeded.",
+        "is cached by a hash of its inputs, and what each role did to it by a hash of the role's "
+        "files, the variables it reads and the tree before it: a rebuild after a change runs only "
+        "the changed role and those after it, and gives the same image as a build without the cache. "
+        "--out is replaced only when the build has succeeded.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  amnesiac build --policy policies/ovpn.yml --out build/ovpn\n"
         "  amnesiac build --var input_lockdown_usb=false --out build/no-usb  # an image without one control",
@@ -144,10 +146,13 @@ it counts as quoted when a claim's quote holds it or it holds a quote (policies/
         "--cache",
         type=Path,
         default=None,
-        help="rootfs cache directory (default: ~/.cache/amnesiac, or $AMNESIAC_CACHE)",
+        help="cache directory: root filesystems and role layers (default: ~/.cache/amnesiac, "
+        "or $AMNESIAC_CACHE)",
     )
     build.add_argument(
-        "--refresh", action="store_true", help="rebuild the root filesystem even if it is cached"
+        "--refresh",
+        action="store_true",
+        help="rebuild the root filesystem even if it is cached (and so every role's layer)",
     )
     build.add_argument("--suite", default=None, help="Debian suite (default: the policy's, else trixie)")
     build.add_argument(
@@ -636,6 +641,7 @@ def _build(args: argparse.Namespace) -> int:
             "cmdline": made.cmdline,
             "artifacts": {n: a.model_dump() for n, a in result.manifest.artifacts.items()},
             "rootfs_cached": result.rootfs_cached,
+            "roles_cached": list(result.roles_cached),
             "stages": [{"name": s.name, "seconds": s.seconds, "note": s.note} for s in progress.stages],
         }
         print(json.dumps(summary, indent=2))

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.images import REPO, SDE, Built, amnesiac, build
+from amnesiac import paths
+from tests.images import REPO, SDE, Built, amnesiac, build, rootfs_only_cache
 
 pytestmark = pytest.mark.build
 
@@ -119,13 +120,33 @@ def test_fstab_has_no_entries(ovpn: Built) -> None:
     assert entries == []
 
 
-def test_rebuild_is_reproducible(ovpn: Built, tmp_path: Path) -> None:
-    """Same inputs and SOURCE_DATE_EPOCH: the same initrd, byte for byte (rootfs from the cache)."""
-    summary = build(tmp_path / "again", "--policy", "policies/ovpn.yml")
-    assert summary["rootfs_cached"] is True
-    assert summary["image_sha256"] == ovpn.manifest["image"]["sha256"]
-    for name in ("vmlinuz", "initrd.img", "boot.ipxe", "manifest.json"):
-        assert sha256(tmp_path / "again" / name) == sha256(ovpn.out / name), name
+def test_rebuild_is_reproducible_with_and_without_cached_layers(ovpn: Built, tmp_path: Path) -> None:
+    """Same inputs and SOURCE_DATE_EPOCH: the same initrd, byte for byte, whether every role ran
+    or none did (every layer from the cache). The session's image is the first kind when its
+    cache was empty (a clean clone); otherwise a build from a cache without layers is."""
+    roles = [role["name"] for role in ovpn.manifest["roles"]]
+    builds, cache = [ovpn.summary], paths.cache_dir()
+    if ovpn.summary["roles_cached"]:
+        cache = rootfs_only_cache(tmp_path / "cache")
+        builds.append(build(tmp_path / "ran", "--cache", str(cache)))
+        assert builds[-1]["rootfs_cached"] is True
+    assert builds[-1]["roles_cached"] == []  # every role ran
+    builds.append(build(tmp_path / "cached", "--cache", str(cache)))
+    assert builds[-1]["roles_cached"] == roles
+    assert [s["note"] for s in builds[-1]["stages"] if s["name"] == "configure"] == ["9 of 9 roles cached"]
+    for again in builds[1:]:
+        assert again["image_sha256"] == ovpn.manifest["image"]["sha256"]
+        for name in ("vmlinuz", "initrd.img", "boot.ipxe", "manifest.json"):
+            assert sha256(Path(again["out"]) / name) == sha256(ovpn.out / name), name
+
+
+def test_a_changed_variable_reruns_its_role_and_those_after_it(ovpn: Built, tmp_path: Path) -> None:
+    """input_lockdown's variable: the roles before it come from the cache, it and the rest run."""
+    roles = [role["name"] for role in ovpn.manifest["roles"]]
+    out = tmp_path / "sysrq"
+    summary = build(out, "--var", "input_lockdown_sysrq=false")
+    assert summary["roles_cached"] == roles[: roles.index("input_lockdown")]
+    assert summary["image_sha256"] != ovpn.manifest["image"]["sha256"]
 
 
 def test_tmpfs_too_small_is_refused(ovpn: Built, tmp_path: Path) -> None:
@@ -142,8 +163,9 @@ def test_tmpfs_too_small_is_refused(ovpn: Built, tmp_path: Path) -> None:
 def test_interrupted_build_leaves_nothing(ovpn: Built, tmp_path: Path) -> None:
     """SIGTERM during the Ansible stage: exit 143, no --out, no work directory, no mount."""
     out = tmp_path / "interrupted"
+    cache = rootfs_only_cache(tmp_path / "cache")  # no layer: Ansible runs
     proc = subprocess.Popen(
-        [sys.executable, "-m", "amnesiac.cli", "build", "--out", str(out)],
+        [sys.executable, "-m", "amnesiac.cli", "build", "--out", str(out), "--cache", str(cache)],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -162,6 +184,7 @@ def test_interrupted_build_leaves_nothing(ovpn: Built, tmp_path: Path) -> None:
     assert "interrupted" in stderr.strip().splitlines()[-1]
     assert not out.exists()
     assert list(tmp_path.glob(".interrupted.*")) == []
+    assert list(cache.glob("layers/.*")) == []  # layers are stored whole or not at all
     mounts = Path("/proc/mounts").read_text()
     assert str(tmp_path) not in mounts
     # nothing of the build goes on in the background

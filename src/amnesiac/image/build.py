@@ -32,6 +32,7 @@ class BuildResult:
     out: Path
     manifest: manifest.Manifest
     rootfs_cached: bool
+    roles_cached: tuple[str, ...]  # roles whose configure layers came from the cache
 
 
 def _pid_alive(pid: int) -> bool:
@@ -80,7 +81,12 @@ def check_destination(out: Path, cache: Path) -> None:
 
 
 def build(
-    plan: BuildPlan, out: Path, cache: Path, progress: Progress, *, refresh: bool = False
+    plan: BuildPlan,
+    out: Path,
+    cache: Path,
+    progress: Progress,
+    *,
+    refresh: bool = False,
 ) -> BuildResult:
     check_destination(out, cache)
     require_root("amnesiac build")
@@ -106,9 +112,8 @@ def build(
         with progress.stage(
             "configure", f"Configure: {len(plan.roles)} roles over the chroot connection"
         ) as stage:
-            extravars = {"amnesiac_roles": list(plan.roles), **plan.role_vars, **plan.extra_vars}
-            result = configure.run_playbook(root, work, extravars, on_task=progress.detail, log=log)
-            stage.note = f"{result.tasks} tasks, {result.changed} changed"
+            configured = configure.configure(plan, cached, root, work, cache, progress=progress, log=log)
+            stage.note = configured.note
 
         with progress.stage("minimise", "Minimise: docs, caches, kernel modules") as stage:
             mini = minimise.minimise(root, staging / "vmlinuz", wanted=plan.packages)
@@ -142,7 +147,7 @@ def build(
             )
             stage.note = data.sha256[:16]
         _replace(staging, out)
-        return BuildResult(out, data, cached.cached)
+        return BuildResult(out, data, cached.cached, configured.roles_cached)
     finally:
         _remove_tree(work)
         _remove_tree(staging)

@@ -1,11 +1,13 @@
 """Stage 2: apply the policy's roles to the root directory over Ansible's chroot connection.
 
 Ansible is driven through ansible-runner; its events feed the progress display and, on
-failure, name the task and host that failed.
+failure, name the task and host that failed. The roles whose layers are cached (image.layers)
+are not run again: their layers are applied, and Ansible starts at the first role that changed.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import sys
 from collections.abc import Callable, Mapping
@@ -17,8 +19,27 @@ import ansible_runner
 
 from amnesiac import paths, signals
 from amnesiac.errors import BuildError
+from amnesiac.image import layers
+from amnesiac.image.plan import BuildPlan
+from amnesiac.image.rootfs import CachedRootfs
+from amnesiac.progress import Progress
 
 HOST = "image"  # an alias: a host named by its path breaks Ansible's per-host output
+
+
+@dataclass(frozen=True)
+class Configured:
+    roles_cached: tuple[str, ...]  # applied from their cached layers
+    roles_run: tuple[str, ...]
+    playbook: PlaybookResult | None  # None when every role was cached
+
+    @property
+    def note(self) -> str:
+        cached = f"{len(self.roles_cached)} of {len(self.roles_cached) + len(self.roles_run)} roles cached"
+        if self.playbook is None:
+            return cached
+        ran = f"{self.playbook.tasks} tasks, {self.playbook.changed} changed"
+        return f"{cached}; {ran}" if self.roles_cached else ran
 
 
 @dataclass
@@ -27,6 +48,46 @@ class PlaybookResult:
     changed: int = 0
     tasks: int = 0
     failures: list[str] = field(default_factory=list)
+
+
+def configure(
+    plan: BuildPlan,
+    rootfs: CachedRootfs,
+    root: Path,
+    work: Path,
+    cache: Path,
+    *,
+    progress: Progress,
+    log: Path | None = None,
+) -> Configured:
+    """Apply the plan's roles to `root`, from the cache where it can."""
+    store = cache / "layers"
+    chain = layers.keys(rootfs.identity, plan.roles, plan.variables(), ansible_version())
+    hits = layers.cached_prefix(store, chain)
+    for layer in chain[:hits]:
+        progress.detail(f"cached layer of {layer.role}")
+        layers.apply(store, layer, root)
+    cached, to_run = plan.roles[:hits], plan.roles[hits:]
+    if not to_run:
+        return Configured(cached, to_run, None)
+    staging = work / "layers"
+    layers.begin(staging, root)
+    extravars = {
+        "amnesiac_roles": list(plan.roles),
+        "amnesiac_roles_from": hits,
+        "amnesiac_layer_staging": os.fspath(staging),
+        **plan.role_vars,
+        **plan.extra_vars,
+    }
+    try:
+        result = run_playbook(root, work, extravars, on_task=progress.detail, log=log)
+    finally:
+        layers.store(staging, store, chain[hits:])  # what completed, also when a later role failed
+    return Configured(cached, to_run, result)
+
+
+def ansible_version() -> str:
+    return importlib.metadata.version("ansible-core")
 
 
 def run_playbook(

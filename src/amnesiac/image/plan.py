@@ -47,14 +47,17 @@ class BuildPlan:
             for name in self.roles
         }
 
+    def variables(self) -> dict[str, Any]:
+        """Every role variable of the catalogue with the value this build gives it (set or
+        default), and the extra variables: what a role may read."""
+        values = {var: spec.default for role in catalog().values() for var, spec in role.variables.items()}
+        return {**values, **self.role_vars, **self.extra_vars}
+
     def var(self, name: str) -> Any:
-        merged = {**self.role_vars, **self.extra_vars}
-        if name in merged:
-            return merged[name]
-        for role in catalog().values():
-            if name in role.variables:
-                return role.variables[name].default
-        raise KeyError(f"no role declares {name}")
+        values = self.variables()
+        if name not in values:
+            raise KeyError(f"no role declares {name}")
+        return values[name]
 
     def rootfs_key(self, mmdebstrap_version: str) -> str:
         """The rootfs cache key: everything that changes what mmdebstrap produces."""

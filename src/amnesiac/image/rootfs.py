@@ -21,6 +21,12 @@ class CachedRootfs:
     release_date: str  # the Date: of the suite's Release file when the cache was made
     cached: bool  # True when this build reused it
 
+    @property
+    def identity(self) -> str:
+        """Which root this is: its inputs' key, and what tells a refreshed one from the last."""
+        made = self.tarball.stat()
+        return f"{self.key}:{self.source_date_epoch}:{self.release_date}:{made.st_size}:{made.st_mtime_ns}"
+
 
 def mmdebstrap_version() -> str:
     out = run(["mmdebstrap", "--version"], capture=True).stdout.decode().strip()
