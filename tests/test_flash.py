@@ -582,6 +582,18 @@ def test_tampered_artifact_is_refused_whatever_the_options(builds: list[Path], r
     assert not (root / "versions").exists()
 
 
+def test_a_development_build_is_never_published(builds: list[Path], root: Path) -> None:
+    """`build --profile development` packs for speed: flash refuses it, --force or not."""
+    manifest = json.loads((builds[0] / "manifest.json").read_text())
+    manifest["image"]["profile"] = "development"
+    (builds[0] / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    result = amnesiac("flash", str(builds[0]), "--to", str(root), "--force", "--json")
+    assert result.returncode == 3
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert "is a development build" in result.stderr, result.stderr
+    assert not (root / "versions").exists()
+
+
 def test_signers_from_the_command_line(builds: list[Path], tmp_path: Path, keys: dict[str, Path]) -> None:
     bare = tmp_path / "bare-root"
     with pytest.raises(Refused, match="no allowed-signers file"):

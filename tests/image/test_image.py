@@ -141,12 +141,16 @@ def test_rebuild_is_reproducible_with_and_without_cached_layers(ovpn: Built, tmp
 
 
 def test_a_changed_variable_reruns_its_role_and_those_after_it(ovpn: Built, tmp_path: Path) -> None:
-    """input_lockdown's variable: the roles before it come from the cache, it and the rest run."""
+    """input_lockdown's variable: the roles before it come from the cache, it and the rest run.
+    Packed as a development build (zstd -3, seconds), which the manifest says it is."""
     roles = [role["name"] for role in ovpn.manifest["roles"]]
     out = tmp_path / "sysrq"
-    summary = build(out, "--var", "input_lockdown_sysrq=false")
+    summary = build(out, "--var", "input_lockdown_sysrq=false", "--profile", "development")
     assert summary["roles_cached"] == roles[: roles.index("input_lockdown")]
     assert summary["image_sha256"] != ovpn.manifest["image"]["sha256"]
+    assert summary["profile"] == "development"
+    assert json.loads((out / "manifest.json").read_text())["image"]["profile"] == "development"
+    assert ovpn.manifest["image"]["profile"] == "release"
 
 
 def test_tmpfs_too_small_is_refused(ovpn: Built, tmp_path: Path) -> None:

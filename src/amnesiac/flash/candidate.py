@@ -107,6 +107,12 @@ def check_build(build: Path, report: Path | None = None) -> tuple[Manifest, byte
 def load(build: Path, report: Path | None = None) -> Candidate:
     """Read and check a build directory; the gate's objections are collected, not raised."""
     manifest, manifest_bytes = check_build(build, report)
+    if manifest.image.profile != "release":
+        raise Refused(
+            f"{build} is a {manifest.image.profile} build (packed for speed, not size); "
+            "it is never published, whatever --force says",
+            hint="build it again without --profile",
+        )
     try:
         manifest.check_artifacts(build, BOOT_FILES)
     except ArtifactMismatch as exc:

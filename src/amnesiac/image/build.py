@@ -87,6 +87,7 @@ def build(
     progress: Progress,
     *,
     refresh: bool = False,
+    profile: pack.Profile = pack.Profile.RELEASE,
 ) -> BuildResult:
     check_destination(out, cache)
     require_root("amnesiac build")
@@ -119,7 +120,7 @@ def build(
             mini = minimise.minimise(root, staging / "vmlinuz", wanted=plan.packages)
             stage.note = f"{mini.modules_kept} modules kept, {mini.modules_removed} removed"
 
-        with progress.stage("pack", "Pack: initrd.img (zstd), boot.ipxe") as stage:
+        with progress.stage("pack", f"Pack: initrd.img (zstd -{profile.zstd_level}), boot.ipxe") as stage:
             packed = pack.pack(
                 root,
                 staging,
@@ -128,6 +129,7 @@ def build(
                 policy_id=plan.policy.id,
                 policy_sha256=plan.policy.sha256,
                 kernel_release=mini.kernel_release,
+                profile=profile,
             )
             stage.note = f"{packed.root_unpacked_bytes // 1024**2} MiB unpacked"
 
@@ -144,6 +146,7 @@ def build(
                 root_entries=packed.root_entries,
                 tmpfs_size_bytes=packed.tmpfs_size_bytes,
                 initrd_pieces=[dataclasses.asdict(p) for p in packed.pieces],
+                profile=profile.value,
             )
             stage.note = data.sha256[:16]
         _replace(staging, out)

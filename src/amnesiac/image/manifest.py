@@ -79,6 +79,7 @@ class ImageInfo(_Model):
     root_unpacked_bytes: int = 0
     root_entries: int = 0
     initrd_pieces: list[InitrdPiece] = Field(default_factory=list)
+    profile: Literal["release", "development"] = "release"  # before 2026-12-02, every build
 
 
 class PolicyRef(_Model):
@@ -237,6 +238,7 @@ def write(
     root_entries: int,
     tmpfs_size_bytes: int,
     initrd_pieces: list[dict[str, Any]],
+    profile: str,
 ) -> Manifest:
     manifest: dict[str, Any] = {
         "format": FORMAT,
@@ -250,6 +252,8 @@ def write(
             "root_entries": root_entries,
             # Where the early init and the root archive lie in initrd.img (pack.unpack_initrd).
             "initrd_pieces": initrd_pieces,
+            # How the root archive was packed (pack.Profile): flash publishes "release" only.
+            "profile": profile,
         },
         "artifacts": {
             name: {"sha256": sha256_file(out / name), "size": (out / name).stat().st_size}

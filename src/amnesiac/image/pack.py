@@ -9,6 +9,7 @@ a size-limited tmpfs. Where each piece lies is recorded in manifest.json (`initr
 
 from __future__ import annotations
 
+import enum
 import os
 import stat
 from dataclasses import dataclass
@@ -24,10 +25,27 @@ from amnesiac.image.plan import read_list
 from amnesiac.run import run
 
 IPXE_LIMIT = 2 * 1024**3 - 1  # iPXE loads images up to about 2 GiB
-# zstd level of the root archive. Measured on the OVPN image (127 MiB of cpio, two cores):
-# -15 39.0 MiB in 20 s, -18 35.1 MiB in 28 s, -19 35.0 MiB in 64 s. No --long: its window
-# would be RAM the early init needs while unpacking.
-ZSTD_LEVEL = 18
+
+
+class Profile(enum.Enum):
+    """How the root archive is compressed: the zstd level, on every CPU (-T0).
+
+    Measured on the OVPN image (132 MiB of cpio, two cores, 2026-12-02; benchmarks/README.md):
+    -3 48.2 MiB in 0.5 s, -9 43.5 MiB in 3.2 s, -15 43.0 MiB in 19.5 s, -17 40.0 MiB in 24.5 s,
+    -18 38.6 MiB in 33.6 s (-19 saved 0.1 MiB more for twice the time, 2026-11-23). What ships
+    is the smallest archive that is worth its time: the initrd is RAM the server holds while it
+    unpacks. A development build packs in half a second for a quick boot of a changed role;
+    `flash` refuses to publish one. No --long: its window would be RAM the early init needs.
+    """
+
+    RELEASE = "release"
+    DEVELOPMENT = "development"
+
+    @property
+    def zstd_level(self) -> int:
+        return 18 if self is Profile.RELEASE else 3
+
+
 EARLY_BINARIES = ("usr/bin/busybox", "usr/bin/zstd")
 RUNTIME_HEADROOM = 32 * 1024**2  # room for /etc, /var and /root writes at run time
 IMAGE_WORD = "amnesiac.image"  # kernel command-line word carrying the initrd's sha256
@@ -81,7 +99,15 @@ def tmpfs_size(cmdline: str, ram_bytes: int | None = None) -> int | None:
 
 
 def pack(
-    root: Path, out: Path, work: Path, *, clamp: int, policy_id: str, policy_sha256: str, kernel_release: str
+    root: Path,
+    out: Path,
+    work: Path,
+    *,
+    clamp: int,
+    policy_id: str,
+    policy_sha256: str,
+    kernel_release: str,
+    profile: Profile = Profile.RELEASE,
 ) -> PackResult:
     cmdline = kernel_cmdline(root)
     inner = work / "root.cpio.zst"
@@ -102,7 +128,8 @@ def pack(
             f"but its tmpfs is {size // 1024**2} MiB",
             hint=f"set ram_root_tmpfs_size_mib to at least {need} in the policy, or make the image smaller",
         )
-    run(["zstd", "-q", f"-{ZSTD_LEVEL}", "-T0", "--no-progress", "-f", "-o", inner, raw], capture=True)
+    level = f"-{profile.zstd_level}"
+    run(["zstd", "-q", level, "-T0", "--no-progress", "-f", "-o", inner, raw], capture=True)
     raw.unlink()
 
     initrd = out / "initrd.img"
