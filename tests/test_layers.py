@@ -9,6 +9,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import yaml
+
 from amnesiac import policy
 from amnesiac.image import layers
 from amnesiac.image.plan import make_plan
@@ -114,3 +116,19 @@ def test_a_key_changes_with_what_its_role_reads_and_every_key_after_it() -> None
     assert layers.keys("base", roles, {**variables, "unread_variable": 1}, "2.19") == chain
     assert not {c.key for c in layers.keys("other", roles, variables, "2.19")} & {c.key for c in chain}
     assert layers.keys("base", roles, variables, "2.20")[0].key != chain[0].key
+
+
+CHROOT_GUARD = "ansible_connection not in ['community.general.chroot', 'chroot']"
+
+
+def test_no_handler_runs_in_an_image_build() -> None:
+    """Handlers run at the end of the play, after every role's layer was recorded: a handler that
+    changed the image would be in no layer, and a rebuild from the cache would lack it."""
+    handlers = sorted((REPO / "roles").glob("*/handlers/*.yml"))
+    assert handlers
+    for file in handlers:
+        for handler in yaml.safe_load(file.read_text()) or []:
+            when = handler.get("when", [])
+            assert CHROOT_GUARD in ([when] if isinstance(when, str) else when), (
+                f"{file.relative_to(REPO)}: handler {handler['name']!r} runs over the chroot connection"
+            )
