@@ -60,16 +60,17 @@ build: setup
 # browser (the HTML report in Chromium), then molecule (every role in a container). About 75
 # min on 2 cores (benchmarks/README.md). The slow tiers run one test at a time: their images
 # are built once per session and shared, and two TCG guests would slow each other's boots.
+# The slowest tests are listed at the end of each slow tier (--durations): where the time goes.
 test: setup
 	$(BIN)/pytest -n auto -p no:cacheprovider
-	$(BIN)/pytest -m 'build or boot or browser' -p no:cacheprovider
+	$(BIN)/pytest -m 'build or boot or browser' -p no:cacheprovider --durations=30
 	$(MOLECULE_TESTS)
 
 # The molecule tier alone: every role's scenario and the whole image playbook's, each a
 # `molecule test` in a systemd container (podman) from the base image `amnesiac container-image`
 # builds and caches (no registry), one scenario per CPU at a time (about 6 min on 2 cores).
 # One scenario, for development: molecule/run test -s no_logs (molecule/README.md).
-MOLECULE_TESTS = $(BIN)/pytest -m molecule -n auto -p no:cacheprovider tests/molecule
+MOLECULE_TESTS = $(BIN)/pytest -m molecule -n auto -p no:cacheprovider --durations=15 tests/molecule
 molecule: setup
 	$(MOLECULE_TESTS)
 
