@@ -57,7 +57,7 @@ build: setup
 	$(BIN)/amnesiac build --policy $(POLICY) --out $(OUT)
 
 # Every tier: fast (unit, lint; on every CPU), build (real images), boot (QEMU + verify),
-# browser (the HTML report in Chromium), then molecule (every role in a container). About 75
+# browser (the HTML report in Chromium), then molecule (every role in a container). About 45
 # min on 2 cores (benchmarks/README.md). The slow tiers run one test at a time: their images
 # are built once per session and shared, and two TCG guests would slow each other's boots.
 # The slowest tests are listed at the end of each slow tier (--durations): where the time goes.
