@@ -1,7 +1,8 @@
 """Record the layer a role left in the image root (amnesiac.image.layers), on the controller.
 
 Runs in Ansible's controller process with the play waiting, so the tree is exactly as the role
-and its handlers left it; it never touches the connection.
+left it (handlers come at the end of the play, and none runs in a build); it never touches the
+connection.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ name (its own and another role's, default or set), the playbook and Ansible's ve
 to one role's variable changes that role's key and every key after it, so a build applies the
 cached layers before the first changed role and runs Ansible for the rest. Container image layers
 and mkosi's incremental mode are the model; the tree is the same with or without hits, so the
-image's sha256 is too (tests/image/test_build.py builds both ways and compares).
+image's sha256 is too (tests/image/test_image.py builds both ways and compares).
 
 The playbook records a layer after each role through the `amnesiac_layer` action
 (playbooks/action_plugins), which calls `record` in Ansible's controller process: no extra
@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from amnesiac import paths
+from amnesiac.image.rootfs import untar
 from amnesiac.run import run
 
 FORMAT = 1
@@ -62,7 +63,7 @@ def keys(
     shared = _digest_files(_playbook_support())
     layers, previous = [], base
     for role in roles:
-        role_dir = paths.data_root() / "roles" / role
+        role_dir = paths.roles_dir() / role
         files = sorted(p for p in role_dir.rglob("*") if p.is_file() and p.name != "README.md")
         words = set()
         for file in files:
@@ -85,10 +86,9 @@ def keys(
 def _playbook_support() -> list[Path]:
     """What every role's run depends on besides the role: the playbook, Ansible's settings,
     the layer recorder."""
-    data = paths.data_root()
-    playbooks = data / "playbooks"
+    playbooks = paths.playbooks_dir()
     return [
-        data / "ansible.cfg",
+        paths.data_root() / "ansible.cfg",
         playbooks / "image.yml",
         playbooks / "tasks" / "apply_role.yml",
         *sorted((playbooks / "action_plugins").glob("*.py")),
@@ -121,10 +121,7 @@ def apply(cache: Path, layer: RoleLayer, root: Path) -> None:
     directory = cache / layer.key
     for name in (directory / REMOVED).read_bytes().split(b"\0")[:-1]:
         _remove(root / os.fsdecode(name))
-    run(
-        ["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "-C", root, "-xpf", directory / TAR],
-        capture=True,
-    )
+    untar(directory / TAR, root)
     os.utime(directory)  # last used: what a pruning of old layers would read
 
 

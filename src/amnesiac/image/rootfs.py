@@ -104,7 +104,11 @@ def mmdebstrap_argv(
 def extract(rootfs: CachedRootfs, dest: Path) -> None:
     """Unpack the cached root into `dest` (owners, modes, capabilities and xattrs preserved)."""
     dest.mkdir(parents=True)
-    run(
-        ["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "-C", dest, "-xpf", rootfs.tarball],
-        capture=True,
-    )
+    untar(rootfs.tarball, dest)
+
+
+def untar(tarball: Path, dest: Path) -> None:
+    """Unpack a tarball over `dest`, owners, modes, capabilities and xattrs as recorded (the
+    cached root, and the role layers on top of it)."""
+    xattrs = ["--xattrs", "--xattrs-include=*"]
+    run(["tar", "--numeric-owner", *xattrs, "-C", dest, "-xpf", tarball], capture=True)
