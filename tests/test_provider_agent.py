@@ -31,6 +31,7 @@ from tests.test_provider_check import COUNTER, SESSION, render_agent
 NODE = "node-test"
 RECORDS = [SESSION, COUNTER]
 SERVICE_PORT = 8443
+PROXY_PORT = 8444
 WAIT = 20.0  # an upper bound on a process starting, never a measurement
 
 pytestmark = pytest.mark.skipif(
@@ -57,6 +58,33 @@ with ReferenceService(
 """
 
 
+# A TCP relay in front of the service that closes the connections whose numbers it is given at
+# once, before a byte of TLS: the service out of reach for one request.
+DROPPING_RELAY = """
+import socket, sys, threading
+drop = {int(n) for n in sys.argv[3].split(",")}
+listener = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+def pipe(a, b):
+    try:
+        while data := a.recv(65536):
+            b.sendall(data)
+        b.shutdown(socket.SHUT_WR)
+    except OSError:  # the other side closed first
+        pass
+count = 0
+while True:
+    client, _ = listener.accept()
+    count += 1
+    if count in drop:
+        client.close()
+        print("dropped", count, flush=True)
+        continue
+    upstream = socket.create_connection(("127.0.0.1", int(sys.argv[2])))
+    for a, b in ((client, upstream), (upstream, client)):
+        threading.Thread(target=pipe, args=(a, b), daemon=True).start()
+"""
+
+
 @pytest.fixture
 def netns(needs_root: None) -> Iterator[str]:
     name = f"amnesiac-test-{secrets.token_hex(4)}"
@@ -69,8 +97,9 @@ def netns(needs_root: None) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def node(netns: str, work: Path, **agent_vars: object) -> Iterator[ProviderHarness]:
-    """OpenVPN with the agent and the reference service, all inside `netns`, until the end."""
+def node(netns: str, work: Path, drop: str = "", **agent_vars: object) -> Iterator[ProviderHarness]:
+    """OpenVPN with the agent and the reference service, all inside `netns`, until the end;
+    with `drop`, the agent reaches the service through DROPPING_RELAY."""
     account, password = f"amnesiac-canary-{secrets.token_hex(4)}", secrets.token_urlsafe(12)
     pki = ProviderPki.create(["127.0.0.1"])
     for name, pem in (("ca", pki.ca), ("service", pki.service)):
@@ -78,7 +107,8 @@ def node(netns: str, work: Path, **agent_vars: object) -> Iterator[ProviderHarne
         (work / f"{name}.key").write_bytes(pem.key)
     credentials = work / "credentials"
     credentials.mkdir()
-    files = node_identity_files(f"https://127.0.0.1:{SERVICE_PORT}", pki, pki.issue_node(NODE))
+    port = PROXY_PORT if drop else SERVICE_PORT
+    files = node_identity_files(f"https://127.0.0.1:{port}", pki, pki.issue_node(NODE))
     for name, (data, _) in files.items():
         (credentials / name).write_bytes(data)
     (credentials / "management.pw").write_text(secrets.token_hex(16) + "\n")
@@ -96,6 +126,9 @@ def node(netns: str, work: Path, **agent_vars: object) -> Iterator[ProviderHarne
         service = [sys.executable, str(work / "service.py"), str(work), account, password, records]
         start("service", [*in_ns, *service])
         _wait((work / "service.ready").exists, "the reference service")
+        if drop:
+            relay = [sys.executable, "-c", DROPPING_RELAY, str(PROXY_PORT), str(SERVICE_PORT), drop]
+            start("relay", [*in_ns, *relay])
         start("openvpn", [
             *in_ns, "openvpn", "--dev", "tun", "--disable-dco", "--topology", "subnet",
             "--server", "10.8.0.0", "255.255.255.0", "--local", "127.0.0.1", "--port", "1194",
@@ -155,6 +188,19 @@ def test_a_session_sends_exactly_the_permitted_records(netns: str, tmp_path: Pat
     assert all(
         dict(r.fields).get("password") in (None, "<redacted>") for r in read_journal(Path(harness.journal))
     )
+
+
+def test_a_record_that_never_left_is_sent_again_and_only_once(netns: str, tmp_path: Path) -> None:
+    """The connection of the session's first record is closed before TLS (connection 1 is the
+    auth): the agent tries again from memory, and the service receives each record once."""
+    with node(netns, tmp_path, drop="2") as harness:
+        session = check._session(harness, server_fingerprint(tmp_path), password=harness.password, hold=1.0)
+        assert session.connected, session.tail
+        seen = check._wait_for_records(harness, RECORDS, start=0)
+    assert (tmp_path / "relay.log").read_text().split() == ["dropped", "2"]
+    assert check._judge(seen, RECORDS, harness) == [], [check._shown(r) for r in seen]
+    sent = [(check._record_name(r), dict(r.fields)["event"]) for r in seen if check._record_name(r)]
+    assert sorted(sent) == sorted({(r.record, e) for r in RECORDS for e in r.events}), sent
 
 
 def test_a_field_the_policy_does_not_permit_is_caught(netns: str, tmp_path: Path) -> None:
