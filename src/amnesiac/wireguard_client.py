@@ -107,9 +107,9 @@ def wireguard_client(
         key = Path(tmp) / "private"
         key.write_text(private + "\n")
         key.chmod(0o600)
-        daemon = spawn(
-            [*ns, "wireguard-go", "-f", name], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
+        log_path = Path(tmp) / "wireguard-go.log"
+        with log_path.open("wb") as log:
+            daemon = spawn([*ns, "wireguard-go", "-f", name], stdout=log, stderr=subprocess.STDOUT)
         try:
             until(lambda: ok([*ns, "ip", "link", "show", name]), 10)
             for argv in (
@@ -121,6 +121,12 @@ def wireguard_client(
             ):  # fmt: skip
                 run(argv, capture=True)
             yield lambda: ok([*ns, sys.executable, "-c", DNS_PROBE, tunnel.server_ip])
+        except BaseException as exc:
+            # A tunnel that vanished mid-session (a route gone: ENETUNREACH) is a client that died.
+            if daemon.poll() is not None:
+                tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
+                raise RuntimeError(f"wireguard-go exited ({daemon.returncode}): {' / '.join(tail)}") from exc
+            raise
         finally:
             stop_group(daemon, term_timeout=10)
             run([*ns, "ip", "link", "del", name], check=False, capture=True)

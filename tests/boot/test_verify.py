@@ -31,6 +31,19 @@ def verify_qemu(build: Path, report: Path, policy_file: Path = OVPN) -> tuple[in
     return result.returncode, data, result.stdout
 
 
+def not_passed(report: dict[str, Any]) -> str:
+    """Each check that did not pass, with its reason and the end of its evidence: what a failure
+    in CI must show, since the report's directory is gone with the run."""
+    lines = []
+    for claim in [report["integrity"], *report["claims"]]:
+        for check in claim["checks"]:
+            if check["outcome"] != "passed":
+                evidence = json.dumps(check["evidence"], indent=1)[-3000:]
+                heading = f"{claim['id']} / {check['id']}: {check['outcome']}: {check['reason']}"
+                lines.append(f"{heading}\n{evidence}")
+    return "\n\n".join(lines)
+
+
 @pytest.fixture(scope="module")
 def shipped(ovpn: Built, tmp_path_factory: pytest.TempPathFactory) -> tuple[int, dict[str, Any], str]:
     build = Path(os.environ.get("AMNESIAC_BOOT_BUILD") or ovpn.out)
@@ -41,7 +54,7 @@ def test_every_technical_claim_is_verified(shipped: tuple[int, dict[str, Any], s
     code, report, _ = shipped
     technical = [c for c in report["claims"] if c["kind"] == "technical"]
     not_verified = {c["id"]: (c["status"], c["reason"]) for c in technical if c["status"] != "verified"}
-    assert not_verified == {}
+    assert not_verified == {}, not_passed(report)
     assert code == 0 and report["verdict"] == "pass"
     ids = {c["id"] for c in technical}
     assert {c.id for c in policy.load(OVPN).technical_claims()} == ids
@@ -102,7 +115,7 @@ def test_every_seed_policy_is_earned_booted(
     loaded = policy.load(policy_file)
     statuses = {c["id"]: c["status"] for c in report["claims"] if c["kind"] == "technical"}
     assert set(statuses) == {c.id for c in loaded.technical_claims()}
-    assert {c: s for c, s in statuses.items() if s != "verified"} == {}
+    assert {c: s for c, s in statuses.items() if s != "verified"} == {}, not_passed(report)
     assert report["integrity"]["status"] == "verified"
     for claim in [report["integrity"], *report["claims"]]:
         for check in claim["checks"]:
