@@ -56,6 +56,10 @@ WITHOUT_CONTROLS = {
     "input_lockdown_rescue_shell": "false",
     "input_lockdown_lock_modules": "false",
     "ssh_admin_key_only": "false",
+    "ssh_admin_no_forwarding": "false",
+    "server_base_kernel_lockdown": "none",
+    "server_base_kexec_disabled": "false",
+    "server_base_kernel_self_protection": "false",
     "ssh_admin_log_level": "INFO",
     "ssh_admin_no_lastlog": "false",
     # A record with fields the policy does not permit, and a copy kept on the server.

@@ -37,7 +37,22 @@ def test_system(host: Any) -> None:
     assert default.linked_to == "/usr/lib/systemd/system/multi-user.target"
     assert host.file("/etc/localtime").linked_to == "/usr/share/zoneinfo/Etc/UTC"
     cmdline = host.file("/etc/amnesiac/cmdline.d/server_base.conf").content_string.splitlines()[-1]
-    assert cmdline.split() == ["console=ttyS0,115200n8", "panic=10"]
+    assert cmdline.split() == [
+        "console=ttyS0,115200n8",
+        "panic=10",
+        "lockdown=confidentiality",
+        "sysctl.kernel.kexec_load_disabled=1",
+    ]
+
+
+def test_lockdown_settings(host: Any) -> None:
+    """What the booted kernel applies (lockdown.* checks prove it on a booted image; a container
+    shares the host's kernel): kexec off and the self-protection settings of image/README.md."""
+    settings = host.file("/etc/sysctl.d/60-server_base-lockdown.conf").content_string
+    lines = {line.split(" = ")[0]: line.split(" = ")[1] for line in settings.splitlines() if " = " in line}
+    assert lines["kernel.kexec_load_disabled"] == "1"
+    assert lines["kernel.kptr_restrict"] == "2" and lines["kernel.yama.ptrace_scope"] == "2"
+    assert len(lines) == 11, lines
 
 
 def test_unused_units_masked(host: Any) -> None:

@@ -13,6 +13,11 @@ def _sshd_settings(probe: Probe) -> dict[str, str]:
     return {k: v for k, _, v in (line.partition(" ") for line in result.stdout.splitlines())}
 
 
+def _differs(settings: dict[str, str], wanted: dict[str, str]) -> dict[str, str | None]:
+    """The settings (of `sshd -T`) that are not as `wanted`, with what they are."""
+    return {k: settings.get(k) for k, v in wanted.items() if settings.get(k) != v}
+
+
 @check(
     claims=["no-ip-logging", "no-timestamp-logging"],
     rationale="The SSH server offers public-key authentication only: a client asking for a "
@@ -23,12 +28,8 @@ def _sshd_settings(probe: Probe) -> dict[str, str]:
 )
 def key_only(probe: Probe) -> None:
     settings = _sshd_settings(probe)
-    wanted = {
-        "passwordauthentication": "no",
-        "kbdinteractiveauthentication": "no",
-        "pubkeyauthentication": "yes",
-    }
-    wrong = {k: settings.get(k) for k, v in wanted.items() if settings.get(k) != v}
+    keys_only = {"passwordauthentication": "no", "kbdinteractiveauthentication": "no"}
+    wrong = _differs(settings, {**keys_only, "pubkeyauthentication": "yes"})
     assert wrong == {}, f"sshd allows more than keys: {wrong}"
     port = settings.get("port", "22").split()[0]
     # ssh exits 255 when refused, which testinfra's own ssh transport takes for a lost
@@ -79,3 +80,25 @@ def quiet_logging(probe: Probe) -> None:
     wanted = {"loglevel": ("quiet", "silent"), "usedns": ("no",), "printlastlog": ("no",)}
     wrong = {k: settings.get(k) for k, v in wanted.items() if settings.get(k, "").lower() not in v}
     assert wrong == {}, f"sshd records logins: {wrong}"
+
+
+@check(
+    claims=["no-traffic-logging"],
+    rationale="The management SSH server forwards nothing (DisableForwarding, PermitTunnel no, as sshd "
+    "itself reports them): no TCP, Unix socket, X11 or agent forwarding and no tun device, so no "
+    "traffic crosses the server beside the reviewed VPN and its firewall.",
+    targets=RUNNING,
+    not_applicable="sshd does not run in an unpacked root",
+    integrity=True,
+)
+def no_forwarding(probe: Probe) -> None:
+    wanted = {
+        "disableforwarding": "yes",
+        "allowtcpforwarding": "no",
+        "allowstreamlocalforwarding": "no",
+        "allowagentforwarding": "no",
+        "x11forwarding": "no",
+        "permittunnel": "no",
+    }
+    wrong = _differs(_sshd_settings(probe), wanted)
+    assert wrong == {}, f"sshd forwards for a client that asks: {wrong}"

@@ -80,11 +80,14 @@ INTEGRITY_CLAIM = "amnesiac-integrity"
 INTEGRITY_TITLE = "The verified image is the shipped image"
 INTEGRITY_TEXT = (
     "The image verified is the image that ships: it carries no SSH key of its own (the "
-    "verifier's key arrives in a boot-time overlay), and management access accepts keys only."
+    "verifier's key arrives in a boot-time overlay), management access accepts keys only and "
+    "forwards nothing, and root cannot quietly undo the controls: the kernel is locked down, "
+    "cannot be replaced by kexec, and runs with its self-protection settings."
 )
 INTEGRITY_RATIONALE = (
-    "Checked on every target whatever the policy says: a key baked into the image, or password "
-    "logins, would make every other result meaningless."
+    "Checked on every target whatever the policy says: a key baked into the image, password "
+    "logins, or a root able to read kernel memory or start another kernel would make every "
+    "other result meaningless."
 )
 
 

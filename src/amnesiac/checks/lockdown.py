@@ -1,0 +1,105 @@
+"""Root cannot quietly undo the controls: the running kernel is locked down, no other kernel can
+be started in its place, and its self-protection settings are on (role server_base;
+image/README.md gives the reasons for each setting and for those left out).
+
+Each check tries what the lock forbids, with an attempt that does nothing when it succeeds (a
+read of one byte, a write of a value the setting already has), and reads the kernel's own state,
+never a configuration file.
+"""
+
+from __future__ import annotations
+
+from amnesiac.checks.meta import KERNEL, check
+from amnesiac.checks.probe import Probe
+
+LOCKDOWN = "/sys/kernel/security/lockdown"
+# What lockdown=confidentiality refuses to open, even to root: one byte is read from each.
+LOCKED_FILES = {
+    "/dev/mem": "physical memory",
+    "/dev/port": "I/O ports (CMOS NVRAM keeps bytes written there across a reset)",
+    "/proc/kcore": "the kernel's memory",
+}
+# image/README.md, "Kernel self-protection": each setting and the value the image runs with.
+SELF_PROTECTION = {
+    "kernel.kptr_restrict": "2",
+    "kernel.yama.ptrace_scope": "2",
+    "kernel.unprivileged_bpf_disabled": "1",
+    "net.core.bpf_jit_harden": "2",
+    "kernel.perf_event_paranoid": "3",
+    "dev.tty.ldisc_autoload": "0",
+    "fs.protected_fifos": "2",
+    "fs.protected_regular": "2",
+    "fs.protected_symlinks": "1",
+    "fs.protected_hardlinks": "1",
+}
+
+
+def _sysctl_path(name: str) -> str:
+    return "/proc/sys/" + name.replace(".", "/")
+
+
+@check(
+    claims=["no-disk-storage", "no-physical-access"],
+    rationale="The kernel runs in lockdown (confidentiality): root cannot open physical memory, the "
+    "kernel's memory or the I/O ports, so it can neither read what the kernel holds nor keep bytes "
+    "in CMOS NVRAM across a reset, nor load unsigned code that would undo the module lock.",
+    targets=KERNEL,
+    not_applicable="lockdown is the booted kernel's",
+    integrity=True,
+)
+def kernel_locked_down(probe: Probe) -> None:
+    level = probe.run(f"cat {LOCKDOWN}").stdout.strip()
+    assert "[confidentiality]" in level, f"kernel lockdown is {level or 'not available'} ({LOCKDOWN})"
+    opened = {}
+    for path, what in LOCKED_FILES.items():
+        attempt = probe.run(f'head -c 1 {path} > /dev/null 2>&1 && echo opened || echo "refused: $?"')
+        if "opened" in attempt.stdout:
+            opened[path] = what
+    assert opened == {}, f"root can read {opened} despite lockdown"
+    # The refusal must be lockdown's (EPERM), not a file that is missing.
+    refusal = probe.run("head -c 1 /dev/port 2>&1 >/dev/null; ls -l /dev/port")
+    assert "Operation not permitted" in refusal.stdout, f"/dev/port not refused by lockdown: {refusal.stdout}"
+
+
+@check(
+    claims=["no-physical-access"],
+    rationale="kexec is off for this boot (kernel.kexec_load_disabled=1, which only a reboot resets): "
+    "no other kernel can be started in place of the running one, so what was locked at boot "
+    "(module loading, lockdown) cannot be left behind that way.",
+    targets=KERNEL,
+    not_applicable="kexec is the booted kernel's",
+    integrity=True,
+)
+def kexec_disabled(probe: Probe) -> None:
+    path = _sysctl_path("kernel.kexec_load_disabled")
+    value = probe.run(f"cat {path}").stdout.strip()
+    assert value == "1", f"kernel.kexec_load_disabled is {value or 'absent'}: kexec can start another kernel"
+    # Writing 0 back must be refused: the setting is one-way (on an image without it, the value is
+    # already 0 and the write changes nothing).
+    attempt = probe.run(f'echo 0 2>&1 > {path} && echo accepted || echo "refused: $?"; cat {path}')
+    assert "accepted" not in attempt.stdout, f"kexec could be turned back on: {attempt.stdout}"
+
+
+@check(
+    claims=["no-pii-on-server"],
+    rationale="The kernel's self-protection settings are on: no process may read another's memory "
+    "(where a session's addresses live while it lasts) without CAP_SYS_PTRACE, kernel addresses are "
+    "hidden even from root, BPF and perf events are root's only and hardened, and files in sticky "
+    "world-writable directories cannot be used against another user.",
+    targets=KERNEL,
+    not_applicable="these settings are the booted kernel's",
+    integrity=True,
+)
+def kernel_self_protection(probe: Probe) -> None:
+    paths = " ".join(_sysctl_path(name) for name in SELF_PROTECTION)
+    shown = probe.run(f'for f in {paths}; do echo "$f $(cat $f 2>/dev/null || echo absent)"; done').stdout
+    running = dict(line.split(" ", 1) for line in shown.splitlines() if " " in line)
+    wrong = {
+        name: running.get(_sysctl_path(name), "absent")
+        for name, value in SELF_PROTECTION.items()
+        if running.get(_sysctl_path(name)) != value
+    }
+    assert wrong == {}, f"self-protection settings not as image/README.md says: {wrong}"
+    # kptr_restrict=2, observed: root reads no kernel address.
+    symbol = probe.run("grep -m1 ' T ' /proc/kallsyms").stdout.split()
+    assert symbol and set(symbol[0]) == {"0"}, f"root reads kernel addresses: {symbol[:3]}"
