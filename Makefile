@@ -15,13 +15,16 @@ HOST_TOOLS := mmdebstrap:mmdebstrap zstd:zstd cpio:cpio chroot:coreutils dpkg-qu
 	qemu-system-x86_64:qemu-system-x86 podman:podman runc:runc busybox:busybox-static \
 	ssh:openssh-client ssh-keygen:openssh-client scp:openssh-client chromium:chromium \
 	flock:util-linux wipefs:util-linux sfdisk:fdisk mkfs.vfat:dosfstools mcopy:mtools \
-	openvpn:openvpn ip:iproute2 wireguard-go:wireguard-go wg:wireguard-tools
+	openvpn:openvpn ip:iproute2 wireguard-go:wireguard-go wg:wireguard-tools \
+	diffoscope:diffoscope-minimal
 HOST_FILES := /usr/lib/ipxe/qemu/efi-virtio.rom:ipxe-qemu /usr/share/doc/python3-venv:python3-venv \
 	/usr/lib/systemd/boot/efi/systemd-bootx64.efi:systemd-boot-efi /usr/share/OVMF/OVMF_CODE_4M.fd:ovmf \
 	/usr/sbin/sshd:openssh-server
 # openvpn and wireguard-go are the real clients of verify's session check
 # (provider.session_records_observed), run in a namespace of the check's own (OpenVPN with
 # --dev null); Debian's openvpn.service starts nothing without a configuration in /etc/openvpn.
+# diffoscope (its minimal package: no optional comparators) says where two builds that should be
+# equal differ (tests/image/test_image.py, the cold rebuild).
 # openssh-server is only for the ssh:// flash tests, which start their own sshd on 127.0.0.1. When
 # we install it, /etc/ssh/sshd_not_to_be_run (Debian's switch: ssh.service, ssh.socket and
 # /etc/init.d/ssh all honour it; purging the package removes it) keeps the package's own sshd

@@ -61,5 +61,15 @@ class Probe:
             (f[0], f[1], f[2] if len(f) > 2 else "") for f in (line.split() for line in out.splitlines()) if f
         ]
 
+    def write_accepted(self, path: str, value: str) -> bool:
+        """Whether root may write `value` to a one-way kernel setting (a sysctl, a module
+        parameter). Called with the value an unlocked setting already has, so the attempt
+        changes nothing where it succeeds; a locked setting refuses it."""
+        attempt = self.run(
+            f'echo {value} 2>&1 > {path} && echo accepted || echo "refused: $?"; cat {path}',
+            note=f"writing {value} back to {path}: a locked setting refuses it",
+        )
+        return "accepted" in attempt.stdout
+
     def note(self, text: str) -> None:
         self.evidence.append(Evidence(command="", note=bound_output(text)))
