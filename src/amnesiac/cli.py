@@ -166,7 +166,8 @@ it counts as quoted when a claim's quote holds it or it holds a quote (policies/
         "--source-date-epoch",
         type=int,
         default=None,
-        help="timestamp for reproducible output (default: $SOURCE_DATE_EPOCH, else the cached rootfs's)",
+        help="timestamp for reproducible output (default: $SOURCE_DATE_EPOCH, else the Date: of the "
+        "mirror's Release file the root was made from, so that two builds of one archive state agree)",
     )
     build.add_argument(
         "--var",

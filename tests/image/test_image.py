@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from amnesiac import paths
-from tests.images import REPO, SDE, Built, amnesiac, build, rootfs_only_cache
+from tests.images import REPO, SDE, Built, amnesiac, build, build_and_unpack, rootfs_only_cache
 
 pytestmark = pytest.mark.build
 
@@ -88,8 +89,11 @@ def test_no_syslog_daemon_and_no_log_files(ovpn: Built) -> None:
         "busybox-syslogd",
         "inetutils-syslogd",
         "auditd",
+        "busybox",
+        "busybox-static",  # the early init keeps its own copy, gone after switch_root
     }
-    for daemon in ("usr/sbin/rsyslogd", "usr/sbin/syslog-ng", "sbin/auditd", "usr/sbin/auditd"):
+    daemons = ("usr/sbin/rsyslogd", "usr/sbin/syslog-ng", "sbin/auditd", "usr/sbin/auditd", "usr/bin/busybox")
+    for daemon in daemons:
         assert not (ovpn.root / daemon).exists(), daemon
     files = [p for p in (ovpn.root / "var/log").rglob("*") if p.is_file() and not p.is_symlink()]
     assert files == [], files
@@ -140,6 +144,35 @@ def test_rebuild_is_reproducible_with_and_without_cached_layers(ovpn: Built, tmp
             assert sha256(Path(again["out"]) / name) == sha256(ovpn.out / name), name
 
 
+def test_a_cold_build_with_its_own_empty_cache_gives_the_same_image(ovpn: Built, tmp_path: Path) -> None:
+    """Two cold builds of one commit, each from an empty cache of its own (the session's was, on
+    a clean clone): the same bytes, so that a third party can rebuild what a manifest names. The
+    epoch is the session's; a build without one derives it from the mirror's Release date
+    (tests/test_rootfs.py). When they differ, diffoscope says where."""
+    cold = build_and_unpack(tmp_path, "cold", "--cache", str(tmp_path / "cache"))
+    assert cold.summary["rootfs_cached"] is False and cold.summary["roles_cached"] == []
+    release = (ovpn.manifest["debian"]["release_date"], cold.manifest["debian"]["release_date"])
+    assert release[0] == release[1], f"the mirror changed between the two builds: {release}"
+    if cold.manifest["image"]["sha256"] != ovpn.manifest["image"]["sha256"]:
+        pytest.fail("two cold builds differ:\n" + diffoscope(ovpn.root, cold.root))
+    for name in ("vmlinuz", "initrd.img", "boot.ipxe", "manifest.json"):
+        assert sha256(cold.out / name) == sha256(ovpn.out / name), name
+
+
+def diffoscope(a: Path, b: Path, limit: int = 20_000) -> str:
+    """What differs between two unpacked roots, as diffoscope tells it (bounded)."""
+    if shutil.which("diffoscope") is None:
+        return "(diffoscope is not installed: `make setup` installs diffoscope-minimal)"
+    result = subprocess.run(
+        ["diffoscope", "--text", "-", "--no-progress", "--exclude-directory-metadata", "no", str(a), str(b)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=900,
+    )
+    return (result.stdout + result.stderr)[:limit]
+
+
 def test_a_changed_variable_reruns_its_role_and_those_after_it(ovpn: Built, tmp_path: Path) -> None:
     """input_lockdown's variable: the roles before it come from the cache, it and the rest run.
     Packed as a development build (zstd -3, seconds), which the manifest says it is."""
@@ -155,7 +188,10 @@ def test_a_changed_variable_reruns_its_role_and_those_after_it(ovpn: Built, tmp_
 
 def test_tmpfs_too_small_is_refused(ovpn: Built, tmp_path: Path) -> None:
     out = tmp_path / "tiny"
-    result = amnesiac("build", "--var", "ram_root_tmpfs_size_mib=100", "--out", str(out), check=False)
+    result = amnesiac(
+        "build", "--source-date-epoch", str(SDE), "--var", "ram_root_tmpfs_size_mib=100", "--out", str(out),
+        check=False,
+    )  # fmt: skip
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
     assert "does not fit" in last or "needs" in last, result.stderr
@@ -168,8 +204,9 @@ def test_interrupted_build_leaves_nothing(ovpn: Built, tmp_path: Path) -> None:
     """SIGTERM during the Ansible stage: exit 143, no --out, no work directory, no mount."""
     out = tmp_path / "interrupted"
     cache = rootfs_only_cache(tmp_path / "cache")  # no layer: Ansible runs
+    argv = ["build", "--source-date-epoch", str(SDE), "--out", str(out), "--cache", str(cache)]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "amnesiac.cli", "build", "--out", str(out), "--cache", str(cache)],
+        [sys.executable, "-m", "amnesiac.cli", *argv],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -64,6 +64,9 @@ class BuildPlan:
         inputs = {
             "format": 1,
             "suite": self.suite,
+            # The epoch the root was made with (None: its archive's Release date): it is in the
+            # root, /etc/shadow's last-change days for one.
+            "source_date_epoch": self.source_date_epoch,
             "mirror": self.mirror,
             "variant": VARIANT,
             "packages": sorted(self.packages),

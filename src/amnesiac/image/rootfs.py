@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import email.utils
 import json
 import os
-import time
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from amnesiac.errors import BuildError
 from amnesiac.image.plan import VARIANT, BuildPlan
 from amnesiac.run import run
+
+RELEASE_TIMEOUT = 60.0  # seconds for the mirror's InRelease file (a bound)
 
 
 @dataclass(frozen=True)
@@ -47,7 +52,11 @@ def ensure(plan: BuildPlan, cache: Path, *, refresh: bool = False) -> CachedRoot
         return CachedRootfs(tarball, key, meta["source_date_epoch"], meta["release_date"], cached=True)
 
     cache.mkdir(parents=True, exist_ok=True)
-    sde = plan.source_date_epoch if plan.source_date_epoch is not None else int(time.time())
+    # Derived from the inputs, never the clock: two builds of the same archive state agree to
+    # the byte, /etc/shadow's last-change day included (mmdebstrap and useradd honour it).
+    sde = plan.source_date_epoch
+    if sde is None:
+        sde = release_epoch(plan.mirror, plan.suite)
     tmp_tar = cache / f".{tarball.name}.{os.getpid()}.partial"
     release = cache / f".{tarball.name}.{os.getpid()}.release"
     try:
@@ -80,6 +89,27 @@ def ensure(plan: BuildPlan, cache: Path, *, refresh: bool = False) -> CachedRoot
         tmp_tar.unlink(missing_ok=True)
         release.unlink(missing_ok=True)
     return CachedRootfs(tarball, key, sde, release_date, cached=False)
+
+
+def release_epoch(mirror: str, suite: str) -> int:
+    """The Date: of the suite's InRelease file on the mirror, in seconds since the epoch: the
+    state of the archive a new root is made from, and the default SOURCE_DATE_EPOCH."""
+    url = f"{mirror.rstrip('/')}/dists/{suite}/InRelease"
+    try:
+        with urllib.request.urlopen(url, timeout=RELEASE_TIMEOUT) as answer:  # noqa: S310 (the policy's mirror)
+            head = answer.read(64 * 1024).decode("utf-8", errors="replace")
+    except (OSError, urllib.error.URLError) as exc:
+        raise BuildError(
+            f"cannot read {url}: {exc}",
+            hint="check the policy's image.mirror, or pass --source-date-epoch",
+        ) from exc
+    for line in head.splitlines():
+        if line.startswith("Date:"):
+            try:
+                return int(email.utils.parsedate_to_datetime(line.removeprefix("Date:").strip()).timestamp())
+            except (TypeError, ValueError):
+                break
+    raise BuildError(f"{url} has no valid Date: field", hint="pass --source-date-epoch")
 
 
 def mmdebstrap_argv(
