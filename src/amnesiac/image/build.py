@@ -108,7 +108,6 @@ def build(
             stage.note = f"cached {cached.key}" if cached.cached else f"new {cached.key}"
             progress.detail("unpacking")
             rootfs.extract(cached, root)
-            early_tools = pack.stage_early_tools(root, work / "early-tools")
         sde = plan.source_date_epoch if plan.source_date_epoch is not None else cached.source_date_epoch
 
         with progress.stage(
@@ -126,7 +125,6 @@ def build(
                 root,
                 staging,
                 work,
-                early_tools=early_tools,
                 clamp=sde,
                 policy_id=plan.policy.id,
                 policy_sha256=plan.policy.sha256,

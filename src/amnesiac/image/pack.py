@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import enum
 import os
-import shutil
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,7 +103,6 @@ def pack(
     out: Path,
     work: Path,
     *,
-    early_tools: dict[str, Path],
     clamp: int,
     policy_id: str,
     policy_sha256: str,
@@ -135,7 +133,7 @@ def pack(
     raw.unlink()
 
     initrd = out / "initrd.img"
-    pieces = _write_initrd(initrd, _early_entries(early_tools, clamp), inner, clamp, work)
+    pieces = _write_initrd(initrd, _early_entries(root, clamp), inner, clamp, work)
     inner.unlink()
     if initrd.stat().st_size > IPXE_LIMIT:
         raise BuildError(
@@ -183,26 +181,7 @@ def _write_initrd(initrd: Path, early: list[Entry], inner: Path, clamp: int, wor
     return pieces
 
 
-def stage_early_tools(root: Path, dest: Path) -> dict[str, Path]:
-    """Copy the early init's tools (EARLY_BINARIES and their libraries) out of a freshly
-    unpacked root, before the roles run: the root must not keep busybox (its syslogd, klogd,
-    httpd and telnetd applets are a logger or a server one command away), and the roles and
-    minimise purge it. Returns each file's name in the early archive and its staged copy."""
-    files: dict[str, Path] = {}
-    for binary in EARLY_BINARIES:
-        files[binary] = _resolve(root, "/" + binary)
-        for lib in _libraries(root, binary):
-            files[_canonical(root, lib)] = _resolve(root, lib)
-    staged = {}
-    for name, source in sorted(files.items()):
-        copy = dest / name
-        copy.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(source, copy)
-        staged[name] = copy
-    return staged
-
-
-def _early_entries(tools: dict[str, Path], clamp: int) -> list[Entry]:
+def _early_entries(root: Path, clamp: int) -> list[Entry]:
     """The early archive: directories, /dev/console, the init script and its tools."""
     d, x = stat.S_IFDIR | 0o755, stat.S_IFREG | 0o755
     entries = [
@@ -221,11 +200,16 @@ def _early_entries(tools: dict[str, Path], clamp: int) -> list[Entry]:
         )
     ]
     entries.append(Entry("init", x, mtime=clamp, source=paths.image_dir() / "init"))
-    dirs = {str(Path(name).parent) for name in tools} - {"usr/bin", "usr/lib", "usr/lib64", "."}
+    files: dict[str, Path] = {}
+    for binary in EARLY_BINARIES:
+        files[binary] = _resolve(root, "/" + binary)
+        for lib in _libraries(root, binary):
+            files[_canonical(root, lib)] = _resolve(root, lib)
+    dirs = {str(Path(name).parent) for name in files} - {"usr/bin", "usr/lib", "usr/lib64", "."}
     entries += [Entry(name, d, mtime=clamp) for name in sorted(dirs)]
     # Modes as in the image: the dynamic loader, like the binaries, must be executable.
     entries += [
-        Entry(name, src.stat().st_mode, mtime=clamp, source=src) for name, src in sorted(tools.items())
+        Entry(name, src.stat().st_mode, mtime=clamp, source=src) for name, src in sorted(files.items())
     ]
     return entries
 
