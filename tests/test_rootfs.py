@@ -9,6 +9,7 @@ import pytest
 
 from amnesiac import policy
 from amnesiac.errors import BuildError
+from amnesiac.image import pack, rootfs
 from amnesiac.image.plan import make_plan
 from amnesiac.image.rootfs import release_epoch
 
@@ -50,3 +51,29 @@ def test_the_root_cache_is_keyed_by_its_epoch() -> None:
     loaded = policy.load(REPO / "policies/ovpn.yml")
     keys = {make_plan(loaded, source_date_epoch=e).rootfs_key("1.5.7") for e in (None, 1, 2)}
     assert len(keys) == 3
+
+
+def test_the_early_busybox_leaves_the_root_for_the_early_archive(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """busybox's package is purged when the root is made; the copy set aside for the early init
+    is moved out of the root before the roles run, so the image never carries it."""
+    root = tmp_path / "root"
+    stash = root / rootfs.EARLY_STASH
+    stash.mkdir(parents=True)
+    (stash / "busybox").write_bytes(b"\x7fELF static busybox")
+    (root / "usr/bin").mkdir(parents=True)
+    (root / "usr/bin/zstd").write_bytes(b"zstd")
+    monkeypatch.setattr(pack, "_libraries", lambda root, binary: [])  # ldd runs in the chroot
+    staged = pack.stage_early_tools(root, tmp_path / "early")
+    assert staged["usr/bin/busybox"].read_bytes() == b"\x7fELF static busybox"
+    assert not (root / rootfs.EARLY_STASH).exists()
+    assert "busybox-static" in rootfs.SET_ASIDE_PACKAGES
+    assert "dpkg --purge busybox-static" in rootfs.SET_ASIDE_BUSYBOX
+
+
+def test_a_root_cached_without_the_set_aside_busybox_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "root/usr/bin").mkdir(parents=True)
+    with pytest.raises(BuildError, match="no var/lib/amnesiac-early/busybox") as raised:
+        pack.stage_early_tools(tmp_path / "root", tmp_path / "early")
+    assert raised.value.hint == "build again with --refresh"

@@ -19,6 +19,21 @@ SYSLOG_PACKAGES = (
     "inetutils-syslogd",
     "sysklogd",
     "logrotate",
+    # Multi-call binaries: their syslogd and klogd applets are a syslog daemon one command away.
+    "busybox",
+    "busybox-static",
+    "toybox",
+)
+# Daemons and multi-call binaries, wherever a package manager would not see them.
+SYSLOG_BINARIES = (
+    "/usr/sbin/rsyslogd",
+    "/usr/sbin/syslog-ng",
+    "/usr/sbin/syslogd",
+    "/sbin/syslogd",
+    "/usr/bin/busybox",
+    "/bin/busybox",
+    "/usr/sbin/busybox",
+    "/usr/bin/toybox",
 )
 SYSLOG_DAEMONS = ("rsyslogd", "syslog-ng", "syslogd", "klogd", "auditd")
 LOGIN_RECORDS = (
@@ -60,13 +75,13 @@ def _installed(probe: Probe, packages: tuple[str, ...]) -> list[str]:
 
 @check(
     claims=["no-syslog", "no-activity-logging"],
-    rationale="No syslog daemon is installed or running, so nothing turns log messages into files.",
+    rationale="No syslog daemon is installed or running, so nothing turns log messages into files; "
+    "nor is a multi-call binary (busybox, toybox) whose syslogd applet would be one.",
 )
 def no_syslog_daemon(probe: Probe, kind: Surface) -> None:
-    assert _installed(probe, SYSLOG_PACKAGES) == [], "a syslog daemon or logrotate is installed"
-    binaries = probe.run(
-        "ls -1 /usr/sbin/rsyslogd /usr/sbin/syslog-ng /usr/sbin/syslogd /sbin/syslogd 2>/dev/null"
-    ).stdout.split()
+    installed = _installed(probe, SYSLOG_PACKAGES)
+    assert installed == [], f"a syslog daemon, logrotate or a multi-call binary is installed: {installed}"
+    binaries = probe.run(f"ls -1 {' '.join(SYSLOG_BINARIES)} 2>/dev/null").stdout.split()
     assert binaries == [], f"syslog daemons in the image: {binaries}"
     if kind is not Surface.ROOTFS:
         running = probe.run("ps -eo comm=").stdout.split()

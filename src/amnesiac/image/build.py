@@ -108,6 +108,7 @@ def build(
             stage.note = f"cached {cached.key}" if cached.cached else f"new {cached.key}"
             progress.detail("unpacking")
             rootfs.extract(cached, root)
+            early_tools = pack.stage_early_tools(root, work / "early-tools")
         sde = plan.source_date_epoch if plan.source_date_epoch is not None else cached.source_date_epoch
 
         with progress.stage(
@@ -117,7 +118,8 @@ def build(
             stage.note = configured.note
 
         with progress.stage("minimise", "Minimise: docs, caches, kernel modules") as stage:
-            mini = minimise.minimise(root, staging / "vmlinuz", wanted=plan.packages)
+            wanted = [p for p in plan.packages if p not in rootfs.SET_ASIDE_PACKAGES]
+            mini = minimise.minimise(root, staging / "vmlinuz", wanted=wanted)
             stage.note = f"{mini.modules_kept} modules kept, {mini.modules_removed} removed"
 
         with progress.stage("pack", f"Pack: initrd.img (zstd -{profile.zstd_level}), boot.ipxe") as stage:
@@ -125,6 +127,7 @@ def build(
                 root,
                 staging,
                 work,
+                early_tools=early_tools,
                 clamp=sde,
                 policy_id=plan.policy.id,
                 policy_sha256=plan.policy.sha256,

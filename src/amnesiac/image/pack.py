@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import os
+import shutil
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ import jinja2
 
 from amnesiac import paths
 from amnesiac.errors import BuildError
+from amnesiac.image import rootfs
 from amnesiac.image.cpio import CpioWriter, Entry, tree_entries
 from amnesiac.image.hashing import sha256_file
 from amnesiac.image.plan import read_list
@@ -103,6 +105,7 @@ def pack(
     out: Path,
     work: Path,
     *,
+    early_tools: dict[str, Path],
     clamp: int,
     policy_id: str,
     policy_sha256: str,
@@ -133,7 +136,7 @@ def pack(
     raw.unlink()
 
     initrd = out / "initrd.img"
-    pieces = _write_initrd(initrd, _early_entries(root, clamp), inner, clamp, work)
+    pieces = _write_initrd(initrd, _early_entries(early_tools, clamp), inner, clamp, work)
     inner.unlink()
     if initrd.stat().st_size > IPXE_LIMIT:
         raise BuildError(
@@ -181,7 +184,37 @@ def _write_initrd(initrd: Path, early: list[Entry], inner: Path, clamp: int, wor
     return pieces
 
 
-def _early_entries(root: Path, clamp: int) -> list[Entry]:
+def stage_early_tools(root: Path, dest: Path) -> dict[str, Path]:
+    """Move the early init's tools (EARLY_BINARIES and their libraries) out of a freshly unpacked
+    root, before the roles run. busybox comes from where the root's maker set it aside
+    (rootfs.EARLY_STASH; its package is purged) and leaves the root with it: its syslogd, klogd,
+    httpd and telnetd applets would be a logger or a server one command away. Returns each
+    file's name in the early archive and its staged copy."""
+    stash = root / rootfs.EARLY_STASH
+    set_aside = {"usr/bin/busybox": stash / "busybox"}
+    if not set_aside["usr/bin/busybox"].is_file():
+        raise BuildError(
+            f"the cached root has no {rootfs.EARLY_STASH}/busybox", hint="build again with --refresh"
+        )
+    files: dict[str, Path] = {}
+    for binary in EARLY_BINARIES:
+        if binary in set_aside:
+            files[binary] = set_aside[binary]  # static: no libraries
+            continue
+        files[binary] = _resolve(root, "/" + binary)
+        for lib in _libraries(root, binary):
+            files[_canonical(root, lib)] = _resolve(root, lib)
+    staged = {}
+    for name, source in sorted(files.items()):
+        copy = dest / name
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, copy)
+        staged[name] = copy
+    shutil.rmtree(stash)
+    return staged
+
+
+def _early_entries(tools: dict[str, Path], clamp: int) -> list[Entry]:
     """The early archive: directories, /dev/console, the init script and its tools."""
     d, x = stat.S_IFDIR | 0o755, stat.S_IFREG | 0o755
     entries = [
@@ -200,16 +233,11 @@ def _early_entries(root: Path, clamp: int) -> list[Entry]:
         )
     ]
     entries.append(Entry("init", x, mtime=clamp, source=paths.image_dir() / "init"))
-    files: dict[str, Path] = {}
-    for binary in EARLY_BINARIES:
-        files[binary] = _resolve(root, "/" + binary)
-        for lib in _libraries(root, binary):
-            files[_canonical(root, lib)] = _resolve(root, lib)
-    dirs = {str(Path(name).parent) for name in files} - {"usr/bin", "usr/lib", "usr/lib64", "."}
+    dirs = {str(Path(name).parent) for name in tools} - {"usr/bin", "usr/lib", "usr/lib64", "."}
     entries += [Entry(name, d, mtime=clamp) for name in sorted(dirs)]
     # Modes as in the image: the dynamic loader, like the binaries, must be executable.
     entries += [
-        Entry(name, src.stat().st_mode, mtime=clamp, source=src) for name, src in sorted(files.items())
+        Entry(name, src.stat().st_mode, mtime=clamp, source=src) for name, src in sorted(tools.items())
     ]
     return entries
 

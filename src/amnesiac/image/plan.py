@@ -62,7 +62,7 @@ class BuildPlan:
     def rootfs_key(self, mmdebstrap_version: str) -> str:
         """The rootfs cache key: everything that changes what mmdebstrap produces."""
         inputs = {
-            "format": 1,
+            "format": 2,  # 2: busybox set aside and purged (rootfs.SET_ASIDE_BUSYBOX)
             "suite": self.suite,
             # The epoch the root was made with (None: its archive's Release date): it is in the
             # root, /etc/shadow's last-change days for one.

@@ -16,6 +16,17 @@ from amnesiac.image.plan import VARIANT, BuildPlan
 from amnesiac.run import run
 
 RELEASE_TIMEOUT = 60.0  # seconds for the mirror's InRelease file (a bound)
+# The early init runs busybox, but in the root its syslogd, klogd, httpd and telnetd applets would
+# be a logger or a server one command away. The binary is set aside, outside dpkg's knowledge, for
+# the early archive (pack.stage_early_tools takes it out of the root) and the package purged while
+# mmdebstrap still has /proc mounted: purged later, through Ansible's chroot connection, it fires
+# tiny-initramfs's trigger, which fails without /proc.
+EARLY_STASH = "var/lib/amnesiac-early"
+SET_ASIDE_PACKAGES = ("busybox-static",)  # in the plan's packages, purged before the roles run
+SET_ASIDE_BUSYBOX = (
+    f'--customize-hook=mkdir -p "$1"/{EARLY_STASH} && cp -p "$1"/usr/bin/busybox "$1"/{EARLY_STASH}/busybox'
+    ' && chroot "$1" dpkg --purge busybox-static'
+)
 
 
 @dataclass(frozen=True)
@@ -68,6 +79,7 @@ def ensure(plan: BuildPlan, cache: Path, *, refresh: bool = False) -> CachedRoot
                 tmp_tar,
                 # The Release file's date says which state of the archive this root comes from.
                 f"--customize-hook=grep -h '^Date:' \"$1\"/var/lib/apt/lists/*Release > {release} || true",
+                SET_ASIDE_BUSYBOX,
             ),
             capture=True,
             env={**os.environ, "SOURCE_DATE_EPOCH": str(sde)},
