@@ -57,6 +57,8 @@ WITHOUT_CONTROLS = {
     "input_lockdown_lock_modules": "false",
     "ssh_admin_key_only": "false",
     "ssh_admin_no_forwarding": "false",
+    "ssh_admin_sandbox": "false",
+    "dns_resolver_sandbox": "false",
     "server_base_kernel_lockdown": "none",
     "server_base_kexec_disabled": "false",
     "server_base_kernel_self_protection": "false",
