@@ -207,7 +207,8 @@ def test_qemu_argv_isolates_the_guest(tmp_path: Path) -> None:
 def test_emulated_devices_are_blank_sparse_files(tmp_path: Path) -> None:
     devices, args = qemu.emulated_devices(tmp_path)
     kinds = {d.kind for d in devices}
-    assert kinds == {"virtio-blk", "usb-kbd", "usb-storage"}
+    assert kinds == {"virtio-blk", "usb-kbd", "usb-storage", "acpi-erst"}
+    assert "acpi-erst,memdev=erst0-store,id=erst0" in args
     assert "qemu-xhci,id=xhci" in args
     for device in devices:
         assert device.is_blank()

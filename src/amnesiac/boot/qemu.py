@@ -28,6 +28,9 @@ KERNEL_STARTED = "Run /init as init process"
 NETDEV = "n0"  # the guest NIC's user-mode network (QMP's hostfwd_add names it)
 TEST_DISK_BYTES = 64 * MIB
 TEST_STICK_BYTES = 16 * MIB
+# A firmware persistent store (ACPI ERST, as servers have): the kernel would keep its last log
+# there across reboots unless told not to (no_logs: erst_disable). 64 KiB: eight 8 KiB records.
+TEST_ERST_BYTES = 64 * 1024
 
 
 def find_tools() -> tuple[str, str]:
@@ -130,7 +133,7 @@ class EmulatedDevice:
     """An emulated device attached so that lockdown and diskless checks meet real hardware."""
 
     qemu_id: str
-    kind: str  # virtio-blk, usb-storage, usb-kbd
+    kind: str  # virtio-blk, usb-storage, usb-kbd, acpi-erst
     description: str
     serial: str = ""
     backing: Path | None = None  # the raw image behind a disk (removed at exit)
@@ -151,9 +154,10 @@ class EmulatedDevice:
 
 
 def emulated_devices(work: Path) -> tuple[list[EmulatedDevice], list[str]]:
-    """The devices and their QEMU arguments; disks are sparse zero files in `work`."""
-    disk, stick = work / "disk.img", work / "stick.img"
-    for path, size in ((disk, TEST_DISK_BYTES), (stick, TEST_STICK_BYTES)):
+    """The devices and their QEMU arguments; disks and the ERST store are sparse zero files in
+    `work` (QEMU formats the store when it starts)."""
+    disk, stick, erst = work / "disk.img", work / "stick.img", work / "erst.img"
+    for path, size in ((disk, TEST_DISK_BYTES), (stick, TEST_STICK_BYTES), (erst, TEST_ERST_BYTES)):
         with path.open("wb") as f:
             f.truncate(size)
     devices = [
@@ -162,7 +166,9 @@ def emulated_devices(work: Path) -> tuple[list[EmulatedDevice], list[str]]:
         EmulatedDevice(
             "stick0", "usb-storage", "USB stick on xhci", "amnesiac-stick", stick, TEST_STICK_BYTES
         ),
+        EmulatedDevice("erst0", "acpi-erst", "ACPI ERST firmware persistent store"),
     ]
+    erst_store = f"memory-backend-file,id=erst0-store,size={TEST_ERST_BYTES},share=on,mem-path={_opt(erst)}"
     args = [
         "-drive", f"if=none,id=disk0-drive,format=raw,file={_opt(disk)}",
         "-device", "virtio-blk-pci,drive=disk0-drive,id=disk0,serial=amnesiac-disk",
@@ -170,6 +176,8 @@ def emulated_devices(work: Path) -> tuple[list[EmulatedDevice], list[str]]:
         "-device", "usb-kbd,bus=xhci.0,id=kbd0",
         "-drive", f"if=none,id=stick0-drive,format=raw,file={_opt(stick)}",
         "-device", "usb-storage,bus=xhci.0,drive=stick0-drive,id=stick0,serial=amnesiac-stick",
+        "-object", erst_store,
+        "-device", "acpi-erst,memdev=erst0-store,id=erst0",
     ]  # fmt: skip
     return devices, args
 

@@ -9,6 +9,7 @@ never a configuration file.
 
 from __future__ import annotations
 
+from amnesiac.checks.expectations import Expectations
 from amnesiac.checks.meta import KERNEL, check
 from amnesiac.checks.probe import Probe
 
@@ -50,15 +51,22 @@ def _sysctl_path(name: str) -> str:
 def kernel_locked_down(probe: Probe) -> None:
     level = probe.run(f"cat {LOCKDOWN}").stdout.strip()
     assert "[confidentiality]" in level, f"kernel lockdown is {level or 'not available'} ({LOCKDOWN})"
-    opened = {}
-    for path, what in LOCKED_FILES.items():
-        attempt = probe.run(f'head -c 1 {path} > /dev/null 2>&1 && echo opened || echo "refused: $?"')
-        if "opened" in attempt.stdout:
-            opened[path] = what
+    # One byte from each, in one round trip: each line is the path, then "opened" or head's error.
+    attempts = probe.run(
+        "; ".join(
+            f"printf '%s ' {path}; head -c 1 {path} 2>&1 >/dev/null && echo opened" for path in LOCKED_FILES
+        )
+    ).stdout
+    outcome = dict(line.split(" ", 1) for line in attempts.splitlines() if " " in line)
+    opened = {path: what for path, what in LOCKED_FILES.items() if outcome.get(path, "").strip() == "opened"}
     assert opened == {}, f"root can read {opened} despite lockdown"
-    # The refusal must be lockdown's (EPERM), not a file that is missing.
-    refusal = probe.run("head -c 1 /dev/port 2>&1 >/dev/null; ls -l /dev/port")
-    assert "Operation not permitted" in refusal.stdout, f"/dev/port not refused by lockdown: {refusal.stdout}"
+    # Each refusal must be lockdown's (EPERM), not a file that is missing.
+    other = {
+        path: outcome.get(path, "no answer")
+        for path in LOCKED_FILES
+        if "Operation not permitted" not in outcome.get(path, "")
+    }
+    assert other == {}, f"not refused by lockdown: {other}"
 
 
 @check(
@@ -100,3 +108,39 @@ def kernel_self_protection(probe: Probe) -> None:
     # kptr_restrict=2, observed: root reads no kernel address.
     symbol = probe.run("grep -m1 ' T ' /proc/kallsyms").stdout.split()
     assert symbol and set(symbol[0]) == {"0"}, f"root reads kernel addresses: {symbol[:3]}"
+
+
+@check(
+    claims=["no-disk-storage", "no-syslog"],
+    rationale="No firmware store keeps anything across a reboot: the kernel registers no persistent "
+    "store (pstore) backend, where it would save the end of its log on a crash (ACPI ERST on servers; "
+    "the harness attaches one), EFI variables cannot be mounted (efivarfs is not in the image), there "
+    "is no /dev/nvram, and /dev/port, through which CMOS NVRAM is written, is refused by lockdown "
+    "(kernel_locked_down).",
+    targets=KERNEL,
+    not_applicable="the firmware stores are the booted kernel's to use",
+    integrity=True,
+)
+def no_firmware_store(probe: Probe, expected: Expectations) -> None:
+    shown = probe.run(
+        'echo "backend $(cat /sys/module/pstore/parameters/backend 2>/dev/null || echo absent)"; '
+        'echo "records $(ls -A /sys/fs/pstore 2>/dev/null | wc -l)"; '
+        'echo "erst-table $(test -e /sys/firmware/acpi/tables/ERST && echo yes || echo no)"; '
+        'echo "efivarfs $(grep -cw efivarfs /proc/filesystems)"; '
+        'echo "nvram $(test -e /dev/nvram && echo yes || echo no)"'
+    ).stdout
+    state = dict(line.split(" ", 1) for line in shown.splitlines() if " " in line)
+    if expected.test_devices_attached:
+        # Positive control: the store is there for the kernel to use; not using it is the control.
+        assert state.get("erst-table") == "yes", (
+            "positive control: the harness's ERST store did not reach the kernel"
+        )
+    backend = state.get("backend", "absent")
+    assert backend in ("(null)", "", "absent"), (
+        f"the kernel keeps its log in a firmware store: pstore backend {backend}"
+    )
+    assert state.get("records") == "0", (
+        f"{state.get('records')} records in /sys/fs/pstore from an earlier boot"
+    )
+    assert state.get("efivarfs") == "0", "efivarfs is available: EFI variables can be written"
+    assert state.get("nvram") == "no", "/dev/nvram is there: CMOS NVRAM can be written"
