@@ -82,8 +82,8 @@ INTEGRITY_TEXT = (
     "The image verified is the image that ships: it carries no SSH key of its own (the "
     "verifier's key arrives in a boot-time overlay), management access accepts keys only and "
     "forwards nothing, and root cannot quietly undo the controls: the kernel is locked down, "
-    "cannot be replaced by kexec and runs with its self-protection settings, and every daemon runs "
-    "in a systemd sandbox within its role's bound."
+    "cannot be replaced by kexec and runs with its self-protection settings, no firmware store keeps "
+    "anything across a reboot, and every daemon runs in a systemd sandbox within its role's bound."
 )
 INTEGRITY_RATIONALE = (
     "Checked on every target whatever the policy says: a key baked into the image, password "
