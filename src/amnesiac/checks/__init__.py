@@ -1,8 +1,8 @@
 """The claim checks: pytest + testinfra tests that prove a policy's technical claims on a target.
 
-One module per concern (storage, logging, vpn_confinement, input, lockdown, dns, ssh, firewall,
-provider, amnesia). Each check is a function decorated with `@check`, which records the claims
-it verifies, a one-line rationale and the kinds of target it can run on; its id is
+One module per concern (storage, logging, vpn_confinement, input, lockdown, sandbox, dns, ssh,
+firewall, provider, amnesia). Each check is a function decorated with `@check`, which records the
+claims it verifies, a one-line rationale and the kinds of target it can run on; its id is
 `<module>.<function>`. `amnesiac verify` runs them through pytest with `amnesiac.checks.plugin`,
 which turns every outcome (passed, failed, not applicable with a reason) into a result with
 the evidence the check gathered.
