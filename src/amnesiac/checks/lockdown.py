@@ -39,6 +39,11 @@ def _sysctl_path(name: str) -> str:
     return "/proc/sys/" + name.replace(".", "/")
 
 
+def _fields(shown: str) -> dict[str, str]:
+    """The "name value" lines that one round trip printed, by name."""
+    return dict(line.split(" ", 1) for line in shown.splitlines() if " " in line)
+
+
 @check(
     claims=["no-disk-storage", "no-physical-access"],
     rationale="The kernel runs in lockdown (confidentiality): root cannot open physical memory, the "
@@ -57,7 +62,7 @@ def kernel_locked_down(probe: Probe) -> None:
             f"printf '%s ' {path}; head -c 1 {path} 2>&1 >/dev/null && echo opened" for path in LOCKED_FILES
         )
     ).stdout
-    outcome = dict(line.split(" ", 1) for line in attempts.splitlines() if " " in line)
+    outcome = _fields(attempts)
     opened = {path: what for path, what in LOCKED_FILES.items() if outcome.get(path, "").strip() == "opened"}
     assert opened == {}, f"root can read {opened} despite lockdown"
     # Each refusal must be lockdown's (EPERM), not a file that is missing.
@@ -98,7 +103,7 @@ def kexec_disabled(probe: Probe) -> None:
 def kernel_self_protection(probe: Probe) -> None:
     paths = " ".join(_sysctl_path(name) for name in SELF_PROTECTION)
     shown = probe.run(f'for f in {paths}; do echo "$f $(cat $f 2>/dev/null || echo absent)"; done').stdout
-    running = dict(line.split(" ", 1) for line in shown.splitlines() if " " in line)
+    running = _fields(shown)
     wrong = {
         name: running.get(_sysctl_path(name), "absent")
         for name, value in SELF_PROTECTION.items()
@@ -129,7 +134,7 @@ def no_firmware_store(probe: Probe, expected: Expectations) -> None:
         'echo "efivarfs $(grep -cw efivarfs /proc/filesystems)"; '
         'echo "nvram $(test -e /dev/nvram && echo yes || echo no)"'
     ).stdout
-    state = dict(line.split(" ", 1) for line in shown.splitlines() if " " in line)
+    state = _fields(shown)
     if expected.test_devices_attached:
         # Positive control: the store is there for the kernel to use; not using it is the control.
         assert state.get("erst-table") == "yes", (
