@@ -489,3 +489,15 @@ def test_interrupted_while_the_kernel_starts_qemu_is_stopped(
     with pytest.raises(KeyboardInterrupt):
         machine._past_kernel_start(process, argv, qemu_log, serial)
     assert process.poll() is not None
+
+
+def test_a_measured_boot_must_name_a_listed_artifact(tmp_path: Path) -> None:
+    """manifest.json's measured_boot names the UKI whose PCR 11 it predicts: that file must be
+    one of the artifacts the signature covers, or the prediction names nothing."""
+    data = _manifest(5, 20).model_dump(mode="json")
+    booted = {"file": "amnesiac.efi", "pcr11_sha256": "1" * 64, "pcr12_sha256": "0" * 64}
+    with pytest.raises(UsageError, match=r"amnesiac\.efi \(measured_boot\.file\) not listed"):
+        Manifest.parse(json.dumps({**data, "measured_boot": booted}), tmp_path / "manifest.json")
+    data["artifacts"]["amnesiac.efi"] = {"sha256": "2" * 64, "size": 3}
+    parsed = Manifest.parse(json.dumps({**data, "measured_boot": booted}), tmp_path / "manifest.json")
+    assert parsed.measured_boot is not None and parsed.measured_boot.phases == []

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from amnesiac import paths
+from amnesiac.image import measure
 from tests.images import REPO, SDE, Built, amnesiac, build, build_and_unpack, rootfs_only_cache
 
 pytestmark = pytest.mark.build
@@ -25,6 +26,7 @@ def sha256(path: Path) -> str:
 
 def test_artifacts_match_manifest(ovpn: Built) -> None:
     assert sorted(p.name for p in ovpn.out.iterdir()) == [
+        "amnesiac.efi",
         "boot.ipxe",
         "initrd.img",
         "manifest.json",
@@ -66,6 +68,25 @@ def test_boot_script_and_cmdline(ovpn: Built) -> None:
     assert "i8042.nokbd" in words
     # The image names itself, so a live server's /proc/cmdline says which initrd it booted.
     assert f"amnesiac.image={ovpn.manifest['image']['sha256']}" in words
+
+
+def test_the_uki_holds_the_build_and_its_pcr11_is_predicted(ovpn: Built) -> None:
+    """amnesiac.efi is the kernel, the initrd and the command line of this build behind
+    systemd-stub, and the manifest's PCR 11 is what the stub will measure: recomputed here from
+    the file's own sections, independently of the build's two predictions."""
+    booted = ovpn.manifest["measured_boot"]
+    assert booted["file"] == "amnesiac.efi" and booted["phases"] == []
+    assert booted["pcr12_sha256"] == measure.ZEROS and booted["stub"]
+    sections = measure.uki_sections(ovpn.out / "amnesiac.efi")
+    assert sections[".linux"] == (ovpn.out / "vmlinuz").read_bytes()
+    assert sections[".initrd"] == (ovpn.out / "initrd.img").read_bytes()
+    assert sections[".cmdline"].decode() == ovpn.manifest["image"]["cmdline"]  # no newline
+    assert sections[".uname"].decode() == ovpn.manifest["image"]["kernel_release"]
+    assert b"ID=debian" in sections[".osrel"]
+    assert booted["pcr11_sha256"] == measure.pcr11(sections)
+    assert booted["sections"] == {name: hashlib.sha256(body).hexdigest() for name, body in sections.items()}
+    tools = ovpn.manifest["tools"]
+    assert tools["uki:systemd-boot-efi"] == booted["stub"] and "uki:systemd-ukify" in tools
 
 
 def test_early_init_archive(ovpn: Built) -> None:
@@ -140,7 +161,7 @@ def test_rebuild_is_reproducible_with_and_without_cached_layers(ovpn: Built, tmp
     assert [s["note"] for s in builds[-1]["stages"] if s["name"] == "configure"] == ["9 of 9 roles cached"]
     for again in builds[1:]:
         assert again["image_sha256"] == ovpn.manifest["image"]["sha256"]
-        for name in ("vmlinuz", "initrd.img", "boot.ipxe", "manifest.json"):
+        for name in ("vmlinuz", "initrd.img", "boot.ipxe", "amnesiac.efi", "manifest.json"):
             assert sha256(Path(again["out"]) / name) == sha256(ovpn.out / name), name
 
 
@@ -155,7 +176,7 @@ def test_a_cold_build_with_its_own_empty_cache_gives_the_same_image(ovpn: Built,
     assert release[0] == release[1], f"the mirror changed between the two builds: {release}"
     if cold.manifest["image"]["sha256"] != ovpn.manifest["image"]["sha256"]:
         pytest.fail("two cold builds differ:\n" + diffoscope(ovpn.root, cold.root))
-    for name in ("vmlinuz", "initrd.img", "boot.ipxe", "manifest.json"):
+    for name in ("vmlinuz", "initrd.img", "boot.ipxe", "amnesiac.efi", "manifest.json"):
         assert sha256(cold.out / name) == sha256(ovpn.out / name), name
 
 
@@ -234,6 +255,6 @@ def test_interrupted_build_leaves_nothing(ovpn: Built, tmp_path: Path) -> None:
 
 def test_json_summary_lists_stages(ovpn: Built) -> None:
     stages = [s["name"] for s in ovpn.summary["stages"]]
-    assert stages == ["rootfs", "configure", "minimise", "pack", "manifest"]
+    assert stages == ["rootfs", "configure", "minimise", "pack", "uki", "manifest"]
     json.dumps(ovpn.summary)
     assert Path(ovpn.summary["out"]).is_absolute()

@@ -1,4 +1,4 @@
-"""`amnesiac build`: a RAM-boot image from a plan: rootfs → configure → minimise → pack → manifest.
+"""`amnesiac build`: a RAM-boot image from a plan: rootfs → configure → minimise → pack → uki → manifest.
 
 The build happens in hidden directories beside `--out` and is renamed into place at the end,
 so `--out` holds either the previous complete image or the new one, never a partial one. No
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from amnesiac.errors import UsageError
-from amnesiac.image import configure, manifest, minimise, pack, rootfs
+from amnesiac.image import configure, manifest, measure, minimise, pack, rootfs, uki
 from amnesiac.image.plan import BuildPlan
 from amnesiac.progress import Progress
 from amnesiac.run import require_root, require_tools
@@ -136,6 +136,20 @@ def build(
             )
             stage.note = f"{packed.root_unpacked_bytes // 1024**2} MiB unpacked"
 
+        with progress.stage("uki", "Unified kernel image (ukify), PCR 11 predicted") as stage:
+            tools = uki.tools_root(plan.suite, plan.mirror, cache, refresh=refresh)
+            made = uki.make(
+                tools,
+                linux=staging / "vmlinuz",
+                initrds=[staging / "initrd.img"],
+                cmdline=packed.cmdline,
+                os_release=(root / "usr/lib/os-release").read_bytes(),
+                uname=mini.kernel_release,
+                out=staging / uki.NAME,
+                source_date_epoch=sde,
+            )
+            stage.note = f"PCR 11 {made.pcr11[:16]}, {made.size // 1024**2} MiB"
+
         with progress.stage("manifest", "Manifest") as stage:
             data = manifest.write(
                 staging,
@@ -150,6 +164,15 @@ def build(
                 tmpfs_size_bytes=packed.tmpfs_size_bytes,
                 initrd_pieces=[dataclasses.asdict(p) for p in packed.pieces],
                 profile=profile.value,
+                measured_boot={
+                    "file": uki.NAME,
+                    "pcr11_sha256": made.pcr11,
+                    "pcr12_sha256": measure.ZEROS,
+                    "phases": list(measure.PHASES),
+                    "sections": made.sections,
+                    "stub": tools.versions.get(uki.STUB_PACKAGE, "unknown"),
+                },
+                tools={f"uki:{name}": version for name, version in sorted(tools.versions.items())},
             )
             stage.note = data.sha256[:16]
         _replace(staging, out)

@@ -106,6 +106,17 @@ class Package(_Model):
     architecture: str
 
 
+class MeasuredBoot(_Model):
+    """The unified kernel image (image/uki.py) and what the TPM will hold after booting it."""
+
+    file: str  # in `artifacts` too
+    pcr11_sha256: Sha256  # after systemd-stub measured its sections (image/measure.py)
+    pcr12_sha256: Sha256  # no loader command line, credential or add-on: all zeros
+    phases: list[str] = Field(default_factory=list)  # systemd-pcrphase's words in PCR 11: none
+    sections: dict[str, Sha256] = Field(default_factory=dict)  # measured section -> its sha256
+    stub: str = ""  # the systemd-boot-efi version the stub came from
+
+
 class Manifest(_Model):
     format: Literal[1] = FORMAT
     image: ImageInfo
@@ -117,11 +128,14 @@ class Manifest(_Model):
     source_date_epoch: int | None = None
     built: str = ""
     tools: dict[str, str] = Field(default_factory=dict)
+    measured_boot: MeasuredBoot | None = None  # builds before 2026-12-02 have none
 
     @model_validator(mode="after")
     def _complete(self) -> Manifest:
         if missing := [n for n in ARTIFACTS if n not in self.artifacts]:
             raise ValueError(f"artifacts: {', '.join(missing)} not listed")
+        if self.measured_boot and self.measured_boot.file not in self.artifacts:
+            raise ValueError(f"artifacts: {self.measured_boot.file} (measured_boot.file) not listed")
         if self.image.sha256 != self.artifacts["initrd.img"].sha256:
             raise _NotTheInitrd("image.sha256 is not the sha256 of initrd.img")
         return self
@@ -239,6 +253,8 @@ def write(
     tmpfs_size_bytes: int,
     initrd_pieces: list[dict[str, Any]],
     profile: str,
+    measured_boot: dict[str, Any] | None = None,
+    tools: dict[str, str] | None = None,
 ) -> Manifest:
     manifest: dict[str, Any] = {
         "format": FORMAT,
@@ -257,7 +273,7 @@ def write(
         },
         "artifacts": {
             name: {"sha256": sha256_file(out / name), "size": (out / name).stat().st_size}
-            for name in ARTIFACTS
+            for name in (*ARTIFACTS, *([measured_boot["file"]] if measured_boot else []))
         },
         "policy": {
             "id": plan.policy.id,
@@ -274,7 +290,8 @@ def write(
         "packages": installed_packages(root),
         "source_date_epoch": source_date_epoch,
         "built": datetime.fromtimestamp(source_date_epoch, UTC).isoformat(),
-        "tools": tool_versions(),
+        "tools": {**tool_versions(), **(tools or {})},
+        **({"measured_boot": measured_boot} if measured_boot else {}),
     }
     text = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
     model = Manifest.parse(text, out / NAME)  # what we write, we can read
