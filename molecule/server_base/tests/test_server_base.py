@@ -59,3 +59,14 @@ def test_lockdown_settings(host: Any) -> None:
 def test_unused_units_masked(host: Any) -> None:
     states = {unit: host.run(f"systemctl is-enabled {unit}").stdout.strip() for unit in MASKED}
     assert states == dict.fromkeys(MASKED, "masked")
+
+
+def test_the_quote_tool_runs_on_the_image_python(host: Any) -> None:
+    """The TPM quote tool is installed and starts on the image's perl-base; a container has no
+    TPM, so it says so (tests/test_attest.py quotes with it against swtpm, verify on a boot)."""
+    tool = host.file("/usr/local/libexec/amnesiac/amnesiac-tpm-quote")
+    assert tool.mode == 0o755 and tool.user == "root"
+    usage = host.run("/usr/local/libexec/amnesiac/amnesiac-tpm-quote")
+    assert usage.rc == 1 and "usage: amnesiac-tpm-quote NONCE_HEX" in usage.stderr
+    no_tpm = host.run("/usr/local/libexec/amnesiac/amnesiac-tpm-quote 00 /nonexistent/tpmrm0")
+    assert no_tpm.rc != 0 and "No such file" in no_tpm.stderr

@@ -1,0 +1,306 @@
+"""Remote attestation: a TPM quote of the PCRs that say what booted, checked on the verifier.
+
+A diskless node keeps no key, so its attestation key (AK) is a *primary* key: the TPM derives
+it from the endorsement hierarchy's seed and a fixed template, the same key on every boot of
+the same TPM. A provider enrols the AK's public half once per machine (`derive_ak` against the
+machine's TPM before it enters the fleet, or the first derivation on a machine it trusts);
+`verify` then sends a fresh nonce, the target re-derives the AK and quotes PCRs 11 and 12 with
+it (roles/server_base/files/amnesiac-tpm-quote), and `check` proves on the verifier, with tpm2_checkquote,
+that the quote is signed by the enrolled key, carries this nonce and holds the PCRs the
+manifest predicts: 11 the UKI's sections (image/measure.py), 12 all zeros (no loader command
+line, credential or add-on replaced what PCR 11 names).
+
+`SoftwareTpm` is swtpm (Debian's), for the QEMU harness and the tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+
+from amnesiac.errors import AmnesiacError, UsageError
+from amnesiac.image.measure import BANK, ZEROS
+from amnesiac.run import run, spawn, stop_group
+
+# The AK: a restricted ECDSA P-256 signing key, primary in the endorsement hierarchy. Every
+# field is fixed, so the TPM's seed alone decides the key (TCG's "AK template" idea, EK-style).
+AK_ALGORITHM = "ecc256:ecdsa-sha256:null"
+AK_ATTRIBUTES = "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|restricted|sign|noda"
+QUOTED_PCRS = (11, 12)
+NONCE_BYTES = 20
+HOST_TOOLS = ("tpm2_createprimary", "tpm2_readpublic", "tpm2_quote", "tpm2_checkquote", "tpm2_flushcontext")
+QUOTE_FILES = ("ak.pem", "quote.msg", "quote.sig", "quote.pcrs")
+GUEST_TOOL = "/usr/local/libexec/amnesiac/amnesiac-tpm-quote"
+GUEST_FILES = ("ak.der", "quote.msg", "quote.sig", "quote.pcrs")  # what it prints, in hex
+
+
+class AttestationError(AmnesiacError):
+    """A TPM could not be asked, or its answer is not a quote."""
+
+
+@dataclass(frozen=True)
+class Quote:
+    """What a target sent: the AK it derived (its claim, not trusted) and a quote made with it."""
+
+    ak_pem: bytes
+    message: bytes  # TPMS_ATTEST, as signed
+    signature: bytes
+    pcrs: bytes  # the quoted PCR values, concatenated in selection order
+
+    def files(self) -> dict[str, bytes]:
+        return dict(zip(QUOTE_FILES, (self.ak_pem, self.message, self.signature, self.pcrs), strict=True))
+
+
+@dataclass(frozen=True)
+class Attestation:
+    """The verdict on a quote: `attested` only if every part held."""
+
+    signature_ok: bool  # signed by the enrolled AK, over this nonce, PCR digest matching the values
+    ak_enrolled: bool  # the target's AK is the enrolled one
+    pcrs: dict[int, str]  # what the quote holds (empty when the signature failed)
+    expected: dict[int, str]
+    detail: str
+
+    @property
+    def mismatched(self) -> list[int]:
+        return [i for i, want in self.expected.items() if self.pcrs.get(i) != want]
+
+    @property
+    def attested(self) -> bool:
+        return self.signature_ok and self.ak_enrolled and not self.mismatched
+
+    def why(self) -> str:
+        if not self.ak_enrolled:
+            return "the target's attestation key is not the enrolled one"
+        if not self.signature_ok:
+            return f"the quote does not verify: {self.detail}"
+        if self.mismatched:
+            return "; ".join(
+                f"PCR {i} is {self.pcrs.get(i, 'absent')[:16]}…, expected {self.expected[i][:16]}…"
+                for i in self.mismatched
+            )
+        return "attested"
+
+
+def new_nonce() -> bytes:
+    return os.urandom(NONCE_BYTES)
+
+
+# --- what runs where the TPM is ------------------------------------------------------------------
+
+
+def derive_ak_commands(work: str) -> list[list[str]]:
+    """tpm2-tools commands that derive the AK into `work`/ak.ctx and write its public PEM."""
+    return [
+        # A TPM without a resource manager (swtpm over TCP) keeps transient objects; make room.
+        ["tpm2_flushcontext", "-t"],
+        ["tpm2_createprimary", "-Q", "-C", "e", "-g", "sha256", "-G", AK_ALGORITHM, "-a", AK_ATTRIBUTES,
+         "-c", f"{work}/ak.ctx"],
+        ["tpm2_readpublic", "-Q", "-c", f"{work}/ak.ctx", "-o", f"{work}/ak.pem", "-f", "pem"],
+    ]  # fmt: skip
+
+
+def quote_commands(work: str, nonce: bytes) -> list[list[str]]:
+    """Derive the AK, then quote QUOTED_PCRS over `nonce` into `work`/quote.*."""
+    return [
+        *derive_ak_commands(work),
+        ["tpm2_quote", "-Q", "-c", f"{work}/ak.ctx", "-l", _selection(), "-q", nonce.hex(),
+         "-g", "sha256", "-m", f"{work}/quote.msg", "-s", f"{work}/quote.sig", "-o", f"{work}/quote.pcrs",
+         "-F", "values"],
+    ]  # fmt: skip
+
+
+def guest_command(nonce: bytes) -> str:
+    """The target's side: the image's own quote tool (server_base installs it; perl-base against
+    /dev/tpmrm0, so the image needs no Python and no TPM software stack)."""
+    return f"{GUEST_TOOL} {nonce.hex()}"
+
+
+def parse_guest_output(text: str) -> Quote:
+    """The quote from the guest tool's output: `== name` lines, each followed by its bytes in
+    hex (AttestationError if one is missing or malformed). Its key comes as DER: made PEM here."""
+    files: dict[str, bytes] = {}
+    name = None
+    for line in text.splitlines():
+        if line.startswith("== "):
+            name = line[3:].strip()
+        elif name in GUEST_FILES and line.strip():
+            try:
+                files[name] = bytes.fromhex(line.strip())
+            except ValueError:
+                raise AttestationError(f"the target's {name} is not hex") from None
+            name = None
+    if missing := [n for n in GUEST_FILES if n not in files]:
+        raise AttestationError(f"the target sent no {', '.join(missing)}")
+    try:
+        key = serialization.load_der_public_key(files["ak.der"])
+    except ValueError:
+        raise AttestationError("the target's ak.der is not a public key") from None
+    pem = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return Quote(pem, files["quote.msg"], files["quote.sig"], files["quote.pcrs"])
+
+
+def _tpm2(cmd: Sequence[str], tcti: str) -> subprocess.CompletedProcess[bytes]:
+    return run(list(cmd), capture=True, env={**os.environ, "TPM2TOOLS_TCTI": tcti})
+
+
+def derive_ak(tcti: str) -> bytes:
+    """The AK's public key (PEM) of the TPM at `tcti` (e.g. swtpm:host=127.0.0.1,port=N)."""
+    require_host_tools()
+    with tempfile.TemporaryDirectory(prefix="amnesiac-ak-") as work:
+        for cmd in derive_ak_commands(work):
+            _tpm2(cmd, tcti)
+        return (Path(work) / "ak.pem").read_bytes()
+
+
+def quote(tcti: str, nonce: bytes) -> Quote:
+    """A quote from the TPM at `tcti`, made with the host's tpm2-tools (the tests, enrolment)."""
+    require_host_tools()
+    with tempfile.TemporaryDirectory(prefix="amnesiac-quote-") as work:
+        for cmd in quote_commands(work, nonce):
+            _tpm2(cmd, tcti)
+        files = [(Path(work) / name).read_bytes() for name in QUOTE_FILES]
+    return Quote(*files)
+
+
+# --- the verifier's side -------------------------------------------------------------------------
+
+
+def _selection() -> str:
+    return f"{BANK}:{','.join(str(i) for i in QUOTED_PCRS)}"
+
+
+def expected_pcrs(pcr11: str) -> dict[int, str]:
+    return {11: pcr11.lower(), 12: ZEROS}
+
+
+_PCR_LINE = re.compile(r"^\s*(\d+)\s*:\s*(?:0x)?([0-9A-Fa-f]{64})\s*$")
+
+
+def check(enrolled_ak_pem: bytes, answer: Quote, nonce: bytes, expected: Mapping[int, str]) -> Attestation:
+    """Check a quote with tpm2_checkquote against the enrolled AK and this nonce, then its PCRs
+    against `expected` (PCR index -> hex)."""
+    require_host_tools()
+    ak_enrolled = _same_key(enrolled_ak_pem, answer.ak_pem)
+    with tempfile.TemporaryDirectory(prefix="amnesiac-checkquote-") as work:
+        for name, data in answer.files().items():
+            (Path(work) / name).write_bytes(data)
+        (Path(work) / "enrolled.pem").write_bytes(enrolled_ak_pem)
+        result = run(
+            ["tpm2_checkquote", "-u", f"{work}/enrolled.pem", "-m", f"{work}/quote.msg",
+             "-s", f"{work}/quote.sig", "-f", f"{work}/quote.pcrs", "-l", _selection(), "-g", "sha256",
+             "-q", nonce.hex()],
+            capture=True, check=False,
+        )  # fmt: skip
+    out = result.stdout.decode(errors="replace")
+    err = result.stderr.decode(errors="replace") if result.stderr else ""
+    pcrs: dict[int, str] = {}
+    if result.returncode == 0:
+        for line in out.splitlines():
+            if m := _PCR_LINE.match(line):
+                pcrs[int(m.group(1))] = m.group(2).lower()
+    detail = (err.strip().splitlines() or ["tpm2_checkquote failed"])[-1] if result.returncode else "ok"
+    want = {index: value.lower() for index, value in expected.items()}
+    return Attestation(result.returncode == 0, ak_enrolled, pcrs, want, detail)
+
+
+def _same_key(a: bytes, b: bytes) -> bool:
+    def der(pem: bytes) -> bytes | None:
+        try:
+            key = serialization.load_pem_public_key(pem)
+        except ValueError:
+            return None
+        return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+    left = der(a)
+    return left is not None and left == der(b)
+
+
+def require_host_tools() -> None:
+    if missing := [t for t in HOST_TOOLS if shutil.which(t) is None]:
+        raise UsageError(
+            f"missing host tool: {', '.join(missing)}", hint="apt-get install tpm2-tools, or `make setup`"
+        )
+
+
+# --- swtpm -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SoftwareTpm:
+    """A TPM 2.0 emulated by swtpm, its state (seeds, hence the AK) kept in `state`."""
+
+    state: Path
+
+    def create(self) -> None:
+        """Manufacture it: a new endorsement seed (a new machine, as far as the AK goes). No EK
+        is made: the AK needs the seed only, and an EK's RSA key costs seconds under load."""
+        if shutil.which("swtpm_setup") is None:
+            raise UsageError(
+                "missing host tool: swtpm_setup", hint="apt-get install swtpm-tools, or `make setup`"
+            )
+        self.state.mkdir(parents=True, exist_ok=True)
+        run(["swtpm_setup", "--tpm2", "--tpmstate", self.state, "--pcr-banks", "sha256", "--overwrite"],
+            capture=True)  # fmt: skip
+
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[str]:
+        """Serve it on loopback TCP for tpm2-tools; yields the TCTI string."""
+        port = _free_port_pair()  # tpm2-tools' swtpm TCTI finds the control port at port + 1
+        ctrl = port + 1
+        process = spawn(
+            ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={self.state}",
+             "--server", f"type=tcp,port={port},bindaddr=127.0.0.1",
+             "--ctrl", f"type=tcp,port={ctrl},bindaddr=127.0.0.1", "--flags", "not-need-init,startup-clear"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            _wait_port(port, process)
+            yield f"swtpm:host=127.0.0.1,port={port}"
+        finally:
+            stop_group(process, term_timeout=5)  # it never ends by itself: no grace to wait out
+
+    def qemu_socket(self, path: Path) -> subprocess.Popen[bytes]:
+        """swtpm for QEMU's `-tpmdev emulator` on a unix control socket (the caller stops it)."""
+        return spawn(
+            ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={self.state}",
+             "--ctrl", f"type=unixio,path={path}", "--terminate"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+
+
+def _free_port_pair(attempts: int = 50) -> int:
+    """A loopback port whose successor is free too."""
+    for _ in range(attempts):
+        with socket.socket() as first:
+            first.bind(("127.0.0.1", 0))
+            port: int = first.getsockname()[1]
+            with socket.socket() as second:
+                try:
+                    second.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+                return port
+    raise AttestationError("no two consecutive free ports on 127.0.0.1 for swtpm")
+
+
+def _wait_port(port: int, process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AttestationError(f"swtpm stopped (exit {process.returncode}) before it served")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return
+        time.sleep(0.05)
+    raise AttestationError(f"swtpm did not listen on 127.0.0.1:{port} in {timeout:.0f} s")
