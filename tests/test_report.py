@@ -48,6 +48,7 @@ from amnesiac.report import (
     render_junit,
     write,
 )
+from amnesiac.report.model import TpmAttestation
 from amnesiac.roles import Role
 
 REPO = Path(__file__).resolve().parent.parent
@@ -837,6 +838,48 @@ def test_html_warns_when_the_image_is_not_the_built_one(example_policy: Policy) 
         tool_version="0",
     )
     assert "do not match the build manifest" in render_html(report)
+
+
+def test_the_identity_says_attested_only_when_the_tpm_did(example_policy: Policy) -> None:
+    """ "attested by the TPM" and "reported by the target" are never the same words: a report
+    without a quote, with a failed one and with a good one, in HTML, JSON and JUnit."""
+
+    def page(tpm: TpmAttestation | None) -> tuple[str, str, Report]:
+        identity = qemu_target().identity.model_copy(update={"tpm": tpm})
+        report = build_report(
+            example_policy,
+            qemu_target().model_copy(update={"identity": identity}),
+            passing_results(example_policy),
+            integrity=INTEGRITY,
+            generated=GENERATED,
+            tool_version="0",
+        )
+        return render_html(report), render_junit(report).decode(), report
+
+    pcrs = {"11": "1" * 64, "12": "0" * 64}
+    good = TpmAttestation(
+        attested=True, reason="attested", nonce="ab" * 20, ak_sha256="d" * 64,
+        quoted_pcrs=pcrs, expected_pcrs=pcrs, overlay_sha256="e" * 64,
+    )  # fmt: skip
+    bad = good.model_copy(
+        update={
+            "attested": False,
+            "reason": "PCR 11 is 2222…, expected 1111…",
+            "quoted_pcrs": {"11": "2" * 64},
+        }
+    )
+    html, junit, report = page(None)
+    assert "reported by the target: no TPM was asked" in html and "attested by the TPM" not in html
+    assert 'name="target.identity" value="reported by the target"' in junit
+    html, junit, report = page(bad)
+    assert "not attested" in html and "did not attest this build" in html and "PCR 11 is 2222" in html
+    assert 'value="attested by the TPM"' not in junit
+    html, junit, report = page(good)
+    assert "✓ attested by the TPM" in html and "= predicted" in html and "e" * 64 in html
+    assert 'name="target.identity" value="attested by the TPM"' in junit
+    data = json.loads(report.model_dump_json())
+    assert data["target"]["identity"]["established_by"] == "attested by the TPM"
+    assert Report.model_validate_json(report.model_dump_json()) == report  # read back as written
 
 
 # --- writing -----------------------------------------------------------------------------------

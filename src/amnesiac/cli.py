@@ -394,11 +394,15 @@ is written then, since nothing was proved either way.""",
 def _boot_parser(sub: Any) -> None:
     boot = sub.add_parser(
         "boot",
-        help="netboot a build in QEMU (iPXE over HTTP from 127.0.0.1), for testing",
+        help="boot a build in QEMU (UEFI with a TPM, or iPXE over HTTP from 127.0.0.1), for testing",
         description="""\
-Netboot DIR in QEMU the way a server boots: the NIC's iPXE ROM fetches the build's
-boot.ipxe, vmlinuz and initrd.img over HTTP from a server on 127.0.0.1. vmlinuz and
-initrd.img must match manifest.json, or nothing boots.
+Boot DIR in QEMU the way a server boots. A build with a unified kernel image
+(amnesiac.efi) boots under UEFI firmware (OVMF) with a TPM (swtpm): the UKI with the
+boot-time overlay after its initrd, so systemd-stub measures both into PCR 11, and the
+TPM's attestation key enrolled before the boot (`verify` asks it for a quote). With
+--netboot, or a build without a UKI, the NIC's iPXE ROM fetches the build's boot.ipxe,
+vmlinuz and initrd.img over HTTP from a server on 127.0.0.1 instead. Either way the
+files must match manifest.json, or nothing boots.
 
 The guest's network is isolated: it reaches only that server, and its SSH port is
 forwarded to 127.0.0.1. A USB keyboard, a USB stick and a virtio disk are attached, so
@@ -450,6 +454,11 @@ temporary file removed. With --wait (or --json) it first waits for sshd and says
         "--no-test-devices", action="store_true", help="attach no USB keyboard, USB stick or virtio disk"
     )
     boot.add_argument(
+        "--netboot",
+        action="store_true",
+        help="netboot over iPXE (BIOS) even when the build has a UKI: no firmware, no TPM, nothing attested",
+    )
+    boot.add_argument(
         "--ssh-port", type=_port, metavar="PORT", help="host port for the guest's SSH (default: a free one)"
     )
     boot.add_argument(
@@ -468,6 +477,7 @@ def _boot(args: argparse.Namespace) -> int:
         test_devices=not args.no_test_devices,
         ssh_port=args.ssh_port,
         serial_log=args.serial_log,
+        measured=False if args.netboot else None,
     )
     return boot.command(args.dir, options, wait=args.wait, json_out=args.json, timeout=args.timeout)
 

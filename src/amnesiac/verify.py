@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from amnesiac import __version__, policy, ssh
+from amnesiac import __version__, attest, policy, ssh
 from amnesiac.checks import DIRECTORY as CHECKS_DIR
 from amnesiac.checks import MODULES
 from amnesiac.checks.expectations import Expectations, PermittedRecord
@@ -214,7 +214,10 @@ def read_identities(
         if fleet is None and unreachable:  # one target: nothing to verify, an error of the run
             raise VerifyError(next(iter(unreachable.values())))
         if fleet is None:
-            stage.note = f"boot {next(iter(identities.values())).boot_id or '-'}"
+            identity = next(iter(identities.values()))
+            stage.note = f"{identity.established_by}, boot {identity.boot_id or '-'}"
+            if identity.tpm is not None and not identity.tpm.attested:
+                stage.note += f"; not attested: {identity.tpm.reason}"
         else:
             stage.note = f"{len(identities)} reachable, {len(unreachable)} not"
     return identities, unreachable
@@ -330,7 +333,8 @@ def with_catalogue_meta(result: CheckResult) -> CheckResult:
 
 
 def identity_result(identity: Identity, built: Manifest | None) -> CheckResult | None:
-    """The target runs the build it should: the image it names and the files it was served."""
+    """The target runs the build it should: attested by its TPM where the boot was measured,
+    otherwise the image it names and the files it was served."""
     if built is None:
         return None
     want = built.sha256
@@ -347,11 +351,33 @@ def identity_result(identity: Identity, built: Manifest | None) -> CheckResult |
         problems.append(f"the target booted image {identity.image_sha256 or 'unnamed'}, the build is {want}")
     if identity.manifest_sha256_matches is False:
         problems.append("the files the target was served differ from manifest.json")
+    if (tpm := identity.tpm) is not None:
+        evidence.insert(
+            0,
+            Evidence(
+                command=f"{attest.GUEST_TOOL} <nonce>; tpm2_checkquote",
+                exit_code=0 if tpm.attested else 1,
+                output=_json(tpm.model_dump(mode="json")),
+                note=identity.established_by,
+            ),
+        )
+        if not tpm.attested:
+            problems.append(f"TPM attestation failed: {tpm.reason}")
+    rationale = (
+        "The kernel command line names the initrd's sha256 and the served files match "
+        "manifest.json, so every result below is about the image that ships."
+    )
+    if identity.tpm is not None:
+        rationale = (
+            "The target's TPM quoted PCRs 11 and 12 over a fresh nonce with the attestation key "
+            "enrolled before it booted; PCR 11 is what systemd-stub measured (kernel, initrd with "
+            "the test overlay named here, command line) and must equal the manifest's prediction, "
+            "PCR 12 (anything a boot loader added) must be empty. " + rationale
+        )
     return CheckResult(
         id="identity.matches_manifest",
         title="The target runs this build",
-        rationale="The kernel command line names the initrd's sha256 and the served files match "
-        "manifest.json, so every result below is about the image that ships.",
+        rationale=rationale,
         outcome=CheckOutcome.FAILED if problems else CheckOutcome.PASSED,
         reason="; ".join(problems) or None,
         evidence=evidence,

@@ -1,4 +1,5 @@
-"""A real netboot in QEMU: iPXE over HTTP from 127.0.0.1, the test key through the overlay.
+"""A real boot in QEMU as a server with a TPM boots (UEFI, swtpm, the build's UKI with the test
+key's overlay), and a netboot over iPXE from 127.0.0.1 (`amnesiac boot --netboot`).
 
 The image is $AMNESIAC_BOOT_BUILD (a build to reuse while developing), else the session's OVPN image.
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from amnesiac import boot
+from amnesiac import attest, boot
 from amnesiac.boot import memory
 from tests.images import Built
 
@@ -82,14 +83,21 @@ def test_ssh_with_the_overlay_key(machine: boot.BootedMachine, key: Path) -> Non
     assert ssh(machine, key, "id -u").strip() == "0"
 
 
-def test_served_image_matches_manifest(machine: boot.BootedMachine) -> None:
+def test_the_tpm_attests_what_was_built(machine: boot.BootedMachine, key: Path) -> None:
+    """The boot was measured: the TPM's quote, made by the image's own tool with the key enrolled
+    before the boot, holds the PCR 11 that manifest.json and the overlay predict."""
+    measured = machine.measured
+    assert measured is not None, "a build with a UKI boots measured"
     manifest = machine.image.manifest
-    served = {r.name: r for r in machine.served() if r.status == 200}
-    assert served["initrd.img"].sha256 == manifest.artifacts["initrd.img"].sha256 == manifest.image.sha256
-    assert served["vmlinuz"].sha256 == manifest.artifacts["vmlinuz"].sha256
-    assert served["boot.ipxe"].sha256 == manifest.artifacts["boot.ipxe"].sha256, "boot.ipxe served unmodified"
-    assert all(r.complete for r in served.values())
-    assert served["overlay.cpio"].sha256 == machine.overlay_sha256
+    assert measured.parts["vmlinuz"] == manifest.artifacts["vmlinuz"].sha256
+    assert measured.parts["initrd.img"] == manifest.artifacts["initrd.img"].sha256 == manifest.image.sha256
+    assert measured.parts["overlay.cpio"] == measured.overlay_sha256 == machine.overlay_sha256
+    assert measured.tampered is None
+    nonce = attest.new_nonce()
+    answer = attest.parse_guest_output(ssh(machine, key, attest.guest_command(nonce)))
+    verdict = attest.check(measured.ak_pem, answer, nonce, measured.expected_pcrs)
+    assert verdict.attested, verdict.why()
+    print(f"\nattested: PCR 11 {verdict.pcrs[11]}, {measured.timings}")
 
 
 def test_booted_the_manifest_cmdline_on_a_tmpfs_root(machine: boot.BootedMachine, key: Path) -> None:
@@ -160,7 +168,17 @@ def test_the_whole_ram_is_searched_from_the_host(machine: boot.BootedMachine, ke
 def test_cli_ready_json_then_sigterm_leaves_nothing(image: Path, key: Path, tmp_path: Path) -> None:
     env = {**os.environ, "TMPDIR": str(tmp_path)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "amnesiac.cli", "boot", str(image), "--ssh-key", f"{key}.pub", "--json"],
+        [
+            sys.executable,
+            "-m",
+            "amnesiac.cli",
+            "boot",
+            str(image),
+            "--ssh-key",
+            f"{key}.pub",
+            "--json",
+            "--netboot",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -177,6 +195,14 @@ def test_cli_ready_json_then_sigterm_leaves_nothing(image: Path, key: Path, tmp_
             lines.append(line)
         ready = json.loads("".join(lines))
         assert ready["ssh_ready_seconds"] > 0
+        # Netbooted over iPXE: every file the guest fetched is the build's, whole.
+        assert ready["measured_boot"] is None
+        manifest = json.loads((image / "manifest.json").read_text())
+        served = {r["name"]: r for r in ready["served"] if r["status"] == 200}
+        for name in ("boot.ipxe", "vmlinuz", "initrd.img"):
+            assert served[name]["sha256"] == manifest["artifacts"][name]["sha256"], name
+            assert served[name]["complete"], name
+        assert served["overlay.cpio"]["sha256"] == ready["overlay_sha256"]
         assert ready["ssh"]["host"] == "127.0.0.1"
         qemu_pid = ready["qemu_pid"]
         os.kill(qemu_pid, 0)  # running

@@ -71,6 +71,13 @@ def test_identity_is_recorded_and_matches_the_build(
         assert identity["image_sha256"] == ovpn.manifest["image"]["sha256"]
     assert identity["manifest_sha256_matches"] is True
     assert identity["boot_id"] and identity["kernel_release"] and "amnesiac.image=" in identity["cmdline"]
+    # Booted measured: the TPM, not the target, says which build runs.
+    assert identity["established_by"] == "attested by the TPM", identity["tpm"]
+    tpm = identity["tpm"]
+    assert tpm["attested"] and tpm["quoted_pcrs"] == tpm["expected_pcrs"]
+    assert tpm["overlay_sha256"] and tpm["tampered"] is None
+    identity_check = next(c for c in report["integrity"]["checks"] if c["id"] == "identity.matches_manifest")
+    assert identity_check["evidence"][0]["note"] == "attested by the TPM"
     assert json.loads(stdout)["verdict"] == "pass"
 
 
@@ -95,7 +102,7 @@ def test_without_controls_every_claim_fails_booted(ovpn_without_controls: Built,
         ch["id"]: ch["outcome"] for c in [report["integrity"], *report["claims"]] for ch in c["checks"]
     }
     cannot_fail_here = {
-        "identity.matches_manifest": "the negative image is served as built",
+        "identity.matches_manifest": "the negative image boots as built (its TPM attests it)",
         "ssh.no_test_key": "it carries no key of its own either",
         "storage.no_swap": "no amnesiac image has a swap device or swap package to turn on",
     }

@@ -34,7 +34,11 @@ def command(build_dir: Path, options: BootOptions, *, wait: bool, json_out: bool
             f"[bold]booting[/] {escape(str(machine.image.dir))} (image {machine.image.sha256[:12]}): "
             f"{machine.memory_mib} MiB, {machine.cpus} vCPUs, {machine.accel.reason}"
         )
-        say(f"  netboot: {machine.http_url} (the guest's http://{GUEST_HTTP}/; guest network isolated)")
+        if machine.measured is not None:
+            expected = machine.measured.expected_pcrs[11]
+            say(f"  measured boot: UEFI, swtpm, the build's UKI with the overlay; PCR 11 must be {expected}")
+        else:
+            say(f"  netboot: {machine.http_url} (the guest's http://{GUEST_HTTP}/; guest network isolated)")
         say(f"  serial console: {escape(str(machine.serial_log))}")
         if machine.devices:
             say("  test devices: " + ", ".join(d.description for d in machine.devices))
@@ -45,7 +49,9 @@ def command(build_dir: Path, options: BootOptions, *, wait: bool, json_out: bool
         if wait or json_out:
             with progress.stage("boot", "waiting for SSH") as stage:
                 seconds = machine.wait_ssh(timeout, on_tick=progress.detail)
-                stage.note = f"{machine.ssh_banner}; served files match manifest.json"
+                stage.note = machine.ssh_banner
+                if machine.measured is None:
+                    stage.note += "; served files match manifest.json"
             if json_out:
                 print(json.dumps(machine.summary(), indent=2), flush=True)
             say(f"[bold green]ready[/] in {seconds:.1f} s: {escape(machine.ssh_command())}")

@@ -27,11 +27,12 @@ from typing import Any
 from amnesiac import ssh
 from amnesiac.boot.accel import Accel, AccelChoice, choose_accel
 from amnesiac.boot.errors import BootError, ImageMismatch
+from amnesiac.boot.firmware import TEST_UKI, MeasuredBoot, Tamper, measured_boot
 from amnesiac.boot.http import FileServer, Served
 from amnesiac.boot.image import MUST_MATCH, BootImage, ServedFiles, memory_mib, served_from_build, served_name
 from amnesiac.boot.link import ClientLink, attach, client_link
 from amnesiac.boot.memory import MemorySearch, search_guest
-from amnesiac.boot.overlay import OverlayFile, authorized_key, harness
+from amnesiac.boot.overlay import OverlayFile, authorized_key, harness, overlay_cpio
 from amnesiac.boot.qemu import (
     GUEST_HTTP,
     KERNEL_STARTED,
@@ -71,6 +72,10 @@ class BootOptions:
     guest_services: tuple[GuestService, ...] = ()  # host services the guest may reach
     # A second NIC linked to a namespace of the harness's own (boot.link), for real clients.
     client_link: bool = False
+    # UEFI + TPM + the build's UKI (boot/firmware.py), so the TPM can say what booted. None: when
+    # the build has a UKI and is booted from its own directory (a PXE root is netbooted).
+    measured: bool | None = None
+    tamper: Tamper | None = None  # a deliberate change to the measured UKI (negative tests)
 
 
 @dataclass
@@ -97,6 +102,7 @@ class BootedMachine:
     ssh_ready_seconds: float | None = None
     ssh_banner: str = ""
     emulator_retry: str | None = None  # the emulator failure the guest was booted again after
+    measured: MeasuredBoot | None = None  # booted under UEFI with a TPM: what it must attest
     _stopped: bool = field(default=False, repr=False)
 
     @property
@@ -186,7 +192,10 @@ class BootedMachine:
                 continue
 
     def check_served(self) -> None:
-        """vmlinuz and initrd.img were served whole and match manifest.json."""
+        """vmlinuz and initrd.img were served whole and match manifest.json (a measured boot
+        serves nothing: its UKI is checked before it starts, and the TPM attests what ran)."""
+        if self.measured is not None:
+            return
         records = self.served()
         for name in MUST_MATCH:
             done = [r for r in records if served_name(r.name) == name and r.status == 200 and r.bytes]
@@ -228,6 +237,7 @@ class BootedMachine:
             "http": {"url": self.http_url, "guest_url": f"http://{GUEST_HTTP}/"},
             "overlay_sha256": self.overlay_sha256,
             "emulator_retry": self.emulator_retry,
+            "measured_boot": self.measured.as_dict() if self.measured else None,
             "served": [r.as_dict() for r in self.served()],
             "devices": [d.as_dict() for d in self.devices],
         }
@@ -280,14 +290,23 @@ def running(build: Path | ServedFiles, options: BootOptions | None = None) -> It
     qemu, busybox = find_tools()
     accel = choose_accel(options.accel, image.path("vmlinuz"))
     memory = options.memory_mib or memory_mib(image.manifest)
+    measured_wanted = options.measured
+    if measured_wanted is None:
+        measured_wanted = not isinstance(build, ServedFiles) and image.manifest.measured_boot is not None
     ssh_port = options.ssh_port or _free_port()
 
     work = Path(tempfile.mkdtemp(prefix="amnesiac-boot-"))
     stack = contextlib.ExitStack()
     stack.callback(shutil.rmtree, work, ignore_errors=True)
     try:
-        first = harness(overlay_files, image.manifest.source_date_epoch or 0)
+        sde = image.manifest.source_date_epoch or 0
+        first = harness(overlay_files, sde)
         server = stack.enter_context(FileServer({**served.table, **first.files}))
+        measured, firmware_args = None, list[str]()
+        if measured_wanted:
+            overlay = overlay_cpio(overlay_files, sde) if overlay_files else b""
+            measured, firmware_args = stack.enter_context(measured_boot(image, work, overlay, options.tamper))
+            memory = options.memory_mib or memory + _uki_memory_mib(work)
 
         devices, device_args = emulated_devices(work) if options.test_devices else ([], [])
         link = stack.enter_context(client_link(work)) if options.client_link else None
@@ -310,6 +329,7 @@ def running(build: Path | ServedFiles, options: BootOptions | None = None) -> It
             qmp_socket=qmp_socket,
             checks_qmp_socket=checks_qmp,
             device_args=device_args,
+            firmware_args=firmware_args,
         )
         started = time.monotonic()
         process = _spawn_qemu(argv, qemu_log)
@@ -334,6 +354,7 @@ def running(build: Path | ServedFiles, options: BootOptions | None = None) -> It
             _qmp=None,
             _qemu_log=qemu_log,
             checks_qmp=checks_qmp,
+            measured=measured,
         )
         stack.callback(_shielded_stop, machine)
         machine._qmp = _connect_qmp(machine, qmp_socket)
@@ -344,6 +365,11 @@ def running(build: Path | ServedFiles, options: BootOptions | None = None) -> It
     finally:
         with _shielded():
             stack.close()
+
+
+def _uki_memory_mib(work: Path) -> int:
+    """What a UKI boot needs beyond a netboot: the firmware holds the UKI while the kernel starts."""
+    return -(-(work / TEST_UKI).stat().st_size // (32 * 1024**2)) * 32
 
 
 def _spawn_qemu(argv: list[str], qemu_log: Path) -> subprocess.Popen[bytes]:

@@ -76,8 +76,11 @@ def qemu_argv(
     qmp_socket: Path,
     checks_qmp_socket: Path | None = None,
     device_args: Sequence[str] = (),
+    firmware_args: Sequence[str] = (),
 ) -> list[str]:
-    """The QEMU command line. `forwards` are (protocol, host port, guest port)."""
+    """The QEMU command line. `forwards` are (protocol, host port, guest port). Without
+    `firmware_args` SeaBIOS netboots the NIC's iPXE; with them (boot/firmware.py: OVMF, a TPM
+    and `-kernel`) the firmware boots the given UKI."""
     netdev = [
         "user",
         f"id={NETDEV}",
@@ -101,13 +104,15 @@ def qemu_argv(
         "-nodefaults",
         "-display", "none",
         "-no-reboot",  # a failed boot (panic=, the early init's reboot) ends QEMU
-        "-boot", "order=n,strict=on,reboot-timeout=0",  # a failed netboot ends it too
-        "-chardev", f"file,id=serial0,path={_opt(serial_log)}",
+        # A failed netboot ends it too.
+        *([] if firmware_args else ["-boot", "order=n,strict=on,reboot-timeout=0"]),
+        *firmware_args,
+        "-chardev", f"file,id=serial0,path={opt(serial_log)}",
         "-serial", "chardev:serial0",
-        "-qmp", f"unix:{_opt(qmp_socket)},server=on,wait=off",
+        "-qmp", f"unix:{opt(qmp_socket)},server=on,wait=off",
         # A second monitor for the checks, which run in their own process (QMP serves one client
         # per socket): they dump the guest's memory through it (boot/memory.py).
-        *(["-qmp", f"unix:{_opt(checks_qmp_socket)},server=on,wait=off"] if checks_qmp_socket else []),
+        *(["-qmp", f"unix:{opt(checks_qmp_socket)},server=on,wait=off"] if checks_qmp_socket else []),
         "-netdev", _opt_join(netdev),
         # QEMU finds Debian's iPXE ROM by itself; naming it with romfile= stops SeaBIOS from
         # booting it (measured with QEMU 7.2), so find_tools() only checks that it is there.
@@ -116,13 +121,13 @@ def qemu_argv(
     ]  # fmt: skip
 
 
-def _opt(value: object) -> str:
+def opt(value: object) -> str:
     """A value inside a QEMU option list: commas are doubled."""
     return str(value).replace(",", ",,")
 
 
 def _opt_join(parts: Sequence[str]) -> str:
-    return ",".join(p.split("=", 1)[0] + "=" + _opt(p.split("=", 1)[1]) if "=" in p else p for p in parts)
+    return ",".join(p.split("=", 1)[0] + "=" + opt(p.split("=", 1)[1]) if "=" in p else p for p in parts)
 
 
 # --- emulated devices ---------------------------------------------------------------------------
@@ -168,13 +173,13 @@ def emulated_devices(work: Path) -> tuple[list[EmulatedDevice], list[str]]:
         ),
         EmulatedDevice("erst0", "acpi-erst", "ACPI ERST firmware persistent store"),
     ]
-    erst_store = f"memory-backend-file,id=erst0-store,size={TEST_ERST_BYTES},share=on,mem-path={_opt(erst)}"
+    erst_store = f"memory-backend-file,id=erst0-store,size={TEST_ERST_BYTES},share=on,mem-path={opt(erst)}"
     args = [
-        "-drive", f"if=none,id=disk0-drive,format=raw,file={_opt(disk)}",
+        "-drive", f"if=none,id=disk0-drive,format=raw,file={opt(disk)}",
         "-device", "virtio-blk-pci,drive=disk0-drive,id=disk0,serial=amnesiac-disk",
         "-device", "qemu-xhci,id=xhci",
         "-device", "usb-kbd,bus=xhci.0,id=kbd0",
-        "-drive", f"if=none,id=stick0-drive,format=raw,file={_opt(stick)}",
+        "-drive", f"if=none,id=stick0-drive,format=raw,file={opt(stick)}",
         "-device", "usb-storage,bus=xhci.0,drive=stick0-drive,id=stick0,serial=amnesiac-stick",
         "-object", erst_store,
         "-device", "acpi-erst,memdev=erst0-store,id=erst0",

@@ -17,9 +17,17 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    computed_field,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 from amnesiac.checks.results import (
     MISSING_CHECK_REASON,
@@ -208,6 +216,25 @@ class ClaimResult(_Model):
         )
 
 
+ATTESTED = "attested by the TPM"
+REPORTED = "reported by the target"
+
+
+class TpmAttestation(_Model):
+    """A TPM quote of what booted, checked by the verifier against the enrolled attestation key,
+    its own nonce and the manifest's predicted PCRs (attest.py)."""
+
+    attested: bool
+    reason: str  # "attested", or why not
+    nonce: str
+    ak_sha256: str  # of the enrolled key's PEM
+    quoted_pcrs: dict[str, str] = Field(default_factory=dict)  # sha256 bank: index -> value
+    expected_pcrs: dict[str, str] = Field(default_factory=dict)
+    # The test overlay measured with the image into PCR 11 (the verifier's key, an identity).
+    overlay_sha256: str | None = None
+    tampered: str | None = None  # what the harness changed on purpose (a negative test)
+
+
 class Identity(_Model):
     """What the target says it is, read before any check runs; anything unread stays None."""
 
@@ -218,6 +245,21 @@ class Identity(_Model):
     hostname: str | None = None
     artifacts: dict[str, Sha256] = Field(default_factory=dict)  # served file name -> sha256
     manifest_sha256_matches: bool | None = None  # the served artifacts match manifest.json
+    tpm: TpmAttestation | None = None  # a quote was asked for (qemu: boots measured)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derived(cls, data: Any) -> Any:
+        """report.json carries `established_by` for its readers; it is derived, never read back."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if k != "established_by"}
+        return data
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def established_by(self) -> str:
+        """How the report knows who the target is: never the same words for both."""
+        return ATTESTED if self.tpm is not None and self.tpm.attested else REPORTED
 
 
 class Target(_Model):

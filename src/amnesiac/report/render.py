@@ -247,6 +247,7 @@ def _properties(report: Report) -> list[tuple[str, str]]:
         ("policy.file", report.policy.file),
         ("policy.sha256", report.policy.sha256),
         ("target", report.target.spec),
+        ("target.identity", identity.established_by),
         ("target.image_sha256", identity.image_sha256),
         ("target.kernel_release", identity.kernel_release),
         ("target.cmdline", identity.cmdline),
@@ -256,6 +257,9 @@ def _properties(report: Report) -> list[tuple[str, str]]:
     if identity.manifest_sha256_matches is not None:
         pairs.append(("target.manifest_sha256_matches", str(identity.manifest_sha256_matches).lower()))
     pairs += [(f"target.artifact.{name}", digest) for name, digest in identity.artifacts.items()]
+    if identity.tpm is not None:
+        pairs.append(("target.tpm.reason", identity.tpm.reason))
+        pairs += [(f"target.tpm.pcr{index}", value) for index, value in identity.tpm.quoted_pcrs.items()]
     pairs += [(f"claim.{c.id}", str(c.status)) for c in [report.integrity, *report.claims]]
     return [(k, v) for k, v in pairs if v is not None]
 

@@ -17,9 +17,10 @@ from amnesiac.errors import UnreachableError, UsageError
 
 if TYPE_CHECKING:
     from amnesiac.boot import BootedMachine
+    from amnesiac.boot.firmware import MeasuredBoot
     from amnesiac.image.manifest import Manifest
     from amnesiac.progress import Progress
-    from amnesiac.report.model import Identity
+    from amnesiac.report.model import Identity, TpmAttestation
 
 
 class TargetKind(StrEnum):
@@ -153,7 +154,43 @@ class Target(abc.ABC):
             hostname=values["hostname"] or None,
             artifacts=dict(connection.served),
             manifest_sha256_matches=matches,
+            tpm=quote_target(host, connection.machine.measured)
+            if connection.machine is not None and connection.machine.measured is not None
+            else None,
         )
+
+
+def quote_target(host: Any, measured: MeasuredBoot) -> TpmAttestation:
+    """Ask the target's TPM for a quote over a fresh nonce and check it (attest.py)."""
+    import hashlib
+
+    from amnesiac import attest
+    from amnesiac.report.model import TpmAttestation
+
+    nonce = attest.new_nonce()
+    record = {
+        "nonce": nonce.hex(),
+        "ak_sha256": hashlib.sha256(measured.ak_pem).hexdigest(),
+        "expected_pcrs": {str(k): v for k, v in measured.expected_pcrs.items()},
+        "overlay_sha256": measured.overlay_sha256,
+        "tampered": measured.tampered,
+    }
+    answer = host.run(attest.guest_command(nonce))
+    if answer.rc != 0:
+        why = " ".join((answer.stderr or answer.stdout or "").split())[-300:] or f"exit {answer.rc}"
+        return TpmAttestation(attested=False, reason=f"the target gave no quote: {why}", **record)
+    try:
+        verdict = attest.check(
+            measured.ak_pem, attest.parse_guest_output(answer.stdout), nonce, measured.expected_pcrs
+        )
+    except attest.AttestationError as exc:
+        return TpmAttestation(attested=False, reason=exc.message, **record)
+    return TpmAttestation(
+        attested=verdict.attested,
+        reason=verdict.why(),
+        quoted_pcrs={str(k): v for k, v in verdict.pcrs.items()},
+        **record,
+    )
 
 
 def backends() -> list[type[Target]]:

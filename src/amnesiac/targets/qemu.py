@@ -1,6 +1,7 @@
-"""qemu:BUILD_DIR — the build netbooted in QEMU as a server boots (iPXE, the boot harness), then
-verified over SSH with a throwaway key that arrives in a boot-time overlay: the artifact
-verified is the artifact that ships. The only kind with a machine of its own to drive (QMP)."""
+"""qemu:BUILD_DIR — the build booted in QEMU as a server boots (UEFI with a TPM and the build's
+UKI, boot/firmware.py; a build without a UKI netboots over iPXE), then verified over SSH with a
+throwaway key that arrives in a boot-time overlay: the artifact verified is the artifact that
+ships, and the TPM's quote says so. The only kind with a machine of its own to drive (QMP)."""
 
 from __future__ import annotations
 
@@ -54,7 +55,8 @@ class QemuTarget(Target):
         """Boot the build; QEMU runs until the context ends, whatever happens."""
         key = throwaway_key(options.work)
         progress = options.progress
-        agent = AgentBuild.of(Manifest.load(self.build))
+        built = Manifest.load(self.build)
+        agent = AgentBuild.of(built)
         with contextlib.ExitStack() as stack:
             # A build that asks a provider gets a reference one, whose journal the checks read.
             attached = stack.enter_context(reference_provider(options.work, agent.records)) if agent else None
@@ -67,7 +69,9 @@ class QemuTarget(Target):
                 guest_services=(attached.guest_service, sink.service) if attached and sink else (),
                 client_link=agent is not None,
             )
-            with progress.stage("boot", f"Boot {self.build.name} in QEMU over iPXE") as stage:
+            # A build with a UKI boots as a server with a TPM does, so that its TPM can attest it.
+            how = "under UEFI with a TPM (measured boot)" if built.measured_boot else "over iPXE"
+            with progress.stage("boot", f"Boot {self.build.name} in QEMU {how}") as stage:
                 try:
                     machine = stack.enter_context(boot.running(self.build, boot_options))
                     seconds = machine.wait_ssh(timeout=options.boot_timeout, on_tick=progress.detail)
@@ -88,7 +92,10 @@ class QemuTarget(Target):
                 ssh_config=config,
                 test_keys=tuple(dict.fromkeys([*own, *options.verifier_keys])),
                 test_devices_attached=boot_options.test_devices,
-                served={s.name: s.sha256 for s in machine.served() if s.sha256},
+                # What reached the guest: served over HTTP, or put in the measured boot's test UKI.
+                served=machine.measured.parts
+                if machine.measured
+                else {s.name: s.sha256 for s in machine.served() if s.sha256},
                 machine=machine,
                 guest_memory=GuestMemory(
                     qmp_socket=str(machine.checks_qmp),

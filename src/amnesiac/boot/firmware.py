@@ -1,0 +1,191 @@
+"""Measured boot in the harness: UEFI firmware (OVMF), a TPM (swtpm) and the UKI, as a server
+with a TPM boots, so that `verify` can ask the TPM what booted instead of the target.
+
+The build's `amnesiac.efi` holds the image's initrd alone; the test access (the verifier's key,
+a VPN identity) cannot come beside it, because systemd-stub takes no second initrd from a boot
+loader (docs/measured-boot/README.md). So each boot makes a *test UKI*: the same kernel,
+command line, os-release and stub, with the boot-time overlay after initrd.img in `.initrd`.
+What PCR 11 must then hold is predicted from the signed manifest's section digests and the
+overlay's own sha256, never from the test UKI: a changed kernel, initrd or command line in it
+shows as a mismatch. Before QEMU starts, the harness enrols the machine: it manufactures the
+TPM and derives its attestation key, as a provider does before a server enters the fleet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from amnesiac import attest, paths
+from amnesiac.boot.errors import BootError, ImageMismatch
+from amnesiac.boot.image import BootImage
+from amnesiac.boot.qemu import opt
+from amnesiac.errors import UsageError
+from amnesiac.image import measure, uki
+from amnesiac.run import stop_group
+
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+TEST_UKI = "test.efi"
+
+
+@dataclass(frozen=True)
+class MeasuredBoot:
+    """What the harness booted under UEFI and what the TPM must say about it."""
+
+    uki_sha256: str  # the test UKI QEMU was given
+    parts: dict[str, str]  # what went into it: vmlinuz, initrd.img, overlay.cpio -> sha256
+    expected_pcrs: dict[int, str]  # predicted from manifest.json and the overlay
+    ak_pem: bytes  # the attestation key enrolled before the first boot
+    overlay_sha256: str | None  # the test overlay measured with the image in PCR 11
+    tampered: str | None = None  # what the harness changed on purpose (negative tests)
+    stub: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "uki_sha256": self.uki_sha256,
+            "parts": self.parts,
+            "expected_pcrs": {str(k): v for k, v in self.expected_pcrs.items()},
+            "ak_sha256": hashlib.sha256(self.ak_pem).hexdigest(),
+            "overlay_sha256": self.overlay_sha256,
+            "tampered": self.tampered,
+            "stub": self.stub,
+            "timings": self.timings,
+        }
+
+
+@dataclass(frozen=True)
+class Tamper:
+    """A test's deliberate change to the test UKI, which attestation must catch."""
+
+    cmdline_suffix: str = ""  # appended to the command line the stub measures
+    extra_initrd: bytes = b""  # appended after the overlay (a file the build never had)
+
+    def describe(self) -> str | None:
+        parts = []
+        if self.cmdline_suffix:
+            parts.append(f"command line + {self.cmdline_suffix!r}")
+        if self.extra_initrd:
+            parts.append(f"initrd + {len(self.extra_initrd)} bytes")
+        return ", ".join(parts) or None
+
+
+def find_ovmf() -> tuple[Path, Path]:
+    for path in (OVMF_CODE, OVMF_VARS):
+        if not path.is_file():
+            raise UsageError(f"no UEFI firmware ({path})", hint="apt-get install ovmf, or `make setup`")
+    return OVMF_CODE, OVMF_VARS
+
+
+def expected_pcr11(image: BootImage, initrd_sha256: str) -> str:
+    """PCR 11 after the stub measured this image's UKI sections with `.initrd` replaced (by the
+    image's initrd followed by the test overlay), from manifest.json alone."""
+    booted = image.manifest.measured_boot
+    if booted is None:
+        raise UsageError(f"{image.dir}: the build has no unified kernel image", hint="build it again")
+    return measure.pcr11_of_digests({**booted.sections, ".initrd": initrd_sha256})
+
+
+@contextlib.contextmanager
+def measured_boot(
+    image: BootImage, work: Path, overlay: bytes, tamper: Tamper | None = None
+) -> Iterator[tuple[MeasuredBoot, list[str]]]:
+    """Make the test UKI and an enrolled swtpm for one boot; yields what to expect and QEMU's
+    arguments (firmware, TPM, `-kernel`). swtpm stops when the context ends (or with QEMU)."""
+    code, vars_template = find_ovmf()
+    booted = image.manifest.measured_boot
+    if booted is None or image.manifest.debian is None:
+        raise UsageError(
+            f"{image.dir}: the build has no unified kernel image (built before measured boot)",
+            hint="build it again",
+        )
+    image.manifest.check_artifacts(image.dir, (booted.file,))
+    tamper = tamper or Tamper()
+    timings: dict[str, float] = {}
+
+    started = time.monotonic()
+    initrd = work / "initrd-with-overlay.img"
+    shipped, joined = hashlib.sha256(), hashlib.sha256()  # of the bytes copied, not of a re-read
+    with initrd.open("wb") as out, image.path("initrd.img").open("rb") as source:
+        while chunk := source.read(1 << 20):
+            shipped.update(chunk)
+            joined.update(chunk)
+            out.write(chunk)
+        joined.update(overlay)
+        out.write(overlay + tamper.extra_initrd)
+    # The bytes copied are the manifest's initrd, so `joined` is what PCR 11 must name: that
+    # initrd, then the overlay (and never the tampering).
+    if shipped.hexdigest() != image.expected("initrd.img"):
+        raise ImageMismatch(f"{image.path('initrd.img')} changed on disk; refusing to boot it")
+    production = measure.uki_sections(image.path(booted.file))
+    tools = uki.tools_root(image.manifest.debian.suite, image.manifest.debian.mirror, paths.cache_dir())
+    made = uki.make(
+        tools,
+        linux=image.path("vmlinuz"),
+        initrds=[initrd],
+        cmdline=image.cmdline + tamper.cmdline_suffix,
+        os_release=production[".osrel"],
+        uname=production[".uname"].decode(),
+        out=work / TEST_UKI,
+        source_date_epoch=image.manifest.source_date_epoch or 0,
+    )
+    initrd.unlink()
+    timings["test_uki_seconds"] = round(time.monotonic() - started, 1)
+
+    started = time.monotonic()
+    tpm = attest.SoftwareTpm(work / "tpm")
+    tpm.create()
+    with tpm.serving() as tcti:
+        ak = attest.derive_ak(tcti)  # enrolment: before the machine's first boot
+    timings["enrol_seconds"] = round(time.monotonic() - started, 1)
+
+    variables = work / "OVMF_VARS.fd"
+    shutil.copyfile(vars_template, variables)
+    socket_path = work / "swtpm.sock"
+    swtpm = tpm.qemu_socket(socket_path)
+    try:
+        _wait_socket(socket_path, swtpm)
+        args = [
+            "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={opt(code)}",
+            "-drive", f"if=pflash,format=raw,unit=1,file={opt(variables)}",
+            "-chardev", f"socket,id=chrtpm,path={opt(socket_path)}",
+            "-tpmdev", "emulator,id=tpm0,chardev=chrtpm",
+            "-device", "tpm-tis,tpmdev=tpm0",
+            "-kernel", str(work / TEST_UKI),
+        ]  # fmt: skip
+        expected = attest.expected_pcrs(expected_pcr11(image, joined.hexdigest()))
+        parts = {"vmlinuz": made.sections[".linux"], "initrd.img": shipped.hexdigest()}
+        if overlay:
+            parts["overlay.cpio"] = hashlib.sha256(overlay).hexdigest()
+        yield (
+            MeasuredBoot(
+                uki_sha256=made.sha256,
+                parts=parts,
+                expected_pcrs=expected,
+                ak_pem=ak,
+                overlay_sha256=hashlib.sha256(overlay).hexdigest() if overlay else None,
+                tampered=tamper.describe(),
+                stub=booted.stub,
+                timings=timings,
+            ),
+            args,
+        )
+    finally:
+        stop_group(swtpm, grace=2, term_timeout=5)
+
+
+def _wait_socket(path: Path, process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if process.poll() is not None:
+            raise BootError(f"swtpm stopped (exit {process.returncode}) before QEMU could use it")
+        if time.monotonic() > deadline:
+            raise BootError(f"swtpm made no socket {path} in {timeout:.0f} s")
+        time.sleep(0.05)

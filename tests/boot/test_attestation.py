@@ -1,0 +1,78 @@
+"""Attestation's negative images: a UKI whose command line or initrd differs from the build by a
+few bytes boots and runs (a modified server would), and its TPM says so. The quote verifies
+(right key, right nonce) but PCR 11 is not the manifest's prediction, so the identity the
+report gives is "reported by the target" and the identity check fails."""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from amnesiac import attest, boot
+from amnesiac.boot.firmware import Tamper
+from amnesiac.boot.overlay import OverlayFile, overlay_cpio
+from amnesiac.report.model import REPORTED, Identity
+from amnesiac.targets.base import quote_target
+from tests.boot.test_boot import SSH_TIMEOUT, image, ssh
+
+pytestmark = pytest.mark.boot
+__all__ = ["image"]  # the fixture: $AMNESIAC_BOOT_BUILD, else the session's OVPN image
+
+TAMPERING = {
+    # One more word on the command line (where `apparmor=0` would turn a control off; this one
+    # changes nothing, so that the boot surely gets as far as the quote).
+    "cmdline": Tamper(cmdline_suffix=" amnesiac.tampered=1"),
+    # A file the build never had, in an archive appended to the initrd (the early init copies it).
+    "initrd": Tamper(extra_initrd=overlay_cpio([OverlayFile("etc/amnesiac-tampered", b"1\n")])),
+}  # fmt: skip
+
+
+@dataclass
+class _Run:
+    rc: int
+    stdout: str
+    stderr: str
+
+
+class _SshHost:
+    """The one method of a testinfra host that quote_target uses, over the test's ssh."""
+
+    def __init__(self, machine: boot.BootedMachine, key: Path) -> None:
+        self.machine, self.key = machine, key
+
+    def run(self, command: str) -> _Run:
+        result = subprocess.run(
+            ["ssh", "-i", str(self.key), "-p", str(self.machine.ssh_port), "-o", "StrictHostKeyChecking=no",
+             "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR",
+             "root@127.0.0.1", command],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        return _Run(result.returncode, result.stdout, result.stderr)
+
+
+@pytest.mark.parametrize("what", sorted(TAMPERING))
+def test_a_tampered_uki_boots_and_fails_attestation(what: str, image: Path, tmp_path: Path) -> None:
+    key = tmp_path / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    options = boot.BootOptions(ssh_key=key.with_suffix(".pub"), tamper=TAMPERING[what], test_devices=False)
+    with boot.running(image, options) as machine:
+        machine.wait_ssh(SSH_TIMEOUT)
+        measured = machine.measured
+        assert measured is not None and measured.tampered, "the tampering is named"
+        # The change took effect: the server runs it.
+        if what == "cmdline":
+            assert "amnesiac.tampered=1" in ssh(machine, key, "cat /proc/cmdline").split()
+        else:
+            assert ssh(machine, key, "cat /etc/amnesiac-tampered") == "1\n"
+        nonce = attest.new_nonce()
+        answer = attest.parse_guest_output(ssh(machine, key, attest.guest_command(nonce)))
+        verdict = attest.check(measured.ak_pem, answer, nonce, measured.expected_pcrs)
+        record = quote_target(_SshHost(machine, key), measured)
+    assert verdict.signature_ok and verdict.ak_enrolled, verdict.why()  # a genuine quote ...
+    assert verdict.mismatched == [11] and not verdict.attested  # ... of something else
+    assert not record.attested and "PCR 11" in record.reason
+    assert record.tampered == measured.tampered
+    assert Identity(tpm=record).established_by == REPORTED
