@@ -16,7 +16,8 @@ HOST_TOOLS := mmdebstrap:mmdebstrap zstd:zstd cpio:cpio chroot:coreutils dpkg-qu
 	ssh:openssh-client ssh-keygen:openssh-client scp:openssh-client chromium:chromium \
 	flock:util-linux wipefs:util-linux sfdisk:fdisk mkfs.vfat:dosfstools mcopy:mtools \
 	openvpn:openvpn ip:iproute2 wireguard-go:wireguard-go wg:wireguard-tools \
-	diffoscope:diffoscope-minimal swtpm:swtpm swtpm_setup:swtpm-tools tpm2_checkquote:tpm2-tools
+	diffoscope:diffoscope-minimal swtpm:swtpm swtpm_setup:swtpm-tools tpm2_checkquote:tpm2-tools \
+	sbsign:sbsigntool
 HOST_FILES := /usr/lib/ipxe/qemu/efi-virtio.rom:ipxe-qemu /usr/share/doc/python3-venv:python3-venv \
 	/usr/lib/systemd/boot/efi/systemd-bootx64.efi:systemd-boot-efi /usr/share/OVMF/OVMF_CODE_4M.fd:ovmf \
 	/usr/sbin/sshd:openssh-server /usr/lib/x86_64-linux-gnu/libtss2-tcti-swtpm.so.0:libtss2-tcti-swtpm0
@@ -24,7 +25,8 @@ HOST_FILES := /usr/lib/ipxe/qemu/efi-virtio.rom:ipxe-qemu /usr/share/doc/python3
 # (provider.session_records_observed), run in a namespace of the check's own (OpenVPN with
 # --dev null); Debian's openvpn.service starts nothing without a configuration in /etc/openvpn.
 # swtpm (+ swtpm-tools to manufacture one) is the harness's TPM; tpm2-tools, with its TCTI for swtpm,
-# derives attestation keys and checks quotes (attest.py).
+# derives attestation keys and checks quotes (attest.py); sbsign signs the harness's UKI for Secure
+# Boot (image/secure_boot.py; virt-firmware, from PyPI, enrols the key in OVMF's variables).
 # diffoscope (its minimal package: no optional comparators) says where two builds that should be
 # equal differ (tests/image/test_image.py, the cold rebuild).
 # openssh-server is only for the ssh:// flash tests, which start their own sshd on 127.0.0.1. When

@@ -55,6 +55,13 @@ CASES: list[tuple[str, list[str], int, str]] = [
     ("out is here", ["build", "--out", "."], USAGE, "current directory"),
     ("out below a file", ["build", "--out", "notes.txt/x"], USAGE, "is not a directory"),
     ("cache is a file", ["build", "--out", "new", "--cache", "notes.txt"], USAGE, "--cache"),
+    ("secure boot key alone", ["build", "--out", "x", "--secure-boot-key", "notes.txt"], USAGE, "together"),
+    (
+        "secure boot cert not one",
+        ["build", "--out", "new", "--secure-boot-key", "notes.txt", "--secure-boot-cert", "notes.txt"],
+        USAGE,
+        "--secure-boot-cert notes.txt: not a PEM certificate",
+    ),
     ("var without value", ["build", "--out", "new", "--var", SIZE], USAGE, "NAME=VALUE"),
     ("var negative size", ["build", "--out", "new", "--var", f"{SIZE}=-5"], USAGE, "at least 1"),
     ("var zero size", ["build", "--out", "new", "--var", f"{SIZE}=0"], USAGE, "at least 1"),

@@ -161,6 +161,16 @@ it counts as quoted when a claim's quote holds it or it holds a quote (policies/
         help="release (default): the root archive at zstd -18, what ships; development: zstd -3, "
         "packed in a second for a quick boot of a change, a few MiB larger, never published by flash",
     )
+    build.add_argument(
+        "--secure-boot-key",
+        type=Path,
+        metavar="KEY",
+        help="sign amnesiac.efi for Secure Boot with this PEM key (with --secure-boot-cert): the "
+        "provider's db key, which its servers' firmware is enrolled with; PCR 11 does not change",
+    )
+    build.add_argument(
+        "--secure-boot-cert", type=Path, metavar="CERT", help="the PEM certificate of --secure-boot-key"
+    )
     build.add_argument("--suite", default=None, help="Debian suite (default: the policy's, else trixie)")
     build.add_argument(
         "--source-date-epoch",
@@ -650,7 +660,15 @@ def _build(args: argparse.Namespace) -> int:
     image.check_destination(out, cache)  # before anything is made, and before asking for root
     progress = Progress(quiet=args.json)
     profile = Profile(args.profile)
-    result = image.build(plan, out, cache, progress, refresh=args.refresh, profile=profile)
+    signing = None
+    if (args.secure_boot_key is None) != (args.secure_boot_cert is None):
+        raise UsageError("--secure-boot-key and --secure-boot-cert go together")
+    if args.secure_boot_key is not None:
+        from amnesiac.image import secure_boot
+
+        signing = secure_boot.provider_key(args.secure_boot_key, args.secure_boot_cert)
+        secure_boot.require_tools()
+    result = image.build(plan, out, cache, progress, refresh=args.refresh, profile=profile, signing=signing)
     made = result.manifest.image
     if args.json:
         summary = {

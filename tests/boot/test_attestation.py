@@ -76,3 +76,15 @@ def test_a_tampered_uki_boots_and_fails_attestation(what: str, image: Path, tmp_
     assert not record.attested and "PCR 11" in record.reason
     assert record.tampered == measured.tampered
     assert Identity(tpm=record).established_by == REPORTED
+
+
+def test_under_secure_boot_an_unsigned_uki_never_starts(image: Path) -> None:
+    """The firmware enrolled with the provider's key starts only a UKI that key signed: the same
+    test UKI unsigned is refused, no kernel runs, and nothing else boots in its place."""
+    options = boot.BootOptions(tamper=Tamper(unsigned=True), test_devices=False)
+    with boot.running(image, options) as machine:
+        assert machine.measured is not None and machine.measured.secure_boot
+        machine.wait_console("No bootable option or device was found", timeout=SSH_TIMEOUT)
+        console = machine.console()
+    assert "Linux version" not in console and "EFI stub" not in console, console[-2000:]
+    assert "Security Violation" in console  # it refuses any unsigned image (its own shell too)

@@ -93,6 +93,10 @@ def test_the_tpm_attests_what_was_built(machine: boot.BootedMachine, key: Path) 
     assert measured.parts["initrd.img"] == manifest.artifacts["initrd.img"].sha256 == manifest.image.sha256
     assert measured.parts["overlay.cpio"] == measured.overlay_sha256 == machine.overlay_sha256
     assert measured.tampered is None
+    # Under Secure Boot with the harness's provider key: the kernel says so, and ignores any
+    # loader command line (PCR 12 stays zero either way).
+    assert measured.secure_boot
+    assert "Secure boot enabled" in ssh(machine, key, "dmesg")
     nonce = attest.new_nonce()
     answer = attest.parse_guest_output(ssh(machine, key, attest.guest_command(nonce)))
     verdict = attest.check(measured.ak_pem, answer, nonce, measured.expected_pcrs)

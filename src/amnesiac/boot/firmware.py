@@ -27,7 +27,7 @@ from amnesiac.boot.errors import BootError, ImageMismatch
 from amnesiac.boot.image import BootImage
 from amnesiac.boot.qemu import opt
 from amnesiac.errors import UsageError
-from amnesiac.image import measure, uki
+from amnesiac.image import measure, secure_boot, uki
 from amnesiac.run import stop_group
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
@@ -45,6 +45,7 @@ class MeasuredBoot:
     ak_pem: bytes  # the attestation key enrolled before the first boot
     overlay_sha256: str | None  # the test overlay measured with the image in PCR 11
     tampered: str | None = None  # what the harness changed on purpose (negative tests)
+    secure_boot: str | None = None  # the enrolled db certificate's sha256, when Secure Boot is on
     stub: str = ""
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -56,6 +57,7 @@ class MeasuredBoot:
             "ak_sha256": hashlib.sha256(self.ak_pem).hexdigest(),
             "overlay_sha256": self.overlay_sha256,
             "tampered": self.tampered,
+            "secure_boot": self.secure_boot,
             "stub": self.stub,
             "timings": self.timings,
         }
@@ -67,9 +69,10 @@ class Tamper:
 
     cmdline_suffix: str = ""  # appended to the command line the stub measures
     extra_initrd: bytes = b""  # appended after the overlay (a file the build never had)
+    unsigned: bool = False  # under Secure Boot: the UKI is not signed (the firmware must refuse it)
 
     def describe(self) -> str | None:
-        parts = []
+        parts = ["UKI not signed"] if self.unsigned else []
         if self.cmdline_suffix:
             parts.append(f"command line + {self.cmdline_suffix!r}")
         if self.extra_initrd:
@@ -93,24 +96,22 @@ def expected_pcr11(image: BootImage, initrd_sha256: str) -> str:
     return measure.pcr11_of_digests({**booted.sections, ".initrd": initrd_sha256})
 
 
-@contextlib.contextmanager
-def measured_boot(
-    image: BootImage, work: Path, overlay: bytes, tamper: Tamper | None = None
-) -> Iterator[tuple[MeasuredBoot, list[str]]]:
-    """Make the test UKI and an enrolled swtpm for one boot; yields what to expect and QEMU's
-    arguments (firmware, TPM, `-kernel`). swtpm stops when the context ends (or with QEMU)."""
-    code, vars_template = find_ovmf()
-    booted = image.manifest.measured_boot
-    if booted is None or image.manifest.debian is None:
+@dataclass(frozen=True)
+class _TestUki:
+    path: Path
+    linux_sha256: str  # the kernel as put in it
+    initrd_sha256: str  # the build's initrd as copied into it (the manifest's, or refused)
+    expected_initrd_sha256: str  # .initrd as PCR 11 must name it: that initrd, then the overlay
+
+
+def _test_uki(image: BootImage, work: Path, overlay: bytes, tamper: Tamper) -> _TestUki:
+    booted, debian = image.manifest.measured_boot, image.manifest.debian
+    if booted is None or debian is None:
         raise UsageError(
             f"{image.dir}: the build has no unified kernel image (built before measured boot)",
             hint="build it again",
         )
     image.manifest.check_artifacts(image.dir, (booted.file,))
-    tamper = tamper or Tamper()
-    timings: dict[str, float] = {}
-
-    started = time.monotonic()
     initrd = work / "initrd-with-overlay.img"
     shipped, joined = hashlib.sha256(), hashlib.sha256()  # of the bytes copied, not of a re-read
     with initrd.open("wb") as out, image.path("initrd.img").open("rb") as source:
@@ -119,15 +120,12 @@ def measured_boot(
             joined.update(chunk)
             out.write(chunk)
         joined.update(overlay)
-        out.write(overlay + tamper.extra_initrd)
-    # The bytes copied are the manifest's initrd, so `joined` is what PCR 11 must name: that
-    # initrd, then the overlay (and never the tampering).
+        out.write(overlay + tamper.extra_initrd)  # the tampering is never in `joined`
     if shipped.hexdigest() != image.expected("initrd.img"):
         raise ImageMismatch(f"{image.path('initrd.img')} changed on disk; refusing to boot it")
     production = measure.uki_sections(image.path(booted.file))
-    tools = uki.tools_root(image.manifest.debian.suite, image.manifest.debian.mirror, paths.cache_dir())
     made = uki.make(
-        tools,
+        uki.tools_root(debian.suite, debian.mirror, paths.cache_dir()),
         linux=image.path("vmlinuz"),
         initrds=[initrd],
         cmdline=image.cmdline + tamper.cmdline_suffix,
@@ -137,17 +135,50 @@ def measured_boot(
         source_date_epoch=image.manifest.source_date_epoch or 0,
     )
     initrd.unlink()
-    timings["test_uki_seconds"] = round(time.monotonic() - started, 1)
+    return _TestUki(made.path, made.sections[".linux"], shipped.hexdigest(), joined.hexdigest())
 
-    started = time.monotonic()
+
+def _enrol(work: Path) -> tuple[attest.SoftwareTpm, bytes]:
+    """A new TPM and its attestation key, derived before the machine's first boot."""
     tpm = attest.SoftwareTpm(work / "tpm")
     tpm.create()
     with tpm.serving() as tcti:
-        ak = attest.derive_ak(tcti)  # enrolment: before the machine's first boot
+        return tpm, attest.derive_ak(tcti)
+
+
+@contextlib.contextmanager
+def measured_boot(
+    image: BootImage, work: Path, overlay: bytes, tamper: Tamper | None = None, *, secure: bool = True
+) -> Iterator[tuple[MeasuredBoot, list[str]]]:
+    """Make the test UKI and an enrolled swtpm for one boot (with `secure`, the firmware enrolled
+    with a provider key and the UKI signed with it: image/secure_boot.py); yields what to expect
+    and QEMU's arguments (firmware, TPM, `-kernel`). swtpm stops when the context ends."""
+    code, vars_template = find_ovmf()
+    if secure:
+        secure_boot.require_tools()
+        code = secure_boot.OVMF_CODE
+    tamper = tamper or Tamper()
+    timings: dict[str, float] = {}
+
+    started = time.monotonic()
+    test_uki = _test_uki(image, work, overlay, tamper)
+    timings["test_uki_seconds"] = round(time.monotonic() - started, 1)
+    started = time.monotonic()
+    tpm, ak = _enrol(work)
     timings["enrol_seconds"] = round(time.monotonic() - started, 1)
 
     variables = work / "OVMF_VARS.fd"
-    shutil.copyfile(vars_template, variables)
+    key = None
+    if secure:
+        started = time.monotonic()
+        key = secure_boot.throwaway_key(work)
+        if not tamper.unsigned:
+            secure_boot.sign(test_uki.path, key)
+        secure_boot.enrolled_variables(vars_template, key, variables)
+        timings["secure_boot_seconds"] = round(time.monotonic() - started, 1)
+    else:
+        shutil.copyfile(vars_template, variables)
+
     socket_path = work / "swtpm.sock"
     swtpm = tpm.qemu_socket(socket_path)
     try:
@@ -158,21 +189,25 @@ def measured_boot(
             "-chardev", f"socket,id=chrtpm,path={opt(socket_path)}",
             "-tpmdev", "emulator,id=tpm0,chardev=chrtpm",
             "-device", "tpm-tis,tpmdev=tpm0",
-            "-kernel", str(work / TEST_UKI),
+            "-kernel", str(test_uki.path),
         ]  # fmt: skip
-        expected = attest.expected_pcrs(expected_pcr11(image, joined.hexdigest()))
-        parts = {"vmlinuz": made.sections[".linux"], "initrd.img": shipped.hexdigest()}
-        if overlay:
-            parts["overlay.cpio"] = hashlib.sha256(overlay).hexdigest()
+        if secure:  # the variable store only writable from SMM, as Secure Boot requires
+            args += ["-machine", "smm=on", "-global", "driver=cfi.pflash01,property=secure,value=on"]
+        parts = {"vmlinuz": test_uki.linux_sha256, "initrd.img": test_uki.initrd_sha256}
+        overlay_sha256 = hashlib.sha256(overlay).hexdigest() if overlay else None
+        if overlay_sha256:
+            parts["overlay.cpio"] = overlay_sha256
+        booted = image.manifest.measured_boot
         yield (
             MeasuredBoot(
-                uki_sha256=made.sha256,
+                uki_sha256=hashlib.sha256(test_uki.path.read_bytes()).hexdigest(),
                 parts=parts,
-                expected_pcrs=expected,
+                expected_pcrs=attest.expected_pcrs(expected_pcr11(image, test_uki.expected_initrd_sha256)),
                 ak_pem=ak,
-                overlay_sha256=hashlib.sha256(overlay).hexdigest() if overlay else None,
+                overlay_sha256=overlay_sha256,
                 tampered=tamper.describe(),
-                stub=booted.stub,
+                secure_boot=key.fingerprint if key else None,
+                stub=booted.stub if booted else "",
                 timings=timings,
             ),
             args,

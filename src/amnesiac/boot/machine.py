@@ -76,6 +76,7 @@ class BootOptions:
     # the build has a UKI and is booted from its own directory (a PXE root is netbooted).
     measured: bool | None = None
     tamper: Tamper | None = None  # a deliberate change to the measured UKI (negative tests)
+    secure_boot: bool = True  # measured: the firmware enrolled with a key, the UKI signed with it
 
 
 @dataclass
@@ -301,11 +302,15 @@ def running(build: Path | ServedFiles, options: BootOptions | None = None) -> It
     try:
         sde = image.manifest.source_date_epoch or 0
         first = harness(overlay_files, sde)
-        server = stack.enter_context(FileServer({**served.table, **first.files}))
+        # A measured boot is served nothing: should the firmware refuse the UKI, it must not
+        # fall back to netbooting the same build unmeasured.
+        server = stack.enter_context(FileServer({} if measured_wanted else {**served.table, **first.files}))
         measured, firmware_args = None, list[str]()
         if measured_wanted:
             overlay = overlay_cpio(overlay_files, sde) if overlay_files else b""
-            measured, firmware_args = stack.enter_context(measured_boot(image, work, overlay, options.tamper))
+            measured, firmware_args = stack.enter_context(
+                measured_boot(image, work, overlay, options.tamper, secure=options.secure_boot)
+            )
             memory = options.memory_mib or memory + _uki_memory_mib(work)
 
         devices, device_args = emulated_devices(work) if options.test_devices else ([], [])

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from amnesiac.errors import UsageError
-from amnesiac.image import configure, manifest, measure, minimise, pack, rootfs, uki
+from amnesiac.image import configure, manifest, measure, minimise, pack, rootfs, secure_boot, uki
 from amnesiac.image.plan import BuildPlan
+from amnesiac.image.secure_boot import SigningKey
 from amnesiac.progress import Progress
 from amnesiac.run import require_root, require_tools
 
@@ -88,6 +89,7 @@ def build(
     *,
     refresh: bool = False,
     profile: pack.Profile = pack.Profile.RELEASE,
+    signing: SigningKey | None = None,
 ) -> BuildResult:
     check_destination(out, cache)
     require_root("amnesiac build")
@@ -149,6 +151,9 @@ def build(
                 source_date_epoch=sde,
             )
             stage.note = f"PCR 11 {made.pcr11[:16]}, {made.size // 1024**2} MiB"
+            if signing is not None:  # Authenticode: PCR 11 is the same, the firmware checks it
+                secure_boot.sign(made.path, signing)
+                stage.note += f", signed by {signing.fingerprint[:16]}"
 
         with progress.stage("manifest", "Manifest") as stage:
             data = manifest.write(
@@ -171,6 +176,7 @@ def build(
                     "phases": list(measure.PHASES),
                     "sections": made.sections,
                     "stub": tools.versions.get(uki.STUB_PACKAGE, "unknown"),
+                    "signed_by": signing.fingerprint if signing else None,
                 },
                 tools={f"uki:{name}": version for name, version in sorted(tools.versions.items())},
             )

@@ -115,6 +115,7 @@ class MeasuredBoot(_Model):
     phases: list[str] = Field(default_factory=list)  # systemd-pcrphase's words in PCR 11: none
     sections: dict[str, Sha256] = Field(default_factory=dict)  # measured section -> its sha256
     stub: str = ""  # the systemd-boot-efi version the stub came from
+    signed_by: Sha256 | None = None  # Secure Boot: sha256 of the signing certificate's DER
 
 
 class Manifest(_Model):

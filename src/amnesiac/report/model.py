@@ -233,6 +233,7 @@ class TpmAttestation(_Model):
     # The test overlay measured with the image into PCR 11 (the verifier's key, an identity).
     overlay_sha256: str | None = None
     tampered: str | None = None  # what the harness changed on purpose (a negative test)
+    secure_boot: str | None = None  # sha256 of the db certificate the firmware enforced, if any
 
 
 class Identity(_Model):

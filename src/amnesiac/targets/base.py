@@ -174,6 +174,7 @@ def quote_target(host: Any, measured: MeasuredBoot) -> TpmAttestation:
         "expected_pcrs": {str(k): v for k, v in measured.expected_pcrs.items()},
         "overlay_sha256": measured.overlay_sha256,
         "tampered": measured.tampered,
+        "secure_boot": measured.secure_boot,
     }
     answer = host.run(attest.guest_command(nonce))
     if answer.rc != 0:

@@ -1,0 +1,114 @@
+"""Secure Boot: the UKI signed with the provider's key, the firmware enrolled with it.
+
+The build signs amnesiac.efi with the provider's db key when given one (`provider_key`,
+`sign`). With Secure Boot on, the firmware starts only a UKI signed by a key in its `db`, and
+systemd-stub ignores any command line the boot loader passes (it could otherwise replace the
+UKI's, which PCR 11 would not show). The harness plays the provider: it makes a throwaway key
+and certificate per boot, enrols the certificate as PK, KEK and db in a copy of OVMF's
+variables (virt-firmware), and signs the test UKI with Debian's sbsign. A real provider enrols
+its own db key (or signs through shim); docs/attestation.md says how.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+
+from amnesiac.errors import UsageError
+from amnesiac.run import run
+
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.secboot.fd")
+# The owner of the harness's entries in PK, KEK and db (any fixed GUID does).
+OWNER_GUID = "7d8e4a4c-6d3b-4f0e-9a39-616d6e657369"
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    key: Path  # PEM, RSA 2048 (what the firmware's db verification supports everywhere)
+    cert: Path  # PEM, self-signed
+    fingerprint: str  # sha256 of the certificate's DER
+
+
+def require_tools() -> None:
+    if shutil.which("sbsign") is None:
+        raise UsageError("missing host tool: sbsign", hint="apt-get install sbsigntool, or `make setup`")
+    if not OVMF_CODE.is_file():
+        raise UsageError(
+            f"no Secure Boot firmware ({OVMF_CODE})", hint="apt-get install ovmf, or `make setup`"
+        )
+
+
+def throwaway_key(work: Path, name: str = "amnesiac harness Secure Boot key") -> SigningKey:
+    """A key and certificate for one boot, in `work` (removed with it)."""
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(private.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .sign(private, hashes.SHA256())
+    )
+    key_path, cert_path = work / "sb.key", work / "sb.crt"
+    key_path.touch(mode=0o600)
+    key_path.write_bytes(
+        private.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    fingerprint = hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+    return SigningKey(key_path, cert_path, fingerprint)
+
+
+def provider_key(key: Path, cert: Path) -> SigningKey:
+    """The provider's own db key and certificate (`amnesiac build --secure-boot-key/-cert`)."""
+    for option, path in (("--secure-boot-key", key), ("--secure-boot-cert", cert)):
+        if not path.is_file():
+            raise UsageError(f"{option} {path}: no such file")
+    try:
+        loaded = x509.load_pem_x509_certificate(cert.read_bytes())
+    except ValueError:
+        raise UsageError(f"--secure-boot-cert {cert}: not a PEM certificate") from None
+    try:
+        private = serialization.load_pem_private_key(key.read_bytes(), password=None)
+    except (ValueError, TypeError):
+        raise UsageError(f"--secure-boot-key {key}: not an unencrypted PEM private key") from None
+    der = serialization.PublicFormat.SubjectPublicKeyInfo
+    if private.public_key().public_bytes(serialization.Encoding.DER, der) != loaded.public_key().public_bytes(
+        serialization.Encoding.DER, der
+    ):
+        raise UsageError(f"--secure-boot-key {key}: not the key of --secure-boot-cert {cert}")
+    return SigningKey(key, cert, hashlib.sha256(loaded.public_bytes(serialization.Encoding.DER)).hexdigest())
+
+
+def sign(uki: Path, key: SigningKey) -> None:
+    """Sign `uki` in place with sbsign (an Authenticode signature: PCR 11 does not change)."""
+    signed = uki.with_name(uki.name + ".signed")
+    run(["sbsign", "--key", key.key, "--cert", key.cert, "--output", signed, uki], capture=True)
+    signed.replace(uki)
+
+
+def enrolled_variables(template: Path, key: SigningKey, out: Path) -> None:
+    """OVMF's variable store with `key` as PK, KEK and db, and Secure Boot on."""
+    run(
+        [
+            sys.executable, "-m", "virt.firmware.vars", "--input", template, "--output", out,
+            "--set-pk", OWNER_GUID, key.cert, "--add-kek", OWNER_GUID, key.cert,
+            "--add-db", OWNER_GUID, key.cert, "--secure-boot",
+        ],
+        capture=True,
+    )  # fmt: skip
