@@ -1,9 +1,11 @@
 """Where a boot's time goes: QEMU start to SSH, phase by phase, and the systemd units on the path.
 
 Run as root from the repository, with a build:
-    .venv/bin/python -m benchmarks.boot_phases build/ovpn [--boots 2]
-Prints, per boot, when each milestone first showed on the serial console (the host's clock from
-QEMU's start, read every 0.1 s), the phases between them, then, from the booted guest,
+    .venv/bin/python -m benchmarks.boot_phases build/ovpn [--boots 2] [--netboot]
+A build with a UKI boots measured (UEFI, swtpm, Secure Boot: boot/firmware.py); --netboot boots
+the same build over iPXE under SeaBIOS, for the comparison. Prints, per boot, when each
+milestone first showed on the serial console (the host's clock from QEMU's start, read every
+0.1 s), the phases between them, then, from the booted guest,
 `systemd-analyze` and the critical chain to ssh.service and the slowest units. Target (TCG,
 2 cores): QEMU start to SSH <= 20 s.
 """
@@ -24,6 +26,8 @@ from amnesiac import boot
 REPO = Path(__file__).resolve().parent.parent
 # Console lines that start each phase, in boot order: (milestone, text that marks it).
 MILESTONES = (
+    ("UEFI firmware", "BdsDxe"),
+    ("systemd-stub hands over", "EFI stub:"),
     ("iPXE", "iPXE"),
     ("iPXE fetches the kernel", "vmlinuz"),
     ("kernel starts", "Linux version"),
@@ -60,7 +64,7 @@ def watch_console(log: Path, start: float, lines: list[tuple[float, str]], stop:
         time.sleep(0.05)
 
 
-def one_boot(build: Path, work: Path, timeout: float, guest: bool) -> None:
+def one_boot(build: Path, work: Path, timeout: float, guest: bool, netboot: bool = False) -> None:
     key = work / "id_ed25519"
     if not key.exists():
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key], check=True)
@@ -71,9 +75,13 @@ def one_boot(build: Path, work: Path, timeout: float, guest: bool) -> None:
     start = time.monotonic()
     watcher = threading.Thread(target=watch_console, args=(log, start, lines, stop), daemon=True)
     watcher.start()
-    options = boot.BootOptions(ssh_key=key.with_suffix(".pub"), serial_log=log)
+    options = boot.BootOptions(
+        ssh_key=key.with_suffix(".pub"), serial_log=log, measured=False if netboot else None
+    )
     with boot.running(build, options) as machine:
         ssh_at = machine.wait_ssh(timeout=timeout) + (machine.started - start)
+        if machine.measured is not None:
+            print(f"measured boot: prepared in {machine.measured.timings}")
         time.sleep(0.2)
         stop.set()
         watcher.join()
@@ -82,6 +90,7 @@ def one_boot(build: Path, work: Path, timeout: float, guest: bool) -> None:
             for name, marker in MILESTONES:
                 if name not in seen and marker in text:
                     seen[name] = at
+        seen["QEMU starts"] = machine.started - start  # after the test UKI and the TPM are ready
         seen["SSH answers"] = ssh_at
         previous = 0.0
         print(f"{'milestone':<28} {'at':>7} {'phase':>7}")
@@ -106,13 +115,15 @@ def main() -> None:
     parser.add_argument("--boots", type=int, default=2, help="boots in a row; the last is asked")
     parser.add_argument("--timeout", type=float, default=240.0)
     parser.add_argument("--keep", type=Path, help="keep each boot's timed console log here")
+    parser.add_argument("--netboot", action="store_true", help="iPXE under SeaBIOS: no UKI, no TPM")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="amnesiac-bench-") as tmp:
         work = args.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         for number in range(args.boots):
             print(f"== boot {number + 1} of {args.boots}", flush=True)
-            one_boot(args.build.resolve(), work, args.timeout, guest=number == args.boots - 1)
+            last = number == args.boots - 1
+            one_boot(args.build.resolve(), work, args.timeout, guest=last, netboot=args.netboot)
             if args.keep:
                 (work / "console-timed.txt").rename(work / f"console-timed-{number + 1}.txt")
 

@@ -23,7 +23,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -263,7 +263,7 @@ class SoftwareTpm:
             ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={self.state}",
              "--server", f"type=tcp,port={port},bindaddr=127.0.0.1",
              "--ctrl", f"type=tcp,port={ctrl},bindaddr=127.0.0.1", "--flags", "not-need-init,startup-clear"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         try:
             _wait_port(port, process)
@@ -271,13 +271,26 @@ class SoftwareTpm:
         finally:
             stop_group(process, term_timeout=5)  # it never ends by itself: no grace to wait out
 
-    def qemu_socket(self, path: Path) -> subprocess.Popen[bytes]:
-        """swtpm for QEMU's `-tpmdev emulator` on a unix control socket (the caller stops it)."""
+    def qemu_socket(
+        self, path: Path, preexec_fn: Callable[[], None] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """swtpm for QEMU's `-tpmdev emulator` on a unix control socket; the caller stops it.
+        It outlives a QEMU that is started again (the harness's retry after an emulator race):
+        QEMU's start resets the TPM, as a power-on does."""
         return spawn(
-            ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={self.state}",
-             "--ctrl", f"type=unixio,path={path}", "--terminate"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )  # fmt: skip
+            [
+                "swtpm",
+                "socket",
+                "--tpm2",
+                "--tpmstate",
+                f"dir={self.state}",
+                "--ctrl",
+                f"type=unixio,path={path}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            preexec_fn=preexec_fn,
+        )
 
 
 def _free_port_pair(attempts: int = 50) -> int:

@@ -25,7 +25,7 @@ from pathlib import Path
 from amnesiac import attest, paths
 from amnesiac.boot.errors import BootError, ImageMismatch
 from amnesiac.boot.image import BootImage
-from amnesiac.boot.qemu import opt
+from amnesiac.boot.qemu import die_with_parent, opt
 from amnesiac.errors import UsageError
 from amnesiac.image import measure, secure_boot, uki
 from amnesiac.run import stop_group
@@ -180,7 +180,7 @@ def measured_boot(
         shutil.copyfile(vars_template, variables)
 
     socket_path = work / "swtpm.sock"
-    swtpm = tpm.qemu_socket(socket_path)
+    swtpm = tpm.qemu_socket(socket_path, preexec_fn=die_with_parent)  # gone with the harness
     try:
         _wait_socket(socket_path, swtpm)
         args = [
@@ -213,7 +213,7 @@ def measured_boot(
             args,
         )
     finally:
-        stop_group(swtpm, grace=2, term_timeout=5)
+        stop_group(swtpm, term_timeout=5)
 
 
 def _wait_socket(path: Path, process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
