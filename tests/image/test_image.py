@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from amnesiac import paths
-from amnesiac.image import measure
+from amnesiac.image import measure, uki
 from tests.images import REPO, SDE, Built, amnesiac, build, build_and_unpack, rootfs_only_cache
 
 pytestmark = pytest.mark.build
@@ -80,7 +80,9 @@ def test_the_uki_holds_the_build_and_its_pcr11_is_predicted(ovpn: Built) -> None
     sections = measure.uki_sections(ovpn.out / "amnesiac.efi")
     assert sections[".linux"] == (ovpn.out / "vmlinuz").read_bytes()
     assert sections[".initrd"] == (ovpn.out / "initrd.img").read_bytes()
-    assert sections[".cmdline"].decode() == ovpn.manifest["image"]["cmdline"]  # no newline
+    cmdline = ovpn.manifest["image"]["cmdline"]
+    assert sections[".cmdline"].decode() == uki.uki_cmdline(cmdline)  # no newline
+    assert "initrd=" in cmdline and "initrd=" not in uki.uki_cmdline(cmdline)  # iPXE's, not the UKI's
     assert sections[".uname"].decode() == ovpn.manifest["image"]["kernel_release"]
     assert b"ID=debian" in sections[".osrel"]
     assert booted["pcr11_sha256"] == measure.pcr11(sections)

@@ -49,6 +49,12 @@ class Uki:
     sections: dict[str, str]  # measured section -> sha256 of its contents
 
 
+def uki_cmdline(cmdline: str) -> str:
+    """The image's command line as the UKI carries it: without `initrd=`, which names a file on
+    a boot loader's file system (iPXE's, for the kernel's EFI stub); a UKI's initrd is its own."""
+    return " ".join(word for word in cmdline.split() if not word.startswith("initrd="))
+
+
 def tools_key(suite: str, mirror: str, mmdebstrap_version: str) -> str:
     inputs = {"format": 1, "suite": suite, "mirror": mirror,
               "packages": sorted(TOOLS_PACKAGES), "mmdebstrap": mmdebstrap_version}  # fmt: skip
@@ -106,9 +112,9 @@ def make(
     out: Path,
     source_date_epoch: int,
 ) -> Uki:
-    """Write the UKI of these parts to `out` and predict its PCR 11 (BuildError if the two
-    predictions differ). Several initrds are concatenated into the one .initrd section, as a
-    boot loader would hand them over: the test UKI puts the test overlay after the image's."""
+    """Write the UKI of these parts to `out` (the command line as `uki_cmdline` makes it) and
+    predict its PCR 11 (BuildError if the two predictions differ). Several initrds are
+    concatenated into the one .initrd section, as a boot loader would hand them over."""
     work = tools.dir / "tmp" / f"amnesiac-uki-{os.getpid()}"
     inside = Path("/") / work.relative_to(tools.dir)
     work.mkdir(parents=True)
@@ -117,7 +123,7 @@ def make(
         for index, initrd in enumerate(initrds):
             shutil.copyfile(initrd, work / f"initrd{index}")
         # No trailing newline: it would be part of .cmdline, and of the measurement.
-        (work / "cmdline").write_text(cmdline)
+        (work / "cmdline").write_text(uki_cmdline(cmdline))
         (work / "os-release").write_bytes(os_release)
         env = {**os.environ, "SOURCE_DATE_EPOCH": str(source_date_epoch)}
         run(
