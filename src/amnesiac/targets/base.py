@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import hashlib
 import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -162,7 +163,6 @@ class Target(abc.ABC):
 
 def quote_target(host: Any, measured: MeasuredBoot) -> TpmAttestation:
     """Ask the target's TPM for a quote over a fresh nonce and check it (attest.py)."""
-    import hashlib
 
     from amnesiac import attest
     from amnesiac.report.model import TpmAttestation
