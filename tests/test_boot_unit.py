@@ -204,6 +204,15 @@ def test_qemu_argv_isolates_the_guest(tmp_path: Path) -> None:
     assert "a,,b/serial.log" in argv[argv.index("-chardev") + 1], "commas in paths are escaped"
 
 
+def test_qemu_argv_without_network_has_no_nic(tmp_path: Path) -> None:
+    argv = qemu.qemu_argv(
+        qemu="qemu-system-x86_64", relay="/bin/busybox", accel="tcg", memory_mib=384, cpus=2,
+        http_port=40000, first_script="x.ipxe", forwards=[("tcp", 40022, 22)],
+        serial_log=tmp_path / "serial.log", qmp_socket=tmp_path / "qmp.sock", network=False,
+    )  # fmt: skip
+    assert "-netdev" not in argv and not any("virtio-net" in a for a in argv)
+
+
 def test_emulated_devices_are_blank_sparse_files(tmp_path: Path) -> None:
     devices, args = qemu.emulated_devices(tmp_path)
     kinds = {d.kind for d in devices}
@@ -470,6 +479,23 @@ def test_the_tcg_race_and_only_it_boots_again_once(tmp_path: Path, first: str, r
         else:
             assert why is None and process.poll() is not None  # left for wait_ssh to report
         assert (tmp_path / "runs").read_text().count("x") == (2 if retried else 1)
+    finally:
+        stop_group(process, grace=1, term_timeout=5)
+
+
+def test_a_firmware_that_gave_up_ends_the_wait_for_the_kernel(tmp_path: Path) -> None:
+    """OVMF waits for a key after its last boot option, forever: the harness must not wait out
+    KERNEL_START_TIMEOUT (and then SSH's) for a kernel that will never start."""
+    serial, qemu_log = tmp_path / "serial.log", tmp_path / "qemu.log"
+    gave_up = "BdsDxe: No bootable option or device was found.\r\nBdsDxe: Press any key"
+    argv = ["sh", "-c", f"printf '{gave_up}' > {serial}; exec sleep 60"]
+    process = machine._spawn_qemu(argv, qemu_log)
+    try:
+        started = time.monotonic()
+        process, why = machine._past_kernel_start(process, argv, qemu_log, serial)
+        assert why is None and process.poll() is None
+        assert time.monotonic() - started < machine.KERNEL_START_TIMEOUT / 2
+        assert "No bootable option" in machine.failure_summary(serial.read_text())
     finally:
         stop_group(process, grace=1, term_timeout=5)
 

@@ -34,6 +34,7 @@ from amnesiac.boot.link import ClientLink, attach, client_link
 from amnesiac.boot.memory import MemorySearch, search_guest
 from amnesiac.boot.overlay import OverlayFile, authorized_key, harness, overlay_cpio
 from amnesiac.boot.qemu import (
+    FIRMWARE_GAVE_UP,
     GUEST_HTTP,
     KERNEL_STARTED,
     EmulatedDevice,
@@ -77,6 +78,7 @@ class BootOptions:
     measured: bool | None = None
     tamper: Tamper | None = None  # a deliberate change to the measured UKI (negative tests)
     secure_boot: bool = True  # measured: the firmware enrolled with a key, the UKI signed with it
+    network: bool = True  # False: no NIC (no SSH either): a boot only watched on its console
 
 
 @dataclass
@@ -177,8 +179,8 @@ class BootedMachine:
     def wait_console(self, text: str, timeout: float = 600.0) -> float:
         """Block until `text` appears on the serial console; seconds since start."""
         deadline = time.monotonic() + timeout
-        while text not in self.console():
-            self._check_alive(f"before {text!r} on the console")
+        while text not in (console := self.console()):
+            self._check_alive(f"before {text!r} on the console", console)
             if time.monotonic() > deadline:
                 raise BootError(f"{text!r} not on the console after {timeout:.0f} s", hint=self._tail())
             time.sleep(0.5)
@@ -243,9 +245,13 @@ class BootedMachine:
             "devices": [d.as_dict() for d in self.devices],
         }
 
-    def _check_alive(self, when: str) -> None:
+    def _check_alive(self, when: str, console: str | None = None) -> None:
+        """Raise BootError if QEMU ended or its firmware gave up (judged on `console`, the
+        caller's own reading of it, when given)."""
         code = self.process.poll()
         if code is None:
+            if FIRMWARE_GAVE_UP.search(read_log(self.serial_log) if console is None else console):
+                raise BootError(f"the firmware found nothing it would boot {when}: {self._tail()}")
             return
         self._refuse_mismatch()  # the likeliest reason, when it applies
         raise BootError(f"QEMU stopped (exit {code}) {when}: {self._tail()}")
@@ -335,6 +341,7 @@ def running(build: Path | ServedFiles, options: BootOptions | None = None) -> It
             checks_qmp_socket=checks_qmp,
             device_args=device_args,
             firmware_args=firmware_args,
+            network=options.network,
         )
         started = time.monotonic()
         process = _spawn_qemu(argv, qemu_log)
@@ -388,14 +395,15 @@ def _past_kernel_start(
 ) -> tuple[subprocess.Popen[bytes], str | None]:
     """Wait until the guest kernel runs /init; if it died of the TCG race first, boot again once.
 
-    Any other failure, or a kernel slower than KERNEL_START_TIMEOUT, is left to `wait_ssh` to
-    report. The retry's reason is kept (BootedMachine.emulator_retry) and printed by its users.
+    Any other failure (the firmware giving up included), or a kernel slower than
+    KERNEL_START_TIMEOUT, is left to `wait_ssh` to report. The retry's reason is kept
+    (BootedMachine.emulator_retry) and printed by its users.
     """
     deadline = time.monotonic() + KERNEL_START_TIMEOUT
     try:
         while time.monotonic() < deadline:
             console = read_log(serial_log)
-            if KERNEL_STARTED in console:
+            if KERNEL_STARTED in console or FIRMWARE_GAVE_UP.search(console):
                 return process, None
             if process.poll() is not None:
                 if EMULATOR_RACE.search(console) is None:
@@ -410,7 +418,7 @@ def _past_kernel_start(
     return process, None
 
 
-_WHY = re.compile(r"^amnesiac: |Kernel panic|Out of memory|\bFAILED\b|No bootable device|Connection reset")
+_WHY = re.compile(r"^amnesiac: |Kernel panic|Out of memory|\bFAILED\b|No bootable|Connection reset")
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][0-9A-Za-z]|\r")
 
 

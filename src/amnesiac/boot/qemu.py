@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import re
 import shutil
 import signal
 from collections.abc import Sequence
@@ -25,6 +26,9 @@ IPXE_ROMS = (Path("/usr/lib/ipxe/qemu/efi-virtio.rom"), Path("/usr/lib/ipxe/qemu
 GUEST_HTTP = "10.0.2.100"  # where the guest finds the HTTP server (a guestfwd rule, port 80)
 # The kernel's console line as it hands over to the image's init: the kernel booted.
 KERNEL_STARTED = "Run /init as init process"
+# What the firmware says when no boot option is left: OVMF then waits for a key, forever, so a
+# boot that reaches this line fails now rather than at its SSH timeout.
+FIRMWARE_GAVE_UP = re.compile(r"No bootable option or device was found|No bootable device")
 NETDEV = "n0"  # the guest NIC's user-mode network (QMP's hostfwd_add names it)
 TEST_DISK_BYTES = 64 * MIB
 TEST_STICK_BYTES = 16 * MIB
@@ -77,10 +81,12 @@ def qemu_argv(
     checks_qmp_socket: Path | None = None,
     device_args: Sequence[str] = (),
     firmware_args: Sequence[str] = (),
+    network: bool = True,
 ) -> list[str]:
     """The QEMU command line. `forwards` are (protocol, host port, guest port). Without
     `firmware_args` SeaBIOS netboots the NIC's iPXE; with them (boot/firmware.py: OVMF, a TPM
-    and `-kernel`) the firmware boots the given UKI."""
+    and `-kernel`) the firmware boots the given UKI. `network=False`: no NIC at all (a boot
+    only watched on its console; the firmware has no network boot option to try)."""
     netdev = [
         "user",
         f"id={NETDEV}",
@@ -113,10 +119,9 @@ def qemu_argv(
         # A second monitor for the checks, which run in their own process (QMP serves one client
         # per socket): they dump the guest's memory through it (boot/memory.py).
         *(["-qmp", f"unix:{opt(checks_qmp_socket)},server=on,wait=off"] if checks_qmp_socket else []),
-        "-netdev", _opt_join(netdev),
         # QEMU finds Debian's iPXE ROM by itself; naming it with romfile= stops SeaBIOS from
         # booting it (measured with QEMU 7.2), so find_tools() only checks that it is there.
-        "-device", f"virtio-net-pci,netdev={NETDEV}",
+        *(["-netdev", _opt_join(netdev), "-device", f"virtio-net-pci,netdev={NETDEV}"] if network else []),
         *device_args,
     ]  # fmt: skip
 
