@@ -65,12 +65,13 @@ build: setup
 
 # Every tier: fast (unit, lint; on every CPU), build (real images), boot (QEMU + verify),
 # browser (the HTML report in Chromium), then molecule (every role in a container). About 45
-# min on 2 cores (benchmarks/README.md). The slow tiers run one test at a time: their images
-# are built once per session and shared, and two TCG guests would slow each other's boots.
+# min on 2 cores (benchmarks/README.md). The slow tiers run in two lanes (tests/images.py): the
+# guest lane boots one TCG guest at a time (two would slow each other's boots), the build lane
+# builds beside it, niced; each image is built once per session and shared by both.
 # The slowest tests are listed at the end of each slow tier (--durations): where the time goes.
 test: setup
 	$(BIN)/pytest -n auto -p no:cacheprovider
-	$(BIN)/pytest -m 'build or boot or browser' -p no:cacheprovider --durations=30
+	$(BIN)/pytest -m 'build or boot or browser' -n 2 --dist loadgroup -p no:cacheprovider --durations=30
 	$(MOLECULE_TESTS)
 
 # The molecule tier alone: every role's scenario and the whole image playbook's, each a

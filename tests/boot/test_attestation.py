@@ -19,8 +19,9 @@ from amnesiac.boot.overlay import OverlayFile, overlay_cpio
 from amnesiac.report.model import REPORTED, Identity
 from amnesiac.targets.base import quote_target
 from tests.boot.test_boot import SSH_TIMEOUT, image, ssh
+from tests.images import GUEST_LANE
 
-pytestmark = pytest.mark.boot
+pytestmark = [pytest.mark.boot, GUEST_LANE]
 __all__ = ["image"]  # the fixture: $AMNESIAC_BOOT_BUILD, else the session's OVPN image
 
 # One more word on the command line (where `apparmor=0` would turn a control off; this one

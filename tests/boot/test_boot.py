@@ -22,9 +22,9 @@ import pytest
 from amnesiac import attest, boot
 from amnesiac.boot import memory
 from amnesiac.image import uki
-from tests.images import Built
+from tests.images import GUEST_LANE, Built
 
-pytestmark = pytest.mark.boot
+pytestmark = [pytest.mark.boot, GUEST_LANE]
 
 REPO = Path(__file__).resolve().parents[2]
 SSH_TIMEOUT = 600.0

@@ -26,11 +26,11 @@ import pytest
 
 from amnesiac import boot
 from amnesiac.image.manifest import Manifest
-from tests.images import Built, build
+from tests.images import GUEST_LANE, Built, build
 from tests.test_flash import keygen, make_report
 from tests.test_flash_identities import identity_dir
 
-pytestmark = pytest.mark.boot
+pytestmark = [pytest.mark.boot, GUEST_LANE]
 
 REPO = Path(__file__).resolve().parents[2]
 SSH_TIMEOUT = 900.0  # TCG, and the rest of the suite may share the two cores

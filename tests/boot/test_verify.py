@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 
 from amnesiac import policy
-from tests.images import REPO, Built, amnesiac
+from tests.images import GUEST_LANE, REPO, Built, amnesiac
 
-pytestmark = pytest.mark.boot
+pytestmark = [pytest.mark.boot, GUEST_LANE]
 
 OVPN = REPO / "policies/ovpn.yml"
 

@@ -15,9 +15,9 @@ import pytest
 
 from amnesiac import paths
 from amnesiac.image import measure, uki
-from tests.images import REPO, SDE, Built, amnesiac, build, build_and_unpack, rootfs_only_cache
+from tests.images import BUILD_LANE, REPO, SDE, Built, amnesiac, build, build_and_unpack, rootfs_only_cache
 
-pytestmark = pytest.mark.build
+pytestmark = [pytest.mark.build, BUILD_LANE]
 
 
 def sha256(path: Path) -> str:
