@@ -5,11 +5,13 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import os
 import shutil
 import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -481,6 +483,30 @@ def test_the_tcg_race_and_only_it_boots_again_once(tmp_path: Path, first: str, r
         assert (tmp_path / "runs").read_text().count("x") == (2 if retried else 1)
     finally:
         stop_group(process, grace=1, term_timeout=5)
+
+
+def test_a_long_tmpdir_moves_the_boots_sockets_to_tmp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """QEMU refuses a monitor socket whose path passes 108 bytes ("UNIX socket path is too
+    long"): a $TMPDIR that deep (pytest-xdist's, in a test) must not stop a boot."""
+    deep = tmp_path / ("d" * 60)
+    deep.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    work = machine._work_dir()
+    try:
+        assert work.parent == Path("/tmp")
+        assert len(os.fsencode(work / machine._LONGEST_SOCKET)) <= ssh.SOCKET_PATH_MAX
+    finally:
+        work.rmdir()
+    short = Path(tempfile.mkdtemp(prefix="t", dir=deep.anchor + "tmp"))  # /tmp/tXXXXXXXX
+    monkeypatch.setattr(tempfile, "tempdir", str(short))
+    try:
+        work = machine._work_dir()
+        assert work.parent == short, "a TMPDIR short enough is kept"
+        work.rmdir()
+    finally:
+        short.rmdir()
 
 
 def test_a_firmware_that_gave_up_ends_the_wait_for_the_kernel(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ what booted is what was built. On the way out, even on Ctrl-C or SIGTERM, QEMU i
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shlex
 import shutil
@@ -302,7 +303,7 @@ def running(build: Path | ServedFiles, options: BootOptions | None = None) -> It
         measured_wanted = not isinstance(build, ServedFiles) and image.manifest.measured_boot is not None
     ssh_port = options.ssh_port or _free_port()
 
-    work = Path(tempfile.mkdtemp(prefix="amnesiac-boot-"))
+    work = _work_dir()
     stack = contextlib.ExitStack()
     stack.callback(shutil.rmtree, work, ignore_errors=True)
     try:
@@ -388,6 +389,20 @@ def _spawn_qemu(argv: list[str], qemu_log: Path) -> subprocess.Popen[bytes]:
     with qemu_log.open("ab") as err:
         # Its own session (spawn): Ctrl-C reaches us and we stop QEMU ourselves.
         return spawn(argv, stdout=err, stderr=err, preexec_fn=die_with_parent)
+
+
+# The longest name of a socket in a boot's work directory (QEMU's monitors, swtpm's).
+_LONGEST_SOCKET = "checks-qmp.sock"
+
+
+def _work_dir() -> Path:
+    """A boot's private directory, in $TMPDIR unless its sockets' paths would not fit a Unix
+    socket address there (a long TMPDIR, as pytest-xdist's): then in /tmp. Removed after."""
+    base = tempfile.gettempdir()
+    longest = Path(base, "amnesiac-boot-" + "x" * 8, _LONGEST_SOCKET)  # mkdtemp adds 8 characters
+    short = len(os.fsencode(longest)) <= ssh.SOCKET_PATH_MAX
+    fallback = "/tmp"  # noqa: S108 (mkdtemp: a new directory, mode 0700, of a random name)
+    return Path(tempfile.mkdtemp(prefix="amnesiac-boot-", dir=None if short else fallback))
 
 
 def _past_kernel_start(
