@@ -470,8 +470,12 @@ def test_the_tcg_race_and_only_it_boots_again_once(tmp_path: Path, first: str, r
     argv, serial = fake_qemu(tmp_path, first)
     qemu_log = tmp_path / "qemu.log"
     process = machine._spawn_qemu(argv, qemu_log)
+    tpm_starts: list[str] = []  # a measured boot's swtpm ends with its QEMU: started again first
     try:
-        process, why = machine._past_kernel_start(process, argv, qemu_log, serial)
+        process, why = machine._past_kernel_start(
+            process, argv, qemu_log, serial, lambda: tpm_starts.append(serial.read_text())
+        )
+        assert len(tpm_starts) == (1 if retried else 0)
         if retried:
             assert why is not None and "Kernel panic" in why
             deadline = time.monotonic() + 30  # the second run starts writing at once

@@ -275,8 +275,8 @@ class SoftwareTpm:
         self, path: Path, preexec_fn: Callable[[], None] | None = None
     ) -> subprocess.Popen[bytes]:
         """swtpm for QEMU's `-tpmdev emulator` on a unix control socket; the caller stops it.
-        It outlives a QEMU that is started again (the harness's retry after an emulator race):
-        QEMU's start resets the TPM, as a power-on does."""
+        It ends when its QEMU does (QEMU shuts its TPM down as it exits): a QEMU started again
+        needs it started again too (boot/firmware.py)."""
         return spawn(
             [
                 "swtpm",

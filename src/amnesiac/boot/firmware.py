@@ -18,7 +18,7 @@ import hashlib
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -149,10 +149,11 @@ def _enrol(work: Path) -> tuple[attest.SoftwareTpm, bytes]:
 @contextlib.contextmanager
 def measured_boot(
     image: BootImage, work: Path, overlay: bytes, tamper: Tamper | None = None, *, secure: bool = True
-) -> Iterator[tuple[MeasuredBoot, list[str]]]:
+) -> Iterator[tuple[MeasuredBoot, list[str], Callable[[], None]]]:
     """Make the test UKI and an enrolled swtpm for one boot (with `secure`, the firmware enrolled
-    with a provider key and the UKI signed with it: image/secure_boot.py); yields what to expect
-    and QEMU's arguments (firmware, TPM, `-kernel`). swtpm stops when the context ends."""
+    with a provider key and the UKI signed with it: image/secure_boot.py); yields what to expect,
+    QEMU's arguments (firmware, TPM, `-kernel`) and what starts the TPM again before QEMU starts
+    again (a QEMU that exits shuts its swtpm down). swtpm stops when the context ends."""
     code, vars_template = find_ovmf()
     if secure:
         secure_boot.require_tools()
@@ -180,9 +181,19 @@ def measured_boot(
         shutil.copyfile(vars_template, variables)
 
     socket_path = work / "swtpm.sock"
-    swtpm = tpm.qemu_socket(socket_path, preexec_fn=die_with_parent)  # gone with the harness
+    running: list[subprocess.Popen[bytes]] = []
+
+    def start_tpm() -> None:
+        """(Again:) the same enrolled TPM state, on the same socket; QEMU's start resets it, as a
+        power-on does."""
+        if running:
+            stop_group(running.pop(), term_timeout=5)
+            socket_path.unlink(missing_ok=True)
+        running.append(tpm.qemu_socket(socket_path, preexec_fn=die_with_parent))  # gone with the harness
+        _wait_socket(socket_path, running[0])
+
     try:
-        _wait_socket(socket_path, swtpm)
+        start_tpm()
         args = [
             "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={opt(code)}",
             "-drive", f"if=pflash,format=raw,unit=1,file={opt(variables)}",
@@ -211,9 +222,11 @@ def measured_boot(
                 timings=timings,
             ),
             args,
+            start_tpm,
         )
     finally:
-        stop_group(swtpm, term_timeout=5)
+        for swtpm in running:
+            stop_group(swtpm, term_timeout=5)
 
 
 def _wait_socket(path: Path, process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:

@@ -312,10 +312,10 @@ def running(build: Path | ServedFiles, options: BootOptions | None = None) -> It
         # A measured boot is served nothing: should the firmware refuse the UKI, it must not
         # fall back to netbooting the same build unmeasured.
         server = stack.enter_context(FileServer({} if measured_wanted else {**served.table, **first.files}))
-        measured, firmware_args = None, list[str]()
+        measured, firmware_args, restart_tpm = None, list[str](), None
         if measured_wanted:
             overlay = overlay_cpio(overlay_files, sde) if overlay_files else b""
-            measured, firmware_args = stack.enter_context(
+            measured, firmware_args, restart_tpm = stack.enter_context(
                 measured_boot(image, work, overlay, options.tamper, secure=options.secure_boot)
             )
             memory = options.memory_mib or memory + _uki_memory_mib(work)
@@ -348,7 +348,7 @@ def running(build: Path | ServedFiles, options: BootOptions | None = None) -> It
         process = _spawn_qemu(argv, qemu_log)
         retry = None
         if accel.accel == "tcg":
-            process, retry = _past_kernel_start(process, argv, qemu_log, serial_log)
+            process, retry = _past_kernel_start(process, argv, qemu_log, serial_log, restart_tpm)
         machine = BootedMachine(
             image=image,
             accel=accel,
@@ -406,7 +406,11 @@ def _work_dir() -> Path:
 
 
 def _past_kernel_start(
-    process: subprocess.Popen[bytes], argv: list[str], qemu_log: Path, serial_log: Path
+    process: subprocess.Popen[bytes],
+    argv: list[str],
+    qemu_log: Path,
+    serial_log: Path,
+    restart_tpm: Callable[[], None] | None = None,
 ) -> tuple[subprocess.Popen[bytes], str | None]:
     """Wait until the guest kernel runs /init; if it died of the TCG race first, boot again once.
 
@@ -425,6 +429,8 @@ def _past_kernel_start(
                     return process, None
                 why = failure_summary(console)
                 stop_group(process, grace=1, term_timeout=5)  # its relay children, if any are left
+                if restart_tpm is not None:  # the QEMU that ended shut its swtpm down
+                    restart_tpm()
                 return _spawn_qemu(argv, qemu_log), why  # QEMU truncates the serial log it reopens
             time.sleep(0.2)
     except BaseException:  # Ctrl-C or SIGTERM before the machine (and its cleanup) owns QEMU
