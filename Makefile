@@ -64,8 +64,8 @@ build: setup
 	$(BIN)/amnesiac build --policy $(POLICY) --out $(OUT)
 
 # Every tier: fast (unit, lint; on every CPU), build (real images), boot (QEMU + verify),
-# browser (the HTML report in Chromium), then molecule (every role in a container). About 45
-# min on 2 cores (benchmarks/README.md). The slow tiers run in two lanes (tests/images.py): the
+# browser (the HTML report in Chromium), then molecule (every role in a container). About 48
+# min on 2 cores: fast 3, slow tiers 35, molecule 9 (benchmarks/README.md; 89 before the lanes). The slow tiers run in two lanes (tests/images.py): the
 # guest lane boots one TCG guest at a time (two would slow each other's boots), the build lane
 # builds beside it, niced; each image is built once per session and shared by both.
 # The slowest tests are listed at the end of each slow tier (--durations): where the time goes.
