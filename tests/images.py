@@ -144,23 +144,16 @@ def session_image(factory: pytest.TempPathFactory, name: str, *extra: str, polic
         return build_and_unpack(factory.mktemp("images"), name, *extra, policy=policy)
     shared = factory.getbasetemp().parent / "images"
     shared.mkdir(exist_ok=True)
-    done = shared / f"{name}.built.json"  # written last: the build and its unpacked trees are whole
+    summary = shared / f"{name}.summary.json"  # written last: the build and its unpacked trees are whole
     with (shared / f"{name}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if done.exists():
-            record = json.loads(done.read_text())
-            out = Path(record["out"])
-            manifest = json.loads((out / "manifest.json").read_text())
-            return Built(out, record["summary"], manifest, Path(record["root"]), Path(record["early"]))
-        built = build_and_unpack(shared, name, *extra, policy=policy)
-        record = {
-            "out": str(built.out),
-            "summary": built.summary,
-            "root": str(built.root),
-            "early": str(built.early),
-        }
-        done.write_text(json.dumps(record))
-        return built
+        if not summary.exists():
+            built = build_and_unpack(shared, name, *extra, policy=policy)
+            summary.write_text(json.dumps(built.summary))
+            return built
+    out, unpacked = shared / name, shared / f"{name}.unpacked"  # where build_and_unpack put them
+    manifest = json.loads((out / "manifest.json").read_text())
+    return Built(out, json.loads(summary.read_text()), manifest, unpacked / "root", unpacked / "early")
 
 
 def rootfs_only_cache(dest: Path) -> Path:

@@ -190,7 +190,7 @@ def measured_boot(
             stop_group(running.pop(), term_timeout=5)
             socket_path.unlink(missing_ok=True)
         running.append(tpm.qemu_socket(socket_path, preexec_fn=die_with_parent))  # gone with the harness
-        _wait_socket(socket_path, running[0])
+        _wait_socket(socket_path, running[-1])
 
     try:
         start_tpm()
