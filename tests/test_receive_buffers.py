@@ -28,3 +28,55 @@ def test_the_unit_says_nothing_and_skips_containers() -> None:
     for line in ("ConditionVirtualization=!container", "StandardOutput=null", "StandardError=null",
                  "CapabilityBoundingSet=CAP_NET_ADMIN"):  # fmt: skip
         assert line in unit.splitlines(), line
+
+
+# Each look: OpenVPN's main PID (empty: not running) and how many WireGuard endpoints there are.
+SESSIONS = [
+    ("100", 0),  # idle
+    ("100", 1),  # a WireGuard client is up
+    ("200", 1),  # OpenVPN's last session ended (a fresh process) while it still is
+    ("200", 1),
+    ("200", 0),  # the agent forgot the quiet peer's endpoint: nothing is up any more
+    ("200", 0),
+    ("", 0),  # OpenVPN exits after its next session...
+    ("300", 0),  # ...and is fresh again
+]
+
+
+def test_the_cards_are_rebound_only_when_no_session_is_left_up(tmp_path: Path) -> None:
+    """Run against a fake sysfs, systemctl and wg: a rebind in the middle of a WireGuard session
+    dropped its packets (the IVPN image's canary session), so an ended OpenVPN session waits for
+    the last WireGuard endpoint to go."""
+    text = _render("flush-receive-buffers.sh.j2")
+    assert text.count("/sys/class/net/*/device") == 1
+    card = tmp_path / "devices/0000:00:03.0"
+    driver = tmp_path / "drivers/virtio-pci"
+    for directory in (card, driver, tmp_path / "net/eth0"):
+        directory.mkdir(parents=True)
+    (card / "driver").symlink_to(driver)
+    (tmp_path / "net/eth0/device").symlink_to(card)
+    script = tmp_path / "flush-receive-buffers"
+    script.write_text(text.replace("/sys/class/net", str(tmp_path / "net")))
+    bin_dir, step, rebound = tmp_path / "bin", tmp_path / "step", tmp_path / "rebound"
+    bin_dir.mkdir()
+    step.write_text("0")
+    rebound.write_text("")
+    scenario = "\n".join(f"{pid or '-'} {endpoints}" for pid, endpoints in SESSIONS)
+    fakes = {
+        # The look the script is at: the step'th line of the scenario.
+        "look": f'sed -n "$(( $(cat {step}) + 1 ))p" <<< "{scenario}"',
+        "systemctl": 'read -r pid _ < <(look); [[ $pid == - ]] && exit 0\n'
+        'case $1 in list-units) echo "openvpn-server@udp.service loaded active running";; '
+        "show) echo $pid;; esac",
+        "wg": 'read -r _ n < <(look); for ((i = 0; i < n; i++)); do echo "wg0 key$i= 198.18.0.9:5$i"; done',
+        # Between two looks: note whether the card was rebound, then go on to the next look.
+        "sleep": f'n=$(cat {step}); [[ -s {driver}/bind ]] && echo $n >> {rebound}; rm -f {driver}/*bind\n'
+        f'echo $((n + 1)) > {step}; (( n + 1 < {len(SESSIONS)} )) || kill $PPID',
+    }  # fmt: skip
+    for name, body in fakes.items():
+        fake = bin_dir / name
+        fake.write_text(f"#!/bin/bash\n{body}\n")
+        fake.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+    subprocess.run(["bash", str(script)], env=env, timeout=30, check=False)
+    assert rebound.read_text().split() == ["4", "7"]
