@@ -26,18 +26,25 @@ EXPOSURE_BOUNDS = {
 }
 EXPOSURE = re.compile(r"^EXPOSURE (\S+) .*Overall exposure level for \S+: ([0-9.]+)", re.MULTILINE)
 PROCESS = re.compile(r"^PROCESS (\S+) (\d+) Seccomp:\s*(\d) NoNewPrivs:\s*(\d)$", re.MULTILINE)
+UNREAD = re.compile(r"^UNREAD (\S+) (\S*)$", re.MULTILINE)
 
 
 def _report(units: list[str]) -> str:
     """One round trip for all units: each one's exposure, and the seccomp mode of its running
-    main process, asked again for a while when there is none or it was replaced in between (unbound
-    restarts every 30 s); a unit that is stopped has no process to show."""
+    main process, asked again for a while when there is none yet or it was replaced in between
+    (unbound restarts every 30 s). A unit starting has a main process that is still systemd's
+    executor, not yet under the sandbox it is applying (Seccomp 0): only a unit that is running and
+    whose process has become its program is read. A unit that is stopped (or exited) has no process
+    to show; one that shows none in 10 s is UNREAD, never taken for stopped."""
     return " ".join(
         f'echo "EXPOSURE {u} $(systemd-analyze security --no-pager {u} 2>&1 | tail -n 1)"; '
-        f"for i in 1 2 3 4 5; do case $(systemctl show -P ActiveState {u}) in inactive|failed) break;; esac; "
+        f"shown=; for i in 1 2 3 4 5 6 7 8 9 10; do state=$(systemctl show -P SubState {u}); "
+        f"case $state in dead|exited|failed) shown=stopped; break;; running) ;; *) sleep 1; continue;; esac; "
         f"p=$(systemctl show -P MainPID {u}); "
+        f"case $(readlink /proc/$p/exe 2>/dev/null) in ''|*/systemd-executor) sleep 1; continue;; esac; "
         f"s=$(grep -E '^(Seccomp|NoNewPrivs):' /proc/$p/status 2>/dev/null | sort -r | tr '\\n\\t' '  ') "
-        f'&& {{ echo "PROCESS {u} $p $s" | tr -s " " | sed "s/ $//"; break; }}; sleep 1; done;'
+        f'&& {{ echo "PROCESS {u} $p $s" | tr -s " " | sed "s/ $//"; shown=yes; break; }}; sleep 1; done; '
+        f'[ -n "$shown" ] || echo "UNREAD {u} $state";'
         for u in units
     )
 
@@ -76,6 +83,8 @@ def services_sandboxed(probe: Probe) -> None:
     )
     over = {unit: f"{exposure[unit]} > {bound}" for unit, bound in bounds.items() if exposure[unit] > bound}
     assert over == {}, f"daemons less confined than their roles allow: {over}"
+    unread = dict(UNREAD.findall(shown))
+    assert unread == {}, f"no sandboxed process to read in 10 s (unit: its state): {unread}"
     # What PID 1 says it applies, seen on the process: seccomp mode 2 is a filter.
     unfiltered = sorted(unit for unit, (_, seccomp, _) in running.items() if seccomp != "2")
     assert unfiltered == [], f"running without a system call filter: {unfiltered}"
