@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from amnesiac import policy
+from tests.boot import not_passed
 from tests.images import GUEST_LANE, REPO, Built, amnesiac
 
 pytestmark = [pytest.mark.boot, GUEST_LANE]
@@ -29,19 +30,6 @@ def verify_qemu(build: Path, report: Path, policy_file: Path = OVPN) -> tuple[in
     assert (report / "report.json").is_file(), result.stderr[-3000:]
     data: dict[str, Any] = json.loads((report / "report.json").read_text())
     return result.returncode, data, result.stdout
-
-
-def not_passed(report: dict[str, Any]) -> str:
-    """Each check that did not pass, with its reason and the end of its evidence: what a failure
-    in CI must show, since the report's directory is gone with the run."""
-    lines = []
-    for claim in [report["integrity"], *report["claims"]]:
-        for check in claim["checks"]:
-            if check["outcome"] != "passed":
-                evidence = json.dumps(check["evidence"], indent=1)[-3000:]
-                heading = f"{claim['id']} / {check['id']}: {check['outcome']}: {check['reason']}"
-                lines.append(f"{heading}\n{evidence}")
-    return "\n\n".join(lines)
 
 
 @pytest.fixture(scope="module")
