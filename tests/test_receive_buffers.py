@@ -68,7 +68,9 @@ def test_the_cards_are_rebound_only_when_no_session_is_left_up(tmp_path: Path) -
         "systemctl": 'read -r pid _ < <(look); [[ $pid == - ]] && exit 0\n'
         'case $1 in list-units) echo "openvpn-server@udp.service loaded active running";; '
         "show) echo $pid;; esac",
-        "wg": 'read -r _ n < <(look); for ((i = 0; i < n; i++)); do echo "wg0 key$i= 198.18.0.9:5$i"; done',
+        # As wg prints them: an interface without peers is its name alone.
+        "wg": 'read -r _ n < <(look); ((n)) || printf "wg0\\t\\n"; '
+        'for ((i = 0; i < n; i++)); do printf "wg0\\tkey%d=\\t198.18.0.9:5%d\\n" $i $i; done',
         # Between two looks: note whether the card was rebound, then go on to the next look.
         "sleep": f'n=$(cat {step}); [[ -s {driver}/bind ]] && echo $n >> {rebound}; rm -f {driver}/*bind\n'
         f'echo $((n + 1)) > {step}; (( n + 1 < {len(SESSIONS)} )) || kill $PPID',
