@@ -119,10 +119,13 @@ def build(
             configured = configure.configure(plan, cached, root, work, cache, progress=progress, log=log)
             stage.note = configured.note
 
-        with progress.stage("minimise", "Minimise: docs, caches, kernel modules") as stage:
+        with progress.stage("minimise", "Minimise: docs, caches, kernel modules, AppArmor profiles") as stage:
             wanted = [p for p in plan.packages if p not in rootfs.SET_ASIDE_PACKAGES]
             mini = minimise.minimise(root, staging / "vmlinuz", wanted=wanted)
-            stage.note = f"{mini.modules_kept} modules kept, {mini.modules_removed} removed"
+            stage.note = (
+                f"{mini.modules_kept} modules kept, {mini.modules_removed} removed; "
+                f"{len(mini.profiles_removed)} profiles of absent programs removed"
+            )
 
         with progress.stage("pack", f"Pack: initrd.img (zstd -{profile.zstd_level}), boot.ipxe") as stage:
             packed = pack.pack(

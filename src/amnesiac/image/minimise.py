@@ -1,7 +1,8 @@
 """Stage 3: strip what a RAM-only server does not need, and every per-build random id.
 
 Runs on the configured root directory. Kernel modules are reduced to the allowlist in
-image/modules.allow plus what roles ask for in /etc/amnesiac/modules.d/, with dependencies.
+image/modules.allow plus what roles ask for in /etc/amnesiac/modules.d/, with dependencies;
+AppArmor profiles to those of programs the image has (image/apparmor.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from amnesiac import paths
 from amnesiac.errors import BuildError
+from amnesiac.image import apparmor
 from amnesiac.image.plan import read_list
 from amnesiac.run import run
 
@@ -55,6 +57,7 @@ class MinimiseResult:
     vmlinuz: Path
     modules_kept: int
     modules_removed: int
+    profiles_removed: list[str]  # AppArmor profiles of programs the image does not have
 
 
 def kernel_release(root: Path) -> str:
@@ -78,9 +81,10 @@ def minimise(root: Path, vmlinuz_out: Path, wanted: Iterable[str] = ()) -> Minim
         for path in root.glob(pattern):
             _remove(path)
     _empty_logs(root)
+    profiles = apparmor.prune(root)
     (root / "etc/machine-id").write_text("")  # systemd makes a fresh one at every boot
     kept, removed = prune_modules(root, release)
-    return MinimiseResult(release, vmlinuz_out, kept, removed)
+    return MinimiseResult(release, vmlinuz_out, kept, removed, profiles)
 
 
 def _purge_build_only(root: Path, wanted: Iterable[str]) -> None:
