@@ -52,6 +52,33 @@ def test_the_variables_enrol_the_key_and_turn_secure_boot_on(tmp_path: Path) -> 
     assert out.read_bytes() != firmware.OVMF_VARS.read_bytes()
 
 
+def test_pcr7_is_the_enrolled_policy_then_the_db_entry_that_let_the_uki_in(tmp_path: Path) -> None:
+    """The prediction before the boot agrees with virt-firmware's own calculation (the same
+    events, written by others); the db entry's event, Secure Boot off and another key each give
+    another value. That the firmware's PCR 7 is this value is the booted test's
+    (tests/boot/test_boot.py: the quote is attested)."""
+    from virt.firmware import measure as virt_measure
+    from virt.firmware.varstore.autodetect import open_varstore
+
+    key = secure_boot.throwaway_key(tmp_path)
+    enrolled = tmp_path / "VARS.fd"
+    secure_boot.enrolled_variables(firmware.OVMF_VARS, key, enrolled)
+    events = virt_measure.measure_varlist(["sha256"], open_varstore(str(enrolled)).get_varlist())
+    (theirs,) = virt_measure.calculate_pcrs(["sha256"], events)
+    assert secure_boot.expected_pcr7(enrolled, None) == theirs["digest"]
+
+    booted = secure_boot.expected_pcr7(enrolled, key)
+    (tmp_path / "other").mkdir()
+    other = secure_boot.throwaway_key(tmp_path / "other")
+    elsewhere = tmp_path / "OTHER.fd"
+    secure_boot.enrolled_variables(firmware.OVMF_VARS, other, elsewhere)
+    off = secure_boot.expected_pcr7(firmware.OVMF_VARS, None)
+    values = [booted, theirs["digest"], secure_boot.expected_pcr7(elsewhere, other), off]
+    assert len(set(values)) == len(values)
+    # Secure Boot off: no db entry verifies anything, whatever signed the image.
+    assert secure_boot.expected_pcr7(firmware.OVMF_VARS, key) == off
+
+
 def test_missing_sbsign_is_one_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(secure_boot.shutil, "which", lambda _name: None)
     with pytest.raises(secure_boot.UsageError, match="sbsign"):

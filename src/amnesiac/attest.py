@@ -4,11 +4,12 @@ A diskless node keeps no key, so its attestation key (AK) is a *primary* key: th
 it from the endorsement hierarchy's seed and a fixed template, the same key on every boot of
 the same TPM. A provider enrols the AK's public half once per machine (`derive_ak` against the
 machine's TPM before it enters the fleet, or the first derivation on a machine it trusts);
-`verify` then sends a fresh nonce, the target re-derives the AK and quotes PCRs 11 and 12 with
-it (roles/server_base/files/amnesiac-tpm-quote), and `check` proves on the verifier, with tpm2_checkquote,
-that the quote is signed by the enrolled key, carries this nonce and holds the PCRs the
-manifest predicts: 11 the UKI's sections (image/measure.py), 12 all zeros (no loader command
-line, credential or add-on replaced what PCR 11 names).
+`verify` then sends a fresh nonce, the target re-derives the AK and quotes PCRs 7, 11 and 12
+with it (roles/server_base/files/amnesiac-tpm-quote), and `check` proves on the verifier, with
+tpm2_checkquote, that the quote is signed by the enrolled key, carries this nonce and holds the
+PCRs predicted: 7 the Secure Boot policy enrolled and the db entry that let the UKI start
+(image/secure_boot.py), 11 the UKI's sections from the manifest (image/measure.py), 12 all
+zeros (no loader command line, credential or add-on replaced what PCR 11 names).
 
 `SoftwareTpm` is swtpm (Debian's), for the QEMU harness and the tests.
 """
@@ -37,7 +38,7 @@ from amnesiac.run import run, spawn, stop_group
 # field is fixed, so the TPM's seed alone decides the key (TCG's "AK template" idea, EK-style).
 AK_ALGORITHM = "ecc256:ecdsa-sha256:null"
 AK_ATTRIBUTES = "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|restricted|sign|noda"
-QUOTED_PCRS = (11, 12)
+QUOTED_PCRS = (7, 11, 12)
 NONCE_BYTES = 20
 HOST_TOOLS = ("tpm2_createprimary", "tpm2_readpublic", "tpm2_quote", "tpm2_checkquote", "tpm2_flushcontext")
 QUOTE_FILES = ("ak.pem", "quote.msg", "quote.sig", "quote.pcrs")
@@ -181,8 +182,8 @@ def _selection() -> str:
     return f"{BANK}:{','.join(str(i) for i in QUOTED_PCRS)}"
 
 
-def expected_pcrs(pcr11: str) -> dict[int, str]:
-    return {11: pcr11.lower(), 12: ZEROS}
+def expected_pcrs(pcr7: str, pcr11: str) -> dict[int, str]:
+    return {7: pcr7.lower(), 11: pcr11.lower(), 12: ZEROS}
 
 
 _PCR_LINE = re.compile(r"^\s*(\d+)\s*:\s*(?:0x)?([0-9A-Fa-f]{64})\s*$")

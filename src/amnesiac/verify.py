@@ -369,10 +369,12 @@ def identity_result(identity: Identity, built: Manifest | None) -> CheckResult |
     )
     if identity.tpm is not None:
         rationale = (
-            "The target's TPM quoted PCRs 11 and 12 over a fresh nonce with the attestation key "
-            "enrolled before it booted; PCR 11 is what systemd-stub measured (kernel, initrd with "
-            "the test overlay named here, command line) and must equal the manifest's prediction, "
-            "PCR 12 (anything a boot loader added) must be empty. " + rationale
+            "The target's TPM quoted PCRs 7, 11 and 12 over a fresh nonce with the attestation key "
+            "enrolled before it booted; PCR 7 is the Secure Boot policy the firmware enforced and the "
+            "db entry that let the UKI start, and must equal what was enrolled; PCR 11 is what "
+            "systemd-stub measured (kernel, initrd with the test overlay named here, command line) "
+            "and must equal the manifest's prediction; PCR 12 (anything a boot loader added) must "
+            "be empty. " + rationale
         )
     return CheckResult(
         id="identity.matches_manifest",

@@ -1,9 +1,11 @@
 """Attestation's negative images: a UKI whose command line and initrd differ from the build by a
-few bytes boots and runs (a modified server would), and its TPM says so. The quote verifies
-(right key, right nonce) but PCR 11 is not the manifest's prediction, so the identity the
-report gives is "reported by the target" and the identity check fails. One boot carries both
-changes (each boot costs minutes under TCG); that either alone moves PCR 11 is
-tests/test_measure.py's, on the same prediction the booted PCR 11 matched in test_boot."""
+few bytes, on firmware whose Secure Boot was turned off after enrolment, boots and runs (a
+modified server would), and its TPM says so. The quote verifies (right key, right nonce) but
+PCR 11 is not the manifest's prediction and PCR 7 not the enrolled policy, so the identity the
+report gives is "reported by the target" and the identity check fails. One boot carries all
+three changes (each boot costs minutes under TCG); that each alone moves its PCR is
+tests/test_measure.py's and tests/test_secure_boot.py's, on the same predictions the booted
+PCRs matched in test_boot."""
 
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ __all__ = ["image"]  # the fixture: $AMNESIAC_BOOT_BUILD, else the session's OVP
 TAMPERED = Tamper(
     cmdline_suffix=" amnesiac.tampered=1",
     extra_initrd=overlay_cpio([OverlayFile("etc/amnesiac-tampered", b"1\n")]),
+    secure_boot_off=True,
 )
 
 
@@ -72,8 +75,8 @@ def test_a_tampered_uki_boots_and_fails_attestation(image: Path, tmp_path: Path)
         verdict = attest.check(measured.ak_pem, answer, nonce, measured.expected_pcrs)
         record = quote_target(_SshHost(machine, key), measured)
     assert verdict.signature_ok and verdict.ak_enrolled, verdict.why()  # a genuine quote ...
-    assert verdict.mismatched == [11] and not verdict.attested  # ... of something else
-    assert not record.attested and "PCR 11" in record.reason
+    assert verdict.mismatched == [7, 11] and not verdict.attested  # ... of something else
+    assert not record.attested and "PCR 7" in record.reason and "PCR 11" in record.reason
     assert record.tampered == measured.tampered
     assert Identity(tpm=record).established_by == REPORTED
 

@@ -102,7 +102,7 @@ def test_the_tpm_attests_what_was_built(machine: boot.BootedMachine, key: Path) 
     answer = attest.parse_guest_output(ssh(machine, key, attest.guest_command(nonce)))
     verdict = attest.check(measured.ak_pem, answer, nonce, measured.expected_pcrs)
     assert verdict.attested, verdict.why()
-    print(f"\nattested: PCR 11 {verdict.pcrs[11]}, {measured.timings}")
+    print(f"\nattested: PCR 7 {verdict.pcrs[7]}, PCR 11 {verdict.pcrs[11]}, {measured.timings}")
 
 
 def test_booted_the_manifest_cmdline_on_a_tmpfs_root(machine: boot.BootedMachine, key: Path) -> None:

@@ -8,7 +8,8 @@ command line, os-release and stub, with the boot-time overlay after initrd.img i
 What PCR 11 must then hold is predicted from the signed manifest's section digests and the
 overlay's own sha256, never from the test UKI: a changed kernel, initrd or command line in it
 shows as a mismatch. Before QEMU starts, the harness enrols the machine: it manufactures the
-TPM and derives its attestation key, as a provider does before a server enters the fleet.
+TPM and derives its attestation key, as a provider does before a server enters the fleet, and
+PCR 7 is predicted from the Secure Boot variables it enrolled (image/secure_boot.py).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class MeasuredBoot:
 
     uki_sha256: str  # the test UKI QEMU was given
     parts: dict[str, str]  # what went into it: vmlinuz, initrd.img, overlay.cpio -> sha256
-    expected_pcrs: dict[int, str]  # predicted from manifest.json and the overlay
+    expected_pcrs: dict[int, str]  # 7 from the enrolled variables, 11 from manifest.json and the overlay
     ak_pem: bytes  # the attestation key enrolled before the first boot
     overlay_sha256: str | None  # the test overlay measured with the image in PCR 11
     tampered: str | None = None  # what the harness changed on purpose (negative tests)
@@ -70,9 +71,12 @@ class Tamper:
     cmdline_suffix: str = ""  # appended to the command line the stub measures
     extra_initrd: bytes = b""  # appended after the overlay (a file the build never had)
     unsigned: bool = False  # under Secure Boot: the UKI is not signed (the firmware must refuse it)
+    secure_boot_off: bool = False  # the firmware's Secure Boot turned off after enrolment (PCR 7)
 
     def describe(self) -> str | None:
         parts = ["UKI not signed"] if self.unsigned else []
+        if self.secure_boot_off:
+            parts.append("Secure Boot off after enrolment")
         if self.cmdline_suffix:
             parts.append(f"command line + {self.cmdline_suffix!r}")
         if self.extra_initrd:
@@ -168,17 +172,9 @@ def measured_boot(
     tpm, ak = _enrol(work)
     timings["enrol_seconds"] = round(time.monotonic() - started, 1)
 
-    variables = work / "OVMF_VARS.fd"
-    key = None
-    if secure:
-        started = time.monotonic()
-        key = secure_boot.throwaway_key(work)
-        if not tamper.unsigned:
-            secure_boot.sign(test_uki.path, key)
-        secure_boot.enrolled_variables(vars_template, key, variables)
-        timings["secure_boot_seconds"] = round(time.monotonic() - started, 1)
-    else:
-        shutil.copyfile(vars_template, variables)
+    started = time.monotonic()
+    variables, key, pcr7 = _firmware_variables(work, vars_template, test_uki.path, tamper, secure=secure)
+    timings["secure_boot_seconds"] = round(time.monotonic() - started, 1)
 
     socket_path = work / "swtpm.sock"
     running: list[subprocess.Popen[bytes]] = []
@@ -209,11 +205,12 @@ def measured_boot(
         if overlay_sha256:
             parts["overlay.cpio"] = overlay_sha256
         booted = image.manifest.measured_boot
+        pcr11 = expected_pcr11(image, test_uki.expected_initrd_sha256)
         yield (
             MeasuredBoot(
                 uki_sha256=hashlib.sha256(test_uki.path.read_bytes()).hexdigest(),
                 parts=parts,
-                expected_pcrs=attest.expected_pcrs(expected_pcr11(image, test_uki.expected_initrd_sha256)),
+                expected_pcrs=attest.expected_pcrs(pcr7, pcr11),
                 ak_pem=ak,
                 overlay_sha256=overlay_sha256,
                 tampered=tamper.describe(),
@@ -227,6 +224,28 @@ def measured_boot(
     finally:
         for swtpm in running:
             stop_group(swtpm, term_timeout=5)
+
+
+def _firmware_variables(
+    work: Path, template: Path, test_uki: Path, tamper: Tamper, *, secure: bool
+) -> tuple[Path, secure_boot.SigningKey | None, str]:
+    """OVMF's variable store for the boot (with `secure`, a throwaway key enrolled as PK, KEK
+    and db, and the test UKI signed with it), the key, and what PCR 7 must then hold."""
+    variables = work / "OVMF_VARS.fd"
+    key = None
+    if secure:
+        key = secure_boot.throwaway_key(work)
+        if not tamper.unsigned:
+            secure_boot.sign(test_uki, key)
+        secure_boot.enrolled_variables(template, key, variables)
+    else:
+        shutil.copyfile(template, variables)
+    # What was enrolled, hence what PCR 7 must hold; then, for the negative, the firmware's own
+    # variables without the keys (as its setup screen's "Secure Boot: off" leaves them).
+    pcr7 = secure_boot.expected_pcr7(variables, key)
+    if tamper.secure_boot_off:
+        shutil.copyfile(template, variables)
+    return variables, key, pcr7
 
 
 def _wait_socket(path: Path, process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:

@@ -7,14 +7,21 @@ UKI's, which PCR 11 would not show). The harness plays the provider: it makes a 
 and certificate per boot, enrols the certificate as PK, KEK and db in a copy of OVMF's
 variables (virt-firmware), and signs the test UKI with Debian's sbsign. A real provider enrols
 its own db key (or signs through shim); docs/attestation.md says how.
+
+PCR 7 says which Secure Boot policy the firmware enforced and which db entry let the UKI run;
+`expected_pcr7` predicts it from the variable store the harness enrolled, so a quote shows
+Secure Boot switched off or another key's image started, which PCR 11 alone would not.
 """
 
 from __future__ import annotations
 
 import datetime
 import hashlib
+import os
 import shutil
+import struct
 import sys
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,11 +31,24 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
 from amnesiac.errors import UsageError
+from amnesiac.image.measure import extend
 from amnesiac.run import run
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.secboot.fd")
 # The owner of the harness's entries in PK, KEK and db (any fixed GUID does).
 OWNER_GUID = "7d8e4a4c-6d3b-4f0e-9a39-616d6e657369"
+GLOBAL_VARIABLE = uuid.UUID("8be4df61-93ca-11d2-aa0d-00e098032b8c")  # EFI_GLOBAL_VARIABLE
+IMAGE_SECURITY_DATABASE = uuid.UUID("d719b2cb-3d3a-4596-a3bc-dad00e67656f")
+# What the firmware measures into PCR 7 before it boots anything (EDK2's Tcg2Dxe,
+# MeasureAllSecureVariables), in this order; a variable that is not there, with no data.
+SECURE_VARIABLES = (
+    ("SecureBoot", GLOBAL_VARIABLE),
+    ("PK", GLOBAL_VARIABLE),
+    ("KEK", GLOBAL_VARIABLE),
+    ("db", IMAGE_SECURITY_DATABASE),
+    ("dbx", IMAGE_SECURITY_DATABASE),
+)
+SEPARATOR = bytes(4)  # EV_SEPARATOR, when the firmware is ready to boot
 
 
 @dataclass(frozen=True)
@@ -112,3 +132,39 @@ def enrolled_variables(template: Path, key: SigningKey, out: Path) -> None:
         ],
         capture=True,
     )  # fmt: skip
+
+
+def expected_pcr7(variables: Path, signer: SigningKey | None) -> str:
+    """PCR 7 (sha256, hex) after OVMF booted with the variable store `variables` and started an
+    image signed by `signer`'s db entry (EV_EFI_VARIABLE_AUTHORITY; None: nothing verified it,
+    as with Secure Boot off). Each event is a UEFI_VARIABLE_DATA: the variable's GUID, its
+    name's length and its data's, the name (UTF-16), the data."""
+    # Imported here: the harness alone reads variable stores (0.1 s of every command's start).
+    from virt.firmware.varstore.autodetect import open_varstore  # type: ignore[import-untyped]
+
+    store = open_varstore(os.fspath(variables)).get_varlist()
+    secure = "PK" in store and bytes(store["SecureBootEnable"].data) == b"\1"
+    pcr = bytes(32)
+    for name, guid in SECURE_VARIABLES:
+        data = (
+            (b"\1" if secure else b"\0")
+            if name == "SecureBoot"
+            else bytes(store[name].data)
+            if name in store
+            else b""
+        )
+        pcr = extend(pcr, _variable_data(guid, name, data))
+    pcr = extend(pcr, SEPARATOR)
+    if secure and signer is not None:
+        cert = x509.load_pem_x509_certificate(signer.cert.read_bytes()).public_bytes(
+            serialization.Encoding.DER
+        )
+        # The db entry that verified the image: EFI_SIGNATURE_DATA, its owner then the certificate.
+        pcr = extend(
+            pcr, _variable_data(IMAGE_SECURITY_DATABASE, "db", uuid.UUID(OWNER_GUID).bytes_le + cert)
+        )
+    return pcr.hex()
+
+
+def _variable_data(guid: uuid.UUID, name: str, data: bytes) -> bytes:
+    return guid.bytes_le + struct.pack("<QQ", len(name), len(data)) + name.encode("utf-16-le") + data
