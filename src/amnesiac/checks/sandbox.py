@@ -33,9 +33,10 @@ def _report(units: list[str]) -> str:
     """One round trip for all units: each one's exposure, and the seccomp mode of its running
     main process, asked again for a while when there is none yet or it was replaced in between
     (unbound restarts every 30 s). A unit starting has a main process that is still systemd's
-    executor, not yet under the sandbox it is applying (Seccomp 0): only a unit that is running and
-    whose process has become its program is read. A unit that is stopped (or exited) has no process
-    to show; one that shows none in 10 s is UNREAD, never taken for stopped."""
+    executor (seen during unbound's restarts), which is applying the sandbox, not yet running under
+    it: only a unit that is running and whose process has become its program is read. A unit
+    that is stopped (or exited) has no process to show; one that shows none in 10 s is UNREAD,
+    never taken for stopped."""
     return " ".join(
         f'echo "EXPOSURE {u} $(systemd-analyze security --no-pager {u} 2>&1 | tail -n 1)"; '
         f"shown=; for i in 1 2 3 4 5 6 7 8 9 10; do state=$(systemctl show -P SubState {u}); "
