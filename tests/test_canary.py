@@ -105,6 +105,20 @@ def test_the_time_to_forget_is_the_first_search_after_which_nothing_came_back() 
     assert list(still.kept()) == ["account"]
 
 
+def test_searches_during_a_session_merge_as_the_first_that_found_each_canary() -> None:
+    """A second search during the session fills in what the first missed (a packet header in a
+    receive buffer just freed); what the first found stays as the first found it."""
+    first = _search(None, account=2, **{"client packet header": 0})
+    first.holders = {"account": {"kernel slab": 2}}
+    second = _search(None, account=1, **{"client packet header": 3})
+    second.holders = {"account": {"kernel slab": 1}, "client packet header": {"kernel (other)": 3}}
+    merged = first.merged(second)
+    assert sorted(merged.found()) == ["account", "client packet header"]
+    assert len(merged.hits["account"]) == 2 and merged.holders["account"] == {"kernel slab": 2}
+    assert merged.holders["client packet header"] == {"kernel (other)": 3}
+    assert merged.seconds == 2.0 and merged.seconds_after_disconnect is None
+
+
 def test_pages_are_attributed_to_the_cgroup_of_their_owner() -> None:
     owners = memory.page_owners(
         "10 4242\n11 0\n12 99\n",

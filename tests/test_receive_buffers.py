@@ -20,7 +20,7 @@ def test_the_flush_script_is_valid_bash_and_rebinds_only_through_sysfs(tmp_path:
     subprocess.run(["bash", "-n", str(script)], check=True)
     text = script.read_text()
     assert '> "$driver/unbind"' in text and '> "$driver/bind"' in text
-    assert "sleep 5" in text  # no_logs_receive_buffers_interval
+    assert "sleep 2" in text  # no_logs_receive_buffers_interval
 
 
 def test_the_unit_says_nothing_and_skips_containers() -> None:

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +35,11 @@ from amnesiac.checks.expectations import GuestMemory, ProviderHarness
 from amnesiac.run import run, spawn, stop_group
 
 CONNECT_SECONDS = 60.0  # a bound: a TCG guest answers slowly
-POLL_SECONDS = 5.0  # between searches after the disconnect
+POLL_SECONDS = 2.0  # between searches after the disconnect (a search itself takes about 5 s)
+DURING_SEARCHES = 3  # at most, while the session runs
+# Every network card and its interface index: a card rebound (no_logs' receive-buffer flusher)
+# comes back with a new index, and its receive buffers with it.
+CARDS = "for c in /sys/class/net/*/device; do d=${c%/device}; echo ${d##*/} $(cat $d/ifindex); done"
 NEVER = "never sent"  # the negative control's name among the needles
 # Canary traffic, run inside the harness's namespace: a DNS query for argv[2] to the resolver the
 # server pushed (argv[1]), then argv[4] over TCP to the sink (argv[3] "host:port"). It prints what
@@ -135,6 +139,22 @@ class Search:
         """The canaries in RAM or in one of the server's own views (amnesiac.residue)."""
         return [name for name, addresses in self.hits.items() if addresses or self.views.get(name)]
 
+    def merged(self, later: Search) -> Search:
+        """Two searches during the session as one: each canary as the first that found it."""
+        first = set(self.found())
+
+        def pick(name: str) -> Search:
+            return self if name in first else later
+
+        return Search(
+            None,
+            later.searched_bytes,
+            self.seconds + later.seconds,
+            {name: pick(name).hits.get(name, []) for name in {**self.hits, **later.hits}},
+            {n: h for n in {**self.holders, **later.holders} if (h := pick(n).holders.get(n))},
+            {n: v for n in {**self.views, **later.views} if (v := pick(n).views.get(n))},
+        )
+
 
 @dataclass
 class Forgetting:
@@ -147,6 +167,8 @@ class Forgetting:
     bound: float
     sink_received: bool
     client_log: str = ""
+    during_searches: int = 1  # searches while the session ran (more when one missed a canary)
+    cards_rebound: bool = False  # the server's network cards were rebound while the session ran
 
     def forgotten_after(self) -> dict[str, float | None]:
         """Per canary seen during the session: seconds from the disconnect to the first search
@@ -176,13 +198,17 @@ def measure(
     bound: float,
     poll: float = POLL_SECONDS,
     wireguard: str | None = None,
+    must_see: Collection[str] = (),
 ) -> Forgetting:
     """A session with canaries through the server (OpenVPN, or WireGuard through the interface
     named by `wireguard`), a search while it runs, then searches every `poll` seconds after the
     disconnect until nothing is found or `bound` has passed. `shell` runs a command on the server
     as root and returns its output (attribution and the server's own views). The search
     also looks for the client's packets as the network card received them (its receive buffers
-    keep them until freed or overwritten: no_logs_flush_receive_buffers_when_idle)."""
+    keep them until freed or overwritten: no_logs_flush_receive_buffers_when_idle). A search
+    during the session that misses one of `must_see` is repeated (DURING_SEARCHES in all): the
+    client's newest packet may sit in a receive buffer the driver has just freed, its next one
+    (a keepalive a second later) in one it keeps."""
     if harness.sink_host is None or harness.sink_file is None:
         raise RuntimeError("the target has no traffic sink for the session's payload")
     if wireguard:
@@ -216,7 +242,14 @@ def measure(
 
         with allowed:
             with session as done:
+                cards = shell(CARDS)
                 during = look(None)
+                searches = 1
+                while searches < DURING_SEARCHES and set(must_see) - set(during.found()):
+                    time.sleep(1.0)
+                    during = during.merged(look(None))
+                    searches += 1
+                rebound = shell(CARDS) != cards
             disconnected = time.monotonic()
             after: list[Search] = []
             while True:
@@ -230,7 +263,7 @@ def measure(
         qmp.close()
     received = canaries.payload.encode() in Path(harness.sink_file).read_bytes()
     vpn = "WireGuard" if wireguard else "OpenVPN"
-    return Forgetting(canaries, vpn, during, after, bound, received, done.log)
+    return Forgetting(canaries, vpn, during, after, bound, received, done.log, searches, rebound)
 
 
 @dataclass

@@ -67,10 +67,11 @@ def session_forgotten(probe: Probe, expected: Expectations) -> None:
         return str(probe.host.run(command).stdout)
 
     bound = float(expected.forget_seconds)
-    results = [measure(harness, guest, shell, bound=bound)]
+    results = [measure(harness, guest, shell, bound=bound, must_see=MUST_BE_SEEN["OpenVPN"])]
     if expected.wireguard_interface and harness.peers_file:
         wireguard = expected.wireguard_interface
-        results.append(measure(harness, guest, shell, bound=bound, wireguard=wireguard))
+        must_see = MUST_BE_SEEN["WireGuard"]
+        results.append(measure(harness, guest, shell, bound=bound, wireguard=wireguard, must_see=must_see))
     probe.note("\n\n".join(_summary(result) for result in results))
     problems = [problem for result in results for problem in _problems(result, expected.forget_seconds)]
     assert problems == [], "; ".join(problems)
@@ -79,9 +80,11 @@ def session_forgotten(probe: Probe, expected: Expectations) -> None:
 def _problems(result: Forgetting, bound: int) -> list[str]:
     seen = set(result.during.found())
     missing = [name for name in MUST_BE_SEEN[result.vpn] if name not in seen]
+    rebound = "; the network cards were rebound while it ran" if result.cards_rebound else ""
     assert missing == [], (
-        f"the positive control failed: {missing} not found in the server's RAM during the "
-        f"{result.vpn} session, so the search proves nothing (session: {result.client_log.strip()[-300:]})"
+        f"the positive control failed: {missing} not found in the server's RAM by "
+        f"{result.during_searches} searches during the {result.vpn} session{rebound}, so the search "
+        f"proves nothing (session: {result.client_log.strip()[-300:]})"
     )
     assert all(NEVER not in s.found() for s in [result.during, *result.after]), (
         "a string never sent was found: the search is not telling the canaries apart"
@@ -106,9 +109,10 @@ def _summary(result: Forgetting) -> str:
     searches = [result.during, *result.after]
     lines = [
         f"{result.vpn} session: searched {result.during.searched_bytes / MIB:.0f} MiB of guest RAM "
-        f"{len(searches)} times "
-        f"({sum(s.seconds for s in searches):.1f} s, dump included); bound {result.bound:.0f} s; "
-        f"payload reached the sink: {result.sink_received}",
+        f"{len(searches) - 1 + result.during_searches} times ({result.during_searches} during the "
+        f"session; {sum(s.seconds for s in searches):.1f} s, dump included); bound {result.bound:.0f} s; "
+        f"payload reached the sink: {result.sink_received}"
+        + ("; the network cards were rebound during the session" if result.cards_rebound else ""),
         f"session: {' | '.join(result.client_log.strip().splitlines()[:2])}",
     ]
     forgotten = result.forgotten_after()
