@@ -26,11 +26,12 @@ from tests.images import GUEST_LANE
 pytestmark = [pytest.mark.boot, GUEST_LANE]
 __all__ = ["image"]  # the fixture: $AMNESIAC_BOOT_BUILD, else the session's OVPN image
 
-# One more word on the command line (where `apparmor=0` would turn a control off; this one
-# changes nothing, so that the boot surely gets as far as the quote), and a file the build never
-# had, in an archive appended to the initrd (the early init copies it).
+# One more word on the command line, passed by the loader as a boot menu's editor would (where
+# `apparmor=0` would turn a control off; this one changes nothing, so that the boot surely gets
+# as far as the quote): with Secure Boot off the stub takes it, and PCR 12 says so. And a file
+# the build never had, in an archive appended to the initrd (the early init copies it): PCR 11.
 TAMPERED = Tamper(
-    cmdline_suffix=" amnesiac.tampered=1",
+    loader_cmdline_suffix=" amnesiac.tampered=1",
     extra_initrd=overlay_cpio([OverlayFile("etc/amnesiac-tampered", b"1\n")]),
     secure_boot_off=True,
 )
@@ -75,8 +76,8 @@ def test_a_tampered_uki_boots_and_fails_attestation(image: Path, tmp_path: Path)
         verdict = attest.check(measured.ak_pem, answer, nonce, measured.expected_pcrs)
         record = quote_target(_SshHost(machine, key), measured)
     assert verdict.signature_ok and verdict.ak_enrolled, verdict.why()  # a genuine quote ...
-    assert verdict.mismatched == [7, 11] and not verdict.attested  # ... of something else
-    assert not record.attested and "PCR 7" in record.reason and "PCR 11" in record.reason
+    assert verdict.mismatched == [7, 11, 12] and not verdict.attested  # ... of something else
+    assert not record.attested and all(f"PCR {n}" in record.reason for n in (7, 11, 12)), record.reason
     assert record.tampered == measured.tampered
     assert Identity(tpm=record).established_by == REPORTED
 

@@ -68,7 +68,10 @@ class MeasuredBoot:
 class Tamper:
     """A test's deliberate change to the test UKI, which attestation must catch."""
 
-    cmdline_suffix: str = ""  # appended to the command line the stub measures
+    cmdline_suffix: str = ""  # appended to the UKI's own command line (.cmdline: PCR 11)
+    # Appended to the UKI's command line and passed by the loader (QEMU's -append): systemd-stub
+    # takes a loader's command line only with Secure Boot off, and measures it into PCR 12.
+    loader_cmdline_suffix: str = ""
     extra_initrd: bytes = b""  # appended after the overlay (a file the build never had)
     unsigned: bool = False  # under Secure Boot: the UKI is not signed (the firmware must refuse it)
     secure_boot_off: bool = False  # the firmware's Secure Boot turned off after enrolment (PCR 7)
@@ -79,6 +82,8 @@ class Tamper:
             parts.append("Secure Boot off after enrolment")
         if self.cmdline_suffix:
             parts.append(f"command line + {self.cmdline_suffix!r}")
+        if self.loader_cmdline_suffix:
+            parts.append(f"loader's command line: the UKI's + {self.loader_cmdline_suffix!r}")
         if self.extra_initrd:
             parts.append(f"initrd + {len(self.extra_initrd)} bytes")
         return ", ".join(parts) or None
@@ -198,6 +203,8 @@ def measured_boot(
             "-device", "tpm-tis,tpmdev=tpm0",
             "-kernel", str(test_uki.path),
         ]  # fmt: skip
+        if tamper.loader_cmdline_suffix:
+            args += ["-append", image.cmdline + tamper.cmdline_suffix + tamper.loader_cmdline_suffix]
         if secure:  # the variable store only writable from SMM, as Secure Boot requires
             args += ["-machine", "smm=on", "-global", "driver=cfi.pflash01,property=secure,value=on"]
         parts = {"vmlinuz": test_uki.linux_sha256, "initrd.img": test_uki.initrd_sha256}
