@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -105,3 +106,13 @@ def test_the_providers_key_is_checked_before_a_build_signs_with_it(tmp_path: Pat
         secure_boot.provider_key(key.cert, key.cert)
     with pytest.raises(secure_boot.UsageError, match=r"--secure-boot-key .*: no such file"):
         secure_boot.provider_key(tmp_path / "absent.key", key.cert)
+
+
+def test_secure_boot_is_on_with_a_pk_unless_the_platform_switch_says_off() -> None:
+    """EDK2's rule, which PCR 7's prediction follows: a store with a PK but no SecureBootEnable
+    (a firmware that never wrote the switch) boots with Secure Boot on."""
+    on, off = SimpleNamespace(data=b"\1"), SimpleNamespace(data=b"\0")
+    assert secure_boot.secure_boot_on({"PK": on, "SecureBootEnable": on})
+    assert secure_boot.secure_boot_on({"PK": on})
+    assert not secure_boot.secure_boot_on({"PK": on, "SecureBootEnable": off})
+    assert not secure_boot.secure_boot_on({"SecureBootEnable": on})

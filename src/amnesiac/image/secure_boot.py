@@ -22,8 +22,10 @@ import shutil
 import struct
 import sys
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -143,7 +145,7 @@ def expected_pcr7(variables: Path, signer: SigningKey | None) -> str:
     from virt.firmware.varstore.autodetect import open_varstore  # type: ignore[import-untyped]
 
     store = open_varstore(os.fspath(variables)).get_varlist()
-    secure = "PK" in store and bytes(store["SecureBootEnable"].data) == b"\1"
+    secure = secure_boot_on(store)
     pcr = bytes(32)
     for name, guid in SECURE_VARIABLES:
         data = (
@@ -164,6 +166,15 @@ def expected_pcr7(variables: Path, signer: SigningKey | None) -> str:
             pcr, _variable_data(IMAGE_SECURITY_DATABASE, "db", uuid.UUID(OWNER_GUID).bytes_le + cert)
         )
     return pcr.hex()
+
+
+def secure_boot_on(store: Mapping[str, Any]) -> bool:
+    """EDK2's rule (AuthVariableLib): Secure Boot is on in user mode (a PK enrolled) unless the
+    platform's switch, SecureBootEnable, says off; a store without the switch gets it set on."""
+    if "PK" not in store:
+        return False
+    switch = store.get("SecureBootEnable")
+    return switch is None or bytes(switch.data) == b"\1"
 
 
 def _variable_data(guid: uuid.UUID, name: str, data: bytes) -> bytes:
