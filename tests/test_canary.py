@@ -15,7 +15,7 @@ import pytest
 from amnesiac import residue
 from amnesiac.boot import memory
 from amnesiac.boot.sink import GUEST_SINK, traffic_sink
-from amnesiac.canary import Canaries, Forgetting, Search
+from amnesiac.canary import DURING_SEARCHES, Canaries, Forgetting, Search, _search_during, _Session
 from amnesiac.checks import amnesia
 from amnesiac.checks.expectations import Expectations, GuestMemory
 from tests.test_provider_check import HARNESS
@@ -117,6 +117,21 @@ def test_searches_during_a_session_merge_as_the_first_that_found_each_canary() -
     assert len(merged.hits["account"]) == 2 and merged.holders["account"] == {"kernel slab": 2}
     assert merged.holders["client packet header"] == {"kernel (other)": 3}
     assert merged.seconds == 2.0 and merged.seconds_after_disconnect is None
+
+
+def test_a_dns_name_missed_during_the_session_is_asked_for_again_before_the_next_search() -> None:
+    """The resolver frees a query it gave up on and restarts every dns_resolver_lifetime_seconds:
+    a name missed is sent again, so the positive control rests on a query the resolver holds; a
+    missed packet header waits for the client's next keepalive instead."""
+    sent: list[str] = []
+    session = _Session(lambda: sent.append("query") or "dns: taken, no answer: timed out\n")
+    found = iter([_search(None, **{"dns name": 0}), _search(None, **{"dns name": 1})])
+    during, searches = _search_during(lambda _after: next(found), session, ["dns name"])
+    assert (searches, sent, during.found()) == (2, ["query"], ["dns name"])
+    assert session.log.startswith("dns: taken")
+    headers = iter([_search(None, **{"client packet header": 0}) for _ in range(DURING_SEARCHES)])
+    _during, searches = _search_during(lambda _after: next(headers), session, ["client packet header"])
+    assert (searches, sent) == (DURING_SEARCHES, ["query"])
 
 
 def test_pages_are_attributed_to_the_cgroup_of_their_owner() -> None:

@@ -208,7 +208,9 @@ def measure(
     keep them until freed or overwritten: no_logs_flush_receive_buffers_when_idle). A search
     during the session that misses one of `must_see` is repeated (DURING_SEARCHES in all): the
     client's newest packet may sit in a receive buffer the driver has just freed, its next one
-    (a keepalive a second later) in one it keeps."""
+    (a keepalive a second later) in one it keeps; and the resolver forgets a query it gave up on
+    or restarts (dns_resolver_lifetime_seconds) between the query and the search, so a missed DNS
+    name is asked for again before the next search."""
     if harness.sink_host is None or harness.sink_file is None:
         raise RuntimeError("the target has no traffic sink for the session's payload")
     if wireguard:
@@ -243,12 +245,7 @@ def measure(
         with allowed:
             with session as done:
                 cards = shell(CARDS)
-                during = look(None)
-                searches = 1
-                while searches < DURING_SEARCHES and set(must_see) - set(during.found()):
-                    time.sleep(1.0)
-                    during = during.merged(look(None))
-                    searches += 1
+                during, searches = _search_during(look, done, must_see)
                 rebound = shell(CARDS) != cards
             disconnected = time.monotonic()
             after: list[Search] = []
@@ -266,9 +263,32 @@ def measure(
     return Forgetting(canaries, vpn, during, after, bound, received, done.log, searches, rebound)
 
 
+def _search_during(
+    look: Callable[[float | None], Search], session: _Session, must_see: Collection[str]
+) -> tuple[Search, int]:
+    """Searches while the session runs, until each of `must_see` was found or DURING_SEARCHES
+    were made: the searches as one, and how many there were."""
+    during = look(None)
+    searches = 1
+    while searches < DURING_SEARCHES and (missed := set(must_see) - set(during.found())):
+        if "dns name" in missed:
+            session.send_again()  # the resolver freed the query, or restarted: a new one
+        else:
+            time.sleep(1.0)  # the client's next keepalive
+        during = during.merged(look(None))
+        searches += 1
+    return during, searches
+
+
 @dataclass
 class _Session:
+    """What a session's client said; `send` sends its canary traffic (once on connecting)."""
+
+    send: Callable[[], str]
     log: str = ""
+
+    def send_again(self) -> None:
+        self.log += self.send()
 
 
 @contextlib.contextmanager
@@ -283,7 +303,7 @@ def tunnel_session(
         .split("=", 1)[-1]
     )
     ns = ["ip", "netns", "exec", harness.netns]
-    session = _Session()
+    session = _Session(lambda: "")  # its traffic goes to the resolver the server pushes
     with _client_address(harness, canaries), tempfile.TemporaryDirectory(prefix="amnesiac-canary-") as tmp:
         config, log = _client_config(Path(tmp), harness, canaries, fingerprint)
         client = spawn([*ns, "openvpn", "--config", str(config)], stdout=subprocess.DEVNULL,
@@ -292,7 +312,8 @@ def tunnel_session(
             if not client_connected(log, client, CONNECT_SECONDS):
                 raise RuntimeError(f"the canary session did not connect: {_tail(log)}")
             resolver = _pushed_resolver(log.read_text(errors="replace")) or "10.8.0.1"
-            session.log = _traffic(harness, canaries, resolver)
+            session.send = lambda: _traffic(harness, canaries, resolver)
+            session.log = session.send()
             yield session
         finally:
             stop_group(client, term_timeout=15)
@@ -306,7 +327,7 @@ def wireguard_session(
     """A WireGuard client (wireguard-go) from the canary address and port, its peer allowed by the
     caller; it sends the canary traffic through the tunnel and yields while it runs. WireGuard has
     no disconnect: when the context ends the client is gone and the server hears nothing more."""
-    session = _Session()
+    session = _Session(lambda: _traffic(harness, canaries, tunnel.server_ip))
     with (
         _client_address(harness, canaries, route_to=harness.openvpn_host),
         wireguard_client.wireguard_client(
@@ -315,7 +336,7 @@ def wireguard_session(
     ):
         if not wireguard_client.until(answered, CONNECT_SECONDS):
             raise RuntimeError(f"the WireGuard canary session got no answer within {CONNECT_SECONDS:.0f} s")
-        session.log = _traffic(harness, canaries, tunnel.server_ip)
+        session.log = session.send()
         yield session
 
 
