@@ -64,10 +64,11 @@ build: setup
 	$(BIN)/amnesiac build --policy $(POLICY) --out $(OUT)
 
 # Every tier: fast (unit, lint; on every CPU), build (real images), boot (QEMU + verify),
-# browser (the HTML report in Chromium), then molecule (every role in a container). About 48
-# min on 2 cores: fast 3, slow tiers 35, molecule 9 (benchmarks/README.md; 89 before the lanes). The slow tiers run in two lanes (tests/images.py): the
-# guest lane boots one TCG guest at a time (two would slow each other's boots), the build lane
-# builds beside it, niced; each image is built once per session and shared by both.
+# browser (the HTML report in Chromium), then molecule (every role in a container). 50 to 75
+# min on 2 cores, as fast as the machine (benchmarks/README.md has each run's tiers). The slow
+# tiers run in two lanes (tests/images.py): the guest lane boots one TCG guest at a time (two
+# would slow each other's boots), the build lane builds beside it, niced; each image is built
+# once per session and shared by both.
 # The slowest tests are listed at the end of each slow tier (--durations): where the time goes.
 test: setup
 	$(BIN)/pytest -n auto -p no:cacheprovider
