@@ -68,6 +68,7 @@ WITHOUT_CONTROLS = {
     "dns_resolver_sandbox": "false",
     "server_base_kernel_lockdown": "none",
     "server_base_kexec_disabled": "false",
+    "server_base_firmware_credentials_ignored": "false",
     "server_base_kernel_self_protection": "false",
     "ssh_admin_log_level": "INFO",
     "ssh_admin_no_lastlog": "false",

@@ -218,7 +218,8 @@ def test_qemu_argv_without_network_has_no_nic(tmp_path: Path) -> None:
 def test_emulated_devices_are_blank_sparse_files(tmp_path: Path) -> None:
     devices, args = qemu.emulated_devices(tmp_path)
     kinds = {d.kind for d in devices}
-    assert kinds == {"virtio-blk", "usb-kbd", "usb-storage", "acpi-erst"}
+    assert kinds == {"virtio-blk", "usb-kbd", "usb-storage", "acpi-erst", "smbios-credential"}
+    assert f"type=11,value={qemu.FIRMWARE_CREDENTIAL}" in args
     assert "acpi-erst,memdev=erst0-store,id=erst0" in args
     assert "qemu-xhci,id=xhci" in args
     for device in devices:

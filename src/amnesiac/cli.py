@@ -415,8 +415,9 @@ vmlinuz and initrd.img over HTTP from a server on 127.0.0.1 instead. Either way 
 files must match manifest.json, or nothing boots.
 
 The guest's network is isolated: it reaches only that server, and its SSH port is
-forwarded to 127.0.0.1. A USB keyboard, a USB stick and a virtio disk are attached, so
-the lockdown and diskless claims meet real devices. KVM is used when a probe guest runs
+forwarded to 127.0.0.1. A USB keyboard, a USB stick, a virtio disk, an ACPI ERST store
+and a systemd credential in the SMBIOS OEM strings are attached, so the lockdown and
+diskless claims meet real devices. KVM is used when a probe guest runs
 under it, else TCG emulation (the output says which and why).
 
 Runs until Ctrl-C, SIGTERM or the guest powering off; then QEMU is stopped and every

@@ -44,6 +44,7 @@ def test_system(host: Any) -> None:
         "panic=10",
         "lockdown=confidentiality",
         "sysctl.kernel.kexec_load_disabled=1",
+        "systemd.import_credentials=no",
     ]
 
 

@@ -68,7 +68,7 @@ class BootOptions:
     accel: Accel | None = None  # None: $AMNESIAC_ACCEL, else "auto" (probe KVM, fall back to TCG)
     ssh_key: Path | None = None  # a public key authorised for root through the overlay
     overlay_files: tuple[OverlayFile, ...] = ()  # more boot-time files (a VPN identity)
-    test_devices: bool = True  # USB keyboard + USB stick on xhci, and a virtio disk
+    test_devices: bool = True  # USB keyboard + stick, a virtio disk, ERST, an SMBIOS credential
     ssh_port: int | None = None  # host port forwarded to the guest's 22; None: a free one
     serial_log: Path | None = None  # keep the console log here; None: in the temp dir
     guest_services: tuple[GuestService, ...] = ()  # host services the guest may reach

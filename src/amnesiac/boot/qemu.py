@@ -35,6 +35,11 @@ TEST_STICK_BYTES = 16 * MIB
 # A firmware persistent store (ACPI ERST, as servers have): the kernel would keep its last log
 # there across reboots unless told not to (no_logs: erst_disable). 64 KiB: eight 8 KiB records.
 TEST_ERST_BYTES = 64 * 1024
+# A systemd credential in the SMBIOS OEM strings (type 11), as a BMC or a hypervisor could set
+# one: a tmpfiles line that would have systemd write a file as root. server_base's
+# systemd.import_credentials=no refuses it; a system that imports it creates FIRMWARE_CANARY.
+FIRMWARE_CANARY = "/run/amnesiac-firmware-credential"
+FIRMWARE_CREDENTIAL = f"io.systemd.credential:tmpfiles.extra=f {FIRMWARE_CANARY} 0600 root root - firmware"
 
 
 def find_tools() -> tuple[str, str]:
@@ -177,6 +182,7 @@ def emulated_devices(work: Path) -> tuple[list[EmulatedDevice], list[str]]:
             "stick0", "usb-storage", "USB stick on xhci", "amnesiac-stick", stick, TEST_STICK_BYTES
         ),
         EmulatedDevice("erst0", "acpi-erst", "ACPI ERST firmware persistent store"),
+        EmulatedDevice("smbios11", "smbios-credential", f"SMBIOS OEM string {FIRMWARE_CREDENTIAL}"),
     ]
     erst_store = f"memory-backend-file,id=erst0-store,size={TEST_ERST_BYTES},share=on,mem-path={opt(erst)}"
     args = [
@@ -188,6 +194,7 @@ def emulated_devices(work: Path) -> tuple[list[EmulatedDevice], list[str]]:
         "-device", "usb-storage,bus=xhci.0,drive=stick0-drive,id=stick0,serial=amnesiac-stick",
         "-object", erst_store,
         "-device", "acpi-erst,memdev=erst0-store,id=erst0",
+        "-smbios", f"type=11,value={opt(FIRMWARE_CREDENTIAL)}",
     ]  # fmt: skip
     return devices, args
 

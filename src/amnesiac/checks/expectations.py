@@ -66,7 +66,7 @@ class Expectations(BaseModel):
     authorized_keys: list[str] = Field(default_factory=list)
     # Keys the verifier itself put on the target to log in (qemu:'s boot-time key, --verifier-key).
     test_keys: list[str] = Field(default_factory=list)
-    # qemu: the harness attached a USB keyboard and stick and a virtio disk for the checks to find.
+    # qemu: the harness attached devices for the checks to find (boot/qemu.py: emulated_devices).
     test_devices_attached: bool = False
     root_tmpfs_size_bytes: int | None = None  # ram_root's size limit
     openvpn_unit: str | None = None  # the OpenVPN server's systemd unit

@@ -1,6 +1,7 @@
 """Root cannot quietly undo the controls: the running kernel is locked down, no other kernel can
-be started in its place, and its self-protection settings are on (role server_base;
-image/README.md gives the reasons for each setting and for those left out).
+be started in its place, its self-protection settings are on, no firmware store keeps anything,
+and the firmware cannot hand systemd a credential (role server_base; image/README.md gives the
+reasons for each setting and for those left out).
 
 Each check tries what the lock forbids, with an attempt that does nothing when it succeeds (a
 read of one byte, a write of a value the setting already has), and reads the kernel's own state,
@@ -149,3 +150,68 @@ def no_firmware_store(probe: Probe, expected: Expectations) -> None:
     )
     assert state.get("efivarfs") == "0", "efivarfs is available: EFI variables can be written"
     assert state.get("nvram") == "no", "/dev/nvram is there: CMOS NVRAM can be written"
+
+
+# systemd reads a boolean as parse_boolean() does; a key given alone means true. The last one wins.
+_FALSE = {"0", "no", "n", "false", "f", "off"}
+_IMPORT_KEYS = {"systemd.import_credentials", "systemd.import-credentials"}
+CREDENTIAL_STORE = "/run/credentials/@system"
+
+
+def _imports_credentials(cmdline: str) -> bool:
+    """Whether systemd imports credentials with this kernel command line (the default: yes)."""
+    values = [word.partition("=") for word in cmdline.split()]
+    given = [value if eq else "yes" for key, eq, value in values if key in _IMPORT_KEYS]
+    return not given or given[-1].lower() not in _FALSE
+
+
+def offered_credentials_command(entries: str = "/sys/firmware/dmi/entries") -> str:
+    """The credentials among the SMBIOS OEM strings, one a line: each type 11 structure is a raw
+    file, its header, then its strings, each ending in a NUL."""
+    return f"cat {entries}/11-*/raw 2>/dev/null | tr '\\0' '\\n' | grep -ao 'io[.]systemd[.]credential.*'"
+
+
+def _offered_credentials(strings: str) -> dict[str, str]:
+    """The credentials in SMBIOS OEM strings (io.systemd.credential[.binary]:NAME=VALUE), by name."""
+    offered: dict[str, str] = {}
+    for line in strings.splitlines():
+        prefix, colon, credential = line.partition(":")
+        if colon and prefix in ("io.systemd.credential", "io.systemd.credential.binary"):
+            name, _, value = credential.partition("=")
+            offered[name] = value
+    return offered
+
+
+@check(
+    claims=["no-physical-access"],
+    rationale="systemd takes no credentials from the firmware: without systemd.import_credentials=no "
+    "it imports those in the SMBIOS OEM strings (on bare metal too) and its services act on them "
+    "(tmpfiles.extra writes any file as root, systemd.extra-unit.* adds a unit, "
+    "ssh.authorized_keys.root a root login), so whoever sets the firmware's tables (a BMC, a "
+    "hypervisor) would be root without a login and without a trace. The harness offers one, a "
+    "tmpfiles line: it must not reach the system's credential store, and its file must not exist.",
+    targets=KERNEL,
+    not_applicable="the firmware's credentials are the booted system manager's to import",
+    integrity=True,
+)
+def no_firmware_credentials(probe: Probe, expected: Expectations) -> None:
+    offered = _offered_credentials(probe.run(offered_credentials_command()).stdout)
+    if expected.test_devices_attached:
+        assert offered, "positive control: the harness's SMBIOS credential did not reach the kernel"
+    elif not offered:
+        probe.note("the firmware offers no credential: the verdict rests on the store and the command line")
+    # What an offered tmpfiles line would have made (its second field, the path), and the store.
+    paths = [
+        words[1] for words in map(str.split, offered.get("tmpfiles.extra", "").splitlines()) if len(words) > 1
+    ]
+    if paths:
+        loop = "for p in " + " ".join(["%s"] * len(paths)) + '; do test -e "$p" && echo "$p"; done; true'
+        made = probe.run(loop, *paths).stdout.split()
+        assert made == [], f"the firmware's tmpfiles line ran as root: {made} exist"
+    store = probe.run(f"ls -A {CREDENTIAL_STORE} 2>/dev/null; true").stdout.split()
+    assert store == [], f"systemd imported credentials into {CREDENTIAL_STORE}: {store}"
+    cmdline = probe.run("cat /proc/cmdline").stdout
+    assert not _imports_credentials(cmdline), (
+        "systemd would import credentials from the firmware: no systemd.import_credentials=no on the "
+        f"kernel command line (offered now: {sorted(offered) or 'none'})"
+    )

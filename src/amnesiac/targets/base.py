@@ -71,7 +71,7 @@ class Connection:
     env: Mapping[str, str] | None = None  # the environment pytest and testinfra run in
     # Keys the verifier itself put on the target to log in: allowed beside the policy's keys.
     test_keys: tuple[str, ...] = ()
-    test_devices_attached: bool = False  # qemu: a USB keyboard and stick and a virtio disk
+    test_devices_attached: bool = False  # qemu: boot/qemu.py emulated_devices
     served: Mapping[str, str] = field(default_factory=dict)  # qemu: file -> sha256 the target was sent
     # The machine the backend runs itself (qemu:, driven through QMP): the capabilities only some
     # kinds of target have (guest memory dumps, hot-plug, a TPM) hang off it; None elsewhere.
