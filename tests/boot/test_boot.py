@@ -171,8 +171,23 @@ def test_the_whole_ram_is_searched_from_the_host(machine: boot.BootedMachine, ke
     assert all(address < machine.memory_mib * MIB for address in found.hits["cache"])  # below 4 GiB: all RAM
 
 
+# QMP quit (10 s at most), then QEMU's grace (10 s) and SIGTERM (5 s): a bound, with room for load.
+CLEANUP_BOUND = 60
+
+
+def _stopped_within(proc: subprocess.Popen[str], seconds: float) -> str:
+    """The stderr of a process that ended within `seconds`; else fail with its Python stacks."""
+    try:
+        return proc.communicate(timeout=seconds)[1]
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)  # faulthandler prints every thread's stack, then it dies
+        _, err = proc.communicate(timeout=30)
+        pytest.fail(f"not ended {seconds} s after SIGTERM; where it was:\n{err[-6000:]}")
+
+
 def test_cli_ready_json_then_sigterm_leaves_nothing(image: Path, key: Path, tmp_path: Path) -> None:
-    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    # faulthandler: should the cleanup hang, SIGABRT makes the process print where it is stuck.
+    env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONFAULTHANDLER": "1"}
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -214,7 +229,7 @@ def test_cli_ready_json_then_sigterm_leaves_nothing(image: Path, key: Path, tmp_
         os.kill(qemu_pid, 0)  # running
     finally:
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
+        err = _stopped_within(proc, CLEANUP_BOUND)
     assert proc.returncode == 143, err  # 128 + SIGTERM
     time.sleep(0.5)
     with pytest.raises(ProcessLookupError):
