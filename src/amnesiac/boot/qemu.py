@@ -13,7 +13,7 @@ import ctypes
 import re
 import shutil
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -202,10 +202,23 @@ def emulated_devices(work: Path) -> tuple[list[EmulatedDevice], list[str]]:
 # --- the process --------------------------------------------------------------------------------
 
 
+def _libc_prctl() -> Callable[..., int] | None:
+    with contextlib.suppress(OSError, AttributeError):
+        prctl: Callable[..., int] = ctypes.CDLL(None, use_errno=True).prctl
+        return prctl
+    return None
+
+
+# Looked up here, in the parent: the child of a process with threads (the harness's HTTP server)
+# must not dlopen() between fork and exec, where a lock another thread held at the fork stays held.
+_PRCTL = _libc_prctl()
+_PR_SET_PDEATHSIG = 1
+
+
 def die_with_parent() -> None:
     """In the child: SIGTERM when the harness dies (even by SIGKILL), so QEMU never lingers."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def read_log(path: Path) -> str:
