@@ -59,7 +59,7 @@ from amnesiac.run import spawn, stop_group
 # instead the harness watches the kernel start and, on a kernel oops before /init under TCG,
 # boots the same files once more and records that it did. Debian's kernel does not oops there
 # by itself on QEMU's machine: an oops the image causes happens again and is reported.
-EMULATOR_RACE = re.compile(r"\bOops: ")
+KERNEL_OOPS = re.compile(r"\bOops: ")
 KERNEL_START_TIMEOUT = 180.0  # seconds to wait for the kernel to reach /init before moving on
 
 
@@ -426,7 +426,7 @@ def _past_kernel_start(
             if KERNEL_STARTED in console or FIRMWARE_GAVE_UP.search(console):
                 return process, None
             if process.poll() is not None:
-                if EMULATOR_RACE.search(console) is None:
+                if KERNEL_OOPS.search(console) is None:
                     return process, None
                 why = failure_summary(console)
                 stop_group(process, grace=1, term_timeout=5)  # its relay children, if any are left

@@ -8,7 +8,6 @@ the image sends can leave the machine.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import re
 import shutil
@@ -202,16 +201,13 @@ def emulated_devices(work: Path) -> tuple[list[EmulatedDevice], list[str]]:
 # --- the process --------------------------------------------------------------------------------
 
 
-def _libc_prctl() -> Callable[..., int] | None:
-    with contextlib.suppress(OSError, AttributeError):
-        prctl: Callable[..., int] = ctypes.CDLL(None, use_errno=True).prctl
-        return prctl
-    return None
-
-
 # Looked up here, in the parent: the child of a process with threads (the harness's HTTP server)
 # must not dlopen() between fork and exec, where a lock another thread held at the fork stays held.
-_PRCTL = _libc_prctl()
+_PRCTL: Callable[..., int] | None
+try:
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):
+    _PRCTL = None
 _PR_SET_PDEATHSIG = 1
 
 
