@@ -23,10 +23,10 @@ import pytest
 from amnesiac import boot, ssh
 from amnesiac.boot import accel, machine, overlay, qemu
 from amnesiac.boot import image as boot_image
+from amnesiac.boot.emulator import Emulator
 from amnesiac.boot.http import FileServer, Served, Source
 from amnesiac.errors import UsageError
 from amnesiac.image.manifest import Manifest
-from amnesiac.run import stop_group
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeFakeFakeFakeFakeFakeFakeFakeFakeFakeFake test@amnesiac"
 
@@ -442,7 +442,7 @@ def test_cli_help_documents_the_lifecycle() -> None:
         assert words in result.stdout
 
 
-# --- the TCG emulator race: one more boot, on a kernel oops before /init -----------------------
+# --- the emulator's failures: one more boot, on a kernel oops before anything was observed -----
 
 RACE_CONSOLE = (
     "[    1.658284] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI\n"
@@ -454,17 +454,31 @@ DOUBLE_FAULT_CONSOLE = (  # measured 2026-12-04, 0.27 s into a netboot under TCG
     "[    0.268621] RIP: 0010:__kmalloc_noprof+0x27f/0x400\n"
     "[    0.268957] Kernel panic - not syncing: Fatal exception in interrupt\n"
 )
+AFTER_INIT_CONSOLE = (  # after /init, as CI's netboot of 2026-12-04 died (it kept only the panic line)
+    "[    2.904121] Run /init as init process\n"
+    "[    3.250113] Oops: general protection fault: 0000 [#1] PREEMPT SMP NOPTI\n"
+    "[    3.253455] Kernel panic - not syncing: Fatal exception in interrupt\n"
+)
 
 
-def fake_qemu(tmp_path: Path, first: str) -> tuple[list[str], Path]:
+SECOND_BOOT = "[    4.1] the second boot: Run /init as init process"
+
+
+def fake_qemu(tmp_path: Path, first: str, then: str = "") -> tuple[Emulator, Path]:
     """A stand-in for QEMU that writes `first` to the console and exits on its first run, then
-    starts the kernel and stays up: the harness logic alone, in milliseconds."""
+    `then` (and exits) or starts the kernel and stays up: the logic alone, in milliseconds."""
     serial, runs = tmp_path / "serial.log", tmp_path / "runs"
+    stay_up = f'echo "{SECOND_BOOT}" > {serial}; exec sleep 60'
+    later = f'printf %s "$2" > {serial}; exit 0' if then else stay_up
     script = (
         f'echo x >> {runs}; if [ "$(wc -l < {runs})" -eq 1 ]; then printf %s "$1" > {serial}; exit 0; fi; '
-        f'echo "[    4.197164] Run /init as init process" > {serial}; exec sleep 60'
+        + later
     )
-    return ["sh", "-c", script, "fake-qemu", first], serial
+    return Emulator(["sh", "-c", script, "fake-qemu", first, then], tmp_path / "qemu.log", tcg=True), serial
+
+
+def ended(emulator: Emulator) -> None:
+    emulator.process.wait(timeout=30)
 
 
 @pytest.mark.parametrize(
@@ -472,33 +486,57 @@ def fake_qemu(tmp_path: Path, first: str) -> tuple[list[str], Path]:
     [
         (RACE_CONSOLE, True),
         (DOUBLE_FAULT_CONSOLE, True),
+        (AFTER_INIT_CONSOLE, True),
         ("[    2.1] Kernel panic - not syncing: Out of memory\n", False),
+        ("BdsDxe: No bootable option or device was found.\r\n", False),
     ],
-    ids=["int3-race", "double-fault", "other-panic"],
+    ids=["int3-race", "double-fault", "after-init", "other-panic", "firmware-gave-up"],
 )
-def test_a_kernel_oops_before_init_and_only_it_boots_again_once(
-    tmp_path: Path, first: str, retried: bool
-) -> None:
-    argv, serial = fake_qemu(tmp_path, first)
-    qemu_log = tmp_path / "qemu.log"
-    process = machine._spawn_qemu(argv, qemu_log)
+def test_a_kernel_oops_and_only_it_boots_again(tmp_path: Path, first: str, retried: bool) -> None:
+    emulator, serial = fake_qemu(tmp_path, first)
     tpm_starts: list[str] = []  # a measured boot's swtpm ends with its QEMU: started again first
+    emulator.before_again = lambda: tpm_starts.append(serial.read_text())
+    emulator.start()
     try:
-        process, why = machine._past_kernel_start(
-            process, argv, qemu_log, serial, lambda: tpm_starts.append(serial.read_text())
-        )
+        ended(emulator)
+        assert emulator.boot_again(serial.read_text(), "why") is retried
         assert len(tpm_starts) == (1 if retried else 0)
         if retried:
-            assert why is not None and "Kernel panic" in why
+            assert emulator.lost == "why"
             deadline = time.monotonic() + 30  # the second run starts writing at once
-            while "Run /init" not in serial.read_text() and time.monotonic() < deadline:
+            while SECOND_BOOT not in serial.read_text() and time.monotonic() < deadline:
                 time.sleep(0.05)
-            assert process.poll() is None and "Run /init" in serial.read_text()
+            assert emulator.process.poll() is None and SECOND_BOOT in serial.read_text()
         else:
-            assert why is None and process.poll() is not None  # left for wait_ssh to report
+            assert emulator.lost is None and emulator.process.poll() is not None  # for the caller to report
         assert (tmp_path / "runs").read_text().count("x") == (2 if retried else 1)
     finally:
-        stop_group(process, grace=1, term_timeout=5)
+        emulator.stop(grace=1)
+
+
+def test_a_second_oops_is_reported_not_booted_again(tmp_path: Path) -> None:
+    """The image's own oops comes back on the second boot: that one is the caller's to report."""
+    emulator, serial = fake_qemu(tmp_path, RACE_CONSOLE, then=RACE_CONSOLE)
+    emulator.start()
+    try:
+        ended(emulator)
+        assert emulator.boot_again(serial.read_text(), "the first")
+        ended(emulator)
+        assert not emulator.boot_again(serial.read_text(), "the second")
+        assert emulator.lost == "the first" and (tmp_path / "runs").read_text().count("x") == 2
+    finally:
+        emulator.stop(grace=1)
+
+
+def test_under_kvm_an_oops_is_never_booted_again(tmp_path: Path) -> None:
+    emulator, serial = fake_qemu(tmp_path, RACE_CONSOLE)
+    emulator.tcg = False
+    emulator.start()
+    try:
+        ended(emulator)
+        assert not emulator.boot_again(serial.read_text(), "why") and emulator.lost is None
+    finally:
+        emulator.stop(grace=1)
 
 
 def test_a_long_tmpdir_moves_the_boots_sockets_to_tmp(
@@ -523,40 +561,6 @@ def test_a_long_tmpdir_moves_the_boots_sockets_to_tmp(
         work.rmdir()
     finally:
         short.rmdir()
-
-
-def test_a_firmware_that_gave_up_ends_the_wait_for_the_kernel(tmp_path: Path) -> None:
-    """OVMF waits for a key after its last boot option, forever: the harness must not wait out
-    KERNEL_START_TIMEOUT (and then SSH's) for a kernel that will never start."""
-    serial, qemu_log = tmp_path / "serial.log", tmp_path / "qemu.log"
-    gave_up = "BdsDxe: No bootable option or device was found.\r\nBdsDxe: Press any key"
-    argv = ["sh", "-c", f"printf '{gave_up}' > {serial}; exec sleep 60"]
-    process = machine._spawn_qemu(argv, qemu_log)
-    try:
-        started = time.monotonic()
-        process, why = machine._past_kernel_start(process, argv, qemu_log, serial)
-        assert why is None and process.poll() is None
-        assert time.monotonic() - started < machine.KERNEL_START_TIMEOUT / 2
-        assert "No bootable option" in machine.failure_summary(serial.read_text())
-    finally:
-        stop_group(process, grace=1, term_timeout=5)
-
-
-def test_interrupted_while_the_kernel_starts_qemu_is_stopped(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Ctrl-C before the machine owns QEMU (its cleanup is not registered yet): QEMU stops too."""
-    serial, qemu_log = tmp_path / "serial.log", tmp_path / "qemu.log"
-    argv = ["sh", "-c", f"echo 'iPXE ...' > {serial}; exec sleep 60"]
-    process = machine._spawn_qemu(argv, qemu_log)
-
-    def interrupt(_path: Path) -> str:
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(machine, "read_log", interrupt)  # as the harness reads the console
-    with pytest.raises(KeyboardInterrupt):
-        machine._past_kernel_start(process, argv, qemu_log, serial)
-    assert process.poll() is not None
 
 
 def test_a_measured_boot_must_name_a_listed_artifact(tmp_path: Path) -> None:

@@ -1,6 +1,10 @@
 """A real boot in QEMU as a server with a TPM boots (UEFI, swtpm, the build's UKI with the test
 key's overlay), and a netboot over iPXE from 127.0.0.1 (`amnesiac boot --netboot`).
 
+The module's machine is booted twice: its first QEMU is made to die as the emulator does, 1 boot
+in about 20 under TCG (boot/emulator.py), so every test here also shows that the boot the harness
+starts again is whole: the TPM attests it, its test devices are blank, its client link carries.
+
 The image is $AMNESIAC_BOOT_BUILD (a build to reuse while developing), else the session's OVPN image.
 """
 
@@ -13,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +25,9 @@ from pathlib import Path
 import pytest
 
 from amnesiac import attest, boot
-from amnesiac.boot import memory
+from amnesiac.boot import link, memory
+from amnesiac.boot.emulator import Emulator
+from amnesiac.boot.qemu import KERNEL_STARTED
 from amnesiac.image import uki
 from tests.images import GUEST_LANE, Built
 
@@ -68,13 +75,42 @@ def ssh(machine: boot.BootedMachine, key: Path, command: str) -> str:
     return result.stdout
 
 
+INJECTED_OOPS = "[    9.999999] Oops: injected by the test (the emulator's failure)\n"
+
+
+def _die_as_the_emulator_does(process: subprocess.Popen[bytes], serial: Path) -> None:
+    """Once the kernel runs /init: QEMU stopped, an oops line at the end of its console, QEMU
+    killed (stopped first, so that it cannot write over the line). Bounded: 300 s."""
+    deadline = time.monotonic() + 300
+    while KERNEL_STARTED not in (serial.read_text(errors="replace") if serial.exists() else ""):
+        if time.monotonic() > deadline or process.poll() is not None:
+            return
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGSTOP)
+    with serial.open("a") as console:
+        console.write(INJECTED_OOPS)
+    os.killpg(process.pid, signal.SIGKILL)
+
+
 @pytest.fixture(scope="module")
 def machine(image: Path, key: Path) -> Iterator[boot.BootedMachine]:
-    options = boot.BootOptions(ssh_key=key.with_suffix(".pub"))
-    with boot.running(image, options) as booted:
-        booted.wait_ssh(SSH_TIMEOUT)
-        print(f"\nSSH up {booted.ssh_ready_seconds} s after QEMU started ({booted.accel.reason})")
-        yield booted
+    start = Emulator.start
+
+    def start_then_die_once(emulator: Emulator) -> subprocess.Popen[bytes]:
+        process = start(emulator)
+        if emulator.lost is None:  # the first start
+            chardev = next(arg for arg in emulator.argv if arg.startswith("file,id=serial0,"))
+            serial = Path(chardev.split("path=")[1])
+            threading.Thread(target=_die_as_the_emulator_does, args=(process, serial), daemon=True).start()
+        return process
+
+    options = boot.BootOptions(ssh_key=key.with_suffix(".pub"), client_link=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Emulator, "start", start_then_die_once)
+        with boot.running(image, options) as booted:
+            booted.wait_ssh(SSH_TIMEOUT)
+            print(f"\nSSH up {booted.ssh_ready_seconds} s after QEMU started ({booted.accel.reason})")
+            yield booted
     assert booted.process.poll() is not None, "QEMU still running after running()"
     assert not booted.serial_log.exists(), "temporary files left behind"
 
@@ -82,6 +118,16 @@ def machine(image: Path, key: Path) -> Iterator[boot.BootedMachine]:
 def test_ssh_with_the_overlay_key(machine: boot.BootedMachine, key: Path) -> None:
     assert machine.ssh_banner.startswith("SSH-2.0-")
     assert ssh(machine, key, "id -u").strip() == "0"
+
+
+def test_a_boot_the_emulator_lost_is_booted_again_once(machine: boot.BootedMachine, key: Path) -> None:
+    assert machine.emulator_retry is not None and "injected by the test" in machine.emulator_retry
+    assert INJECTED_OOPS.strip() not in machine.console(), "the console is the second boot's"
+    # The link's tap device, given to QEMU open, carried the second boot's DHCP exchange.
+    wait = (
+        f"for i in $(seq 60); do ip -4 -o addr | grep -qF ' {link.GUEST_ADDRESS}/' && exit 0; sleep 1; done"
+    )
+    ssh(machine, key, f"{wait}; ip -4 -o addr; exit 1")
 
 
 def test_the_tpm_attests_what_was_built(machine: boot.BootedMachine, key: Path) -> None:

@@ -6,6 +6,7 @@
 - `qemu`: the QEMU command line, its isolated network and the emulated test devices
 - `accel`: KVM or TCG, by probing
 - `qmp`: a minimal QMP client
+- `emulator`: QEMU's process, and the one boot more allowed when TCG kills the first
 - `machine`: `running()`, the booted machine and its cleanup (the API verify uses)
 - `command`: `amnesiac boot`
 - `errors`: BootError, and ImageMismatch when what would boot is not what was built

@@ -43,15 +43,15 @@ def command(build_dir: Path, options: BootOptions, *, wait: bool, json_out: bool
         if machine.devices:
             say("  test devices: " + ", ".join(d.description for d in machine.devices))
         say(f"  ssh: {escape(machine.ssh_command())}")
-        if machine.emulator_retry:
-            why = escape(machine.emulator_retry)
-            say(f"  [yellow]booted again[/]: the first boot died of a TCG emulator race ({why})")
         if wait or json_out:
             with progress.stage("boot", "waiting for SSH") as stage:
                 seconds = machine.wait_ssh(timeout, on_tick=progress.detail)
                 stage.note = machine.ssh_banner
                 if machine.measured is None:
                     stage.note += "; served files match manifest.json"
+            if machine.emulator_retry:
+                why = escape(machine.emulator_retry)
+                say(f"  [yellow]booted again[/]: the first boot died of a TCG emulator failure ({why})")
             if json_out:
                 print(json.dumps(machine.summary(), indent=2), flush=True)
             say(f"[bold green]ready[/] in {seconds:.1f} s: {escape(machine.ssh_command())}")

@@ -11,7 +11,10 @@ check runs inside it (`ip netns exec`). Nothing of it touches the host's own net
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
 import secrets
+import struct
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,6 +28,9 @@ HOST_ADDRESS = "198.18.0.1"
 GUEST_ADDRESS = "198.18.0.2"
 PREFIX = 24
 GUEST_MAC = "52:54:00:a0:00:02"  # the link's NIC in the guest (the first NIC is QEMU's default)
+# <linux/if_tun.h>
+_TUNSETIFF = 0x400454CA
+_IFF_TAP, _IFF_NO_PI, _IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
 
 
 @dataclass
@@ -33,12 +39,13 @@ class ClientLink:
 
     netns: str
     tap: str
+    tap_fd: int = -1  # the tap, opened by the harness: QEMU is given it, and a restarted QEMU again
     guest_address: str = GUEST_ADDRESS
     _stack: contextlib.ExitStack | None = field(default=None, repr=False)
 
     def qemu_args(self) -> list[str]:
         return [
-            "-netdev", f"tap,id=link0,ifname={self.tap},script=no,downscript=no",
+            "-netdev", f"tap,id=link0,fd={self.tap_fd}",
             "-device", f"virtio-net-pci,netdev=link0,mac={GUEST_MAC}",
         ]  # fmt: skip
 
@@ -49,8 +56,9 @@ class ClientLink:
 
 @contextlib.contextmanager
 def client_link(work: Path) -> Iterator[ClientLink]:
-    """Create the tap device for QEMU to attach to by name; `attach()` it once QEMU holds it. On
-    the way out, whatever happened: the DHCP server stopped, the namespace and the device gone."""
+    """Create the tap device and open it (QEMU is given the descriptor, so the device can live in
+    the namespace before QEMU starts, and through a restart); `attach()` it. On the way out,
+    whatever happened: the DHCP server stopped, the namespace and the device gone."""
     token = secrets.token_hex(4)
     link = ClientLink(netns=f"amnesiac-link-{token}", tap=f"amlink{token}")
     with contextlib.ExitStack() as stack:
@@ -59,12 +67,15 @@ def client_link(work: Path) -> Iterator[ClientLink]:
         stack.callback(_quiet, ["ip", "netns", "del", link.netns])
         stack.callback(_quiet, ["ip", "-n", link.netns, "link", "del", link.tap])
         run(["ip", "tuntap", "add", "dev", link.tap, "mode", "tap"], capture=True)
+        link.tap_fd = _open_tap(link.tap)
+        stack.callback(os.close, link.tap_fd)
         link._stack = stack
         yield link
 
 
 def attach(link: ClientLink, work: Path) -> None:
-    """Once QEMU holds the tap device: move it into a new namespace, address it, serve DHCP."""
+    """Move the tap device into a new namespace, address it, serve DHCP (its open descriptor
+    stays attached to it)."""
     stack = link._stack
     if stack is None:
         raise RuntimeError("attach() is for a link inside client_link()")
@@ -103,6 +114,20 @@ def attach(link: ClientLink, work: Path) -> None:
     stack.callback(stop_group, dhcp, term_timeout=5)
     if dhcp.poll() is not None:
         raise BootError(f"the client link's DHCP server (busybox udhcpd) stopped at once ({dhcp.returncode})")
+
+
+def _open_tap(name: str) -> int:
+    """Attach to the tap device `name` as QEMU would itself (tap-linux.c: no packet information,
+    virtio-net headers)."""
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(
+            fd, _TUNSETIFF, struct.pack("16sH22x", name.encode(), _IFF_TAP | _IFF_NO_PI | _IFF_VNET_HDR)
+        )
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _netmask(prefix: int) -> str:

@@ -27,6 +27,7 @@ from typing import Any
 
 from amnesiac import ssh
 from amnesiac.boot.accel import Accel, AccelChoice, choose_accel
+from amnesiac.boot.emulator import Emulator
 from amnesiac.boot.errors import BootError, ImageMismatch
 from amnesiac.boot.firmware import TEST_UKI, MeasuredBoot, Tamper, measured_boot
 from amnesiac.boot.http import FileServer, Served
@@ -37,10 +38,8 @@ from amnesiac.boot.overlay import OverlayFile, authorized_key, harness, overlay_
 from amnesiac.boot.qemu import (
     FIRMWARE_GAVE_UP,
     GUEST_HTTP,
-    KERNEL_STARTED,
     EmulatedDevice,
     GuestService,
-    die_with_parent,
     emulated_devices,
     find_tools,
     qemu_argv,
@@ -48,19 +47,6 @@ from amnesiac.boot.qemu import (
 )
 from amnesiac.boot.qmp import Qmp
 from amnesiac.boot.reset import boot_again
-from amnesiac.run import spawn, stop_group
-
-# QEMU 7.2's multi-threaded TCG can let one vCPU run code that another has just repatched (the
-# kernel's int3-based static-key patching during its first seconds): 1 TCG boot in 46 measured
-# ended in "Oops: int3" and "Kernel panic - not syncing: Fatal exception in interrupt", and
-# CI's and a clean clone's boots died so 1.6-3.3 s in; a "double fault" in __kmalloc with
-# garbage flags, 0.27 s in, is the same emulator (1 boot in 20 on 2026-12-04; benchmarks/README.md).
-# One host thread for both vCPUs (`-accel tcg,thread=single`) avoids it at about +60 % boot time;
-# instead the harness watches the kernel start and, on a kernel oops before /init under TCG,
-# boots the same files once more and records that it did. Debian's kernel does not oops there
-# by itself on QEMU's machine: an oops the image causes happens again and is reported.
-KERNEL_OOPS = re.compile(r"\bOops: ")
-KERNEL_START_TIMEOUT = 180.0  # seconds to wait for the kernel to reach /init before moving on
 
 
 @dataclass(frozen=True)
@@ -98,17 +84,19 @@ class BootedMachine:
     ssh_key: Path | None
     devices: list[EmulatedDevice]
     overlay_sha256: str | None
-    process: subprocess.Popen[bytes]
+    emulator: Emulator  # QEMU, and whether the emulator lost a first boot
     started: float  # time.monotonic() when QEMU started
     _server: FileServer
     _qmp: Qmp | None
-    _qemu_log: Path
+    _qmp_socket: Path
     link: ClientLink | None = None  # BootOptions.client_link
     checks_qmp: Path | None = None  # the monitor the checks' own process connects to
     ssh_ready_seconds: float | None = None
     ssh_banner: str = ""
-    emulator_retry: str | None = None  # the emulator failure the guest was booted again after
     measured: MeasuredBoot | None = None  # booted under UEFI with a TPM: what it must attest
+    # SSH answered, the console showed what was waited for, or QMP was used: the emulator's
+    # failure is reported from then on, no longer booted again.
+    _observed: bool = field(default=False, repr=False)
     _stopped: bool = field(default=False, repr=False)
 
     @property
@@ -118,6 +106,15 @@ class BootedMachine:
     def served(self) -> list[Served]:
         """Every request the HTTP server answered, in order."""
         return self._server.records()
+
+    @property
+    def process(self) -> subprocess.Popen[bytes]:
+        return self.emulator.process
+
+    @property
+    def emulator_retry(self) -> str | None:
+        """The emulator failure the guest was booted again after (boot/emulator.py), if any."""
+        return self.emulator.lost
 
     def is_running(self) -> bool:
         return self.process.poll() is None
@@ -133,18 +130,20 @@ class BootedMachine:
         """A QMP command (`device_add`, `query-status`, ...) to the running QEMU."""
         if self._qmp is None:
             raise BootError("QMP is not connected")
+        self._observed = True  # what it changes would not survive booting again
         return self._qmp.execute(command, **arguments)
 
     def search_memory(self, needles: Mapping[str, bytes]) -> MemorySearch:
         """Search the guest's whole RAM, dumped through QMP, for each needle (boot/memory.py)."""
         if self._qmp is None:
             raise BootError("QMP is not connected")
+        self._observed = True
         return search_guest(self._qmp, self.work, needles)
 
     @property
     def work(self) -> Path:
         """The harness's private directory (removed with the machine): where dumps are written."""
-        return self._qemu_log.parent
+        return self.emulator.log.parent
 
     def wait_ssh(self, timeout: float = 600.0, on_tick: Callable[[str], None] | None = None) -> float:
         """Block until sshd answers with its banner on the forwarded port; seconds since start.
@@ -159,6 +158,7 @@ class BootedMachine:
             if banner:
                 self.ssh_banner = banner
                 self.ssh_ready_seconds = round(time.monotonic() - self.started, 1)
+                self._observed = True
                 self.check_served()
                 return self.ssh_ready_seconds
             if time.monotonic() > deadline:
@@ -175,6 +175,7 @@ class BootedMachine:
         from the reset."""
         if self._qmp is None:
             raise BootError("QMP is not connected")
+        self._observed = True
         seconds = boot_again(self._qmp, self.serial_log, self.ssh_port, timeout, alive=self._check_alive)
         self.check_served()  # what the new boot was served is the build too
         return seconds
@@ -187,6 +188,7 @@ class BootedMachine:
             if time.monotonic() > deadline:
                 raise BootError(f"{text!r} not on the console after {timeout:.0f} s", hint=self._tail())
             time.sleep(0.5)
+        self._observed = True
         return round(time.monotonic() - self.started, 1)
 
     def wait_exit(self) -> int:
@@ -249,14 +251,27 @@ class BootedMachine:
 
     def _check_alive(self, when: str, console: str | None = None) -> None:
         """Raise BootError if QEMU ended or its firmware gave up (judged on `console`, the
-        caller's own reading of it, when given)."""
+        caller's own reading of it, when given). Until something was observed of the guest, or
+        done to it, a boot the emulator lost is booted again instead (boot/emulator.py)."""
         code = self.process.poll()
         if code is None:
             if FIRMWARE_GAVE_UP.search(read_log(self.serial_log) if console is None else console):
                 raise BootError(f"the firmware found nothing it would boot {when}: {self._tail()}")
             return
         self._refuse_mismatch()  # the likeliest reason, when it applies
+        if not self._observed and self._boot_again():
+            return
         raise BootError(f"QEMU stopped (exit {code}) {when}: {self._tail()}")
+
+    def _boot_again(self) -> bool:
+        """The emulator's second boot, when it lost the first: QEMU restarted, QMP reconnected."""
+        console = read_log(self.serial_log)
+        if not self.emulator.boot_again(console, failure_summary(console)):
+            return False
+        if self._qmp is not None:
+            self._qmp.close()
+            self._qmp = _connect_qmp(self, self._qmp_socket)
+        return True
 
     def _refuse_mismatch(self) -> None:
         for record in self.served():
@@ -265,20 +280,19 @@ class BootedMachine:
                 raise ImageMismatch(f"{record.name} changed on disk while being served; the boot was stopped")
 
     def _tail(self) -> str:
-        return failure_summary(self.console(), read_log(self._qemu_log))
+        return failure_summary(self.console(), read_log(self.emulator.log))
 
     def stop(self) -> None:
         """Power off now: QMP quit, then SIGTERM, then SIGKILL; idempotent."""
         if self._stopped:
             return
         self._stopped = True
-        if self.process.poll() is None and self._qmp is not None:
-            with contextlib.suppress(Exception):
-                self._qmp.execute("quit")
-        if self._qmp is not None:
+        if self._qmp is not None:  # QEMU started
+            if self.process.poll() is None:
+                with contextlib.suppress(Exception):
+                    self._qmp.execute("quit")
             self._qmp.close()
-        # QEMU's relay children (busybox nc) share its process group: stop_group sweeps them.
-        stop_group(self.process, grace=10, term_timeout=5)
+        self.emulator.stop(grace=10)
 
 
 @contextlib.contextmanager
@@ -327,7 +341,7 @@ def running(build: Path | ServedFiles, options: BootOptions | None = None) -> It
             device_args = [*device_args, *link.qemu_args()]
         serial_log = options.serial_log or work / "serial.log"
         serial_log.parent.mkdir(parents=True, exist_ok=True)
-        qemu_log, qmp_socket, checks_qmp = work / "qemu.log", work / "qmp.sock", work / "checks-qmp.sock"
+        qmp_socket, checks_qmp = work / "qmp.sock", work / "checks-qmp.sock"
         argv = qemu_argv(
             qemu=qemu,
             relay=busybox,
@@ -345,11 +359,12 @@ def running(build: Path | ServedFiles, options: BootOptions | None = None) -> It
             firmware_args=firmware_args,
             network=options.network,
         )
-        started = time.monotonic()
-        process = _spawn_qemu(argv, qemu_log)
-        retry = None
-        if accel.accel == "tcg":
-            process, retry = _past_kernel_start(process, argv, qemu_log, serial_log, restart_tpm)
+        if link is not None:
+            attach(link, work)  # before QEMU starts: it is given the tap as an open descriptor
+
+        emulator = _emulator(
+            argv, work, accel=accel, restart_tpm=restart_tpm, test_devices=options.test_devices, link=link
+        )
         machine = BootedMachine(
             image=image,
             accel=accel,
@@ -361,35 +376,53 @@ def running(build: Path | ServedFiles, options: BootOptions | None = None) -> It
             ssh_key=options.ssh_key,
             devices=devices,
             overlay_sha256=first.overlay_sha256,
-            process=process,
-            started=started,  # the time to SSH includes a boot lost to the emulator, if any
-            emulator_retry=retry,
+            emulator=emulator,
+            started=time.monotonic(),  # the time to SSH includes a boot lost to the emulator, if any
             _server=server,
             _qmp=None,
-            _qemu_log=qemu_log,
+            _qmp_socket=qmp_socket,
+            link=link,
             checks_qmp=checks_qmp,
             measured=measured,
         )
         stack.callback(_shielded_stop, machine)
+        emulator.start()
         machine._qmp = _connect_qmp(machine, qmp_socket)
-        if link is not None:
-            attach(link, work)  # QEMU holds the tap device now (QMP answers after its devices)
-            machine.link = link
         yield machine
     finally:
         with _shielded():
             stack.close()
 
 
+def _emulator(
+    argv: list[str],
+    work: Path,
+    *,
+    accel: AccelChoice,
+    restart_tpm: Callable[[], None] | None,
+    test_devices: bool,
+    link: ClientLink | None,
+) -> Emulator:
+    """QEMU for this boot: booted again (under TCG), it finds things as at its first start."""
+
+    def as_at_first_start() -> None:
+        if restart_tpm is not None:
+            restart_tpm()
+        if test_devices:
+            emulated_devices(work)  # blank again
+
+    return Emulator(
+        argv,
+        work / "qemu.log",
+        tcg=accel.accel == "tcg",
+        before_again=as_at_first_start,
+        pass_fds=(link.tap_fd,) if link is not None else (),
+    )
+
+
 def _uki_memory_mib(work: Path) -> int:
     """What a UKI boot needs beyond a netboot: the firmware holds the UKI while the kernel starts."""
     return -(-(work / TEST_UKI).stat().st_size // (32 * 1024**2)) * 32
-
-
-def _spawn_qemu(argv: list[str], qemu_log: Path) -> subprocess.Popen[bytes]:
-    with qemu_log.open("ab") as err:
-        # Its own session (spawn): Ctrl-C reaches us and we stop QEMU ourselves.
-        return spawn(argv, stdout=err, stderr=err, preexec_fn=die_with_parent)
 
 
 # The longest name of a socket in a boot's work directory (QEMU's monitors, swtpm's).
@@ -404,40 +437,6 @@ def _work_dir() -> Path:
     short = len(os.fsencode(longest)) <= ssh.SOCKET_PATH_MAX
     fallback = "/tmp"  # noqa: S108 (mkdtemp: a new directory, mode 0700, of a random name)
     return Path(tempfile.mkdtemp(prefix="amnesiac-boot-", dir=None if short else fallback))
-
-
-def _past_kernel_start(
-    process: subprocess.Popen[bytes],
-    argv: list[str],
-    qemu_log: Path,
-    serial_log: Path,
-    restart_tpm: Callable[[], None] | None = None,
-) -> tuple[subprocess.Popen[bytes], str | None]:
-    """Wait until the guest kernel runs /init; if it oopsed first (the TCG race), boot again once.
-
-    Any other failure (the firmware giving up included), or a kernel slower than
-    KERNEL_START_TIMEOUT, is left to `wait_ssh` to report. The retry's reason is kept
-    (BootedMachine.emulator_retry) and printed by its users.
-    """
-    deadline = time.monotonic() + KERNEL_START_TIMEOUT
-    try:
-        while time.monotonic() < deadline:
-            console = read_log(serial_log)
-            if KERNEL_STARTED in console or FIRMWARE_GAVE_UP.search(console):
-                return process, None
-            if process.poll() is not None:
-                if KERNEL_OOPS.search(console) is None:
-                    return process, None
-                why = failure_summary(console)
-                stop_group(process, grace=1, term_timeout=5)  # its relay children, if any are left
-                if restart_tpm is not None:  # the QEMU that ended shut its swtpm down
-                    restart_tpm()
-                return _spawn_qemu(argv, qemu_log), why  # QEMU truncates the serial log it reopens
-            time.sleep(0.2)
-    except BaseException:  # Ctrl-C or SIGTERM before the machine (and its cleanup) owns QEMU
-        stop_group(process, term_timeout=5)
-        raise
-    return process, None
 
 
 _WHY = re.compile(r"^amnesiac: |Kernel panic|Out of memory|\bFAILED\b|No bootable|Connection reset")

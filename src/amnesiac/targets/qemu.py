@@ -79,8 +79,8 @@ class QemuTarget(Target):
                     # Nothing was proved either way: the run's error (exit 4), not a failed claim.
                     raise Unreachable(f"{self.spec} did not boot: {exc.message}", hint=exc.hint) from None
                 stage.note = f"SSH after {seconds:.0f} s, {machine.accel.accel}, {machine.memory_mib} MiB"
-                if machine.emulator_retry:  # the boot lost to QEMU's TCG race is part of `seconds`
-                    stage.note += f"; booted twice (TCG emulator race: {machine.emulator_retry})"
+                if machine.emulator_retry:  # the boot the emulator lost is part of `seconds`
+                    stage.note += f"; booted twice (the emulator lost the first: {machine.emulator_retry})"
             config = client_config(options.work, key)
             # Closed before QEMU stops (the stack unwinds in reverse).
             url = ssh.SshUrl(host="127.0.0.1", user="root", port=machine.ssh_port)
