@@ -4,14 +4,23 @@ fresh nonce, and the verifier's check that refuses another key, another nonce, o
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from amnesiac import attest
+from amnesiac.errors import UsageError
 from amnesiac.image import measure
+from amnesiac.image.manifest import Manifest
 from amnesiac.image.measure import ZEROS
+from amnesiac.report.model import ATTESTED, REPORTED, Identity
+from amnesiac.targets.base import Connection, _attestation
 from tests.images import REPO
 
 QUOTE_TOOL = REPO / "roles/server_base/files/amnesiac-tpm-quote"
@@ -116,3 +125,126 @@ def test_the_image_quote_tool_derives_the_enrolled_key_and_its_quote_is_attested
     with pytest.raises(attest.AttestationError, match=r"quote\.sig"):
         attest.parse_guest_output(output.replace("== quote.sig", "== other"))
     assert attest.guest_command(nonce) == f"{attest.GUEST_TOOL} {nonce.hex()}"
+
+
+# --- a server's enrolment: what `verify` of an ssh:// target or an inventory host reads ---------
+
+SECTIONS = {".linux": b"kernel", ".osrel": b"ID=debian\n", ".cmdline": b"quiet", ".initrd": b"root"}
+
+
+def _built(sections: dict[str, bytes]) -> Manifest:
+    """A manifest whose measured_boot predicts PCR 11 for these UKI sections."""
+    digests = {name: hashlib.sha256(data).hexdigest() for name, data in sections.items()}
+    zeros = "0" * 64
+    return Manifest.model_validate(
+        {
+            "artifacts": {
+                n: {"sha256": zeros, "size": 1} for n in ("vmlinuz", "initrd.img", "boot.ipxe", "a.efi")
+            },
+            "image": {"sha256": zeros, "cmdline": "quiet"},
+            "measured_boot": {
+                "file": "a.efi",
+                "pcr11_sha256": measure.pcr11(sections),
+                "pcr12_sha256": ZEROS,
+                "sections": digests,
+            },
+        }
+    )
+
+
+class _LocalHost:
+    """The one method of a testinfra host that quote_target uses: the image's quote tool, run
+    here against swtpm's port instead of a server's /dev/tpmrm0."""
+
+    def __init__(self, port: str) -> None:
+        self.port = port
+
+    def run(self, command: str) -> SimpleNamespace:
+        tool, nonce = command.split()
+        assert tool == attest.GUEST_TOOL
+        argv = ["perl", str(QUOTE_TOOL), nonce, f"127.0.0.1:{self.port}"]
+        done = subprocess.run(argv, capture_output=True, text=True, check=False)
+        return SimpleNamespace(rc=done.returncode, stdout=done.stdout, stderr=done.stderr)
+
+
+@pytest.mark.parametrize("test_uki", [False, True], ids=["the-build's-uki", "a-test-uki"])
+def test_an_enrolled_server_is_attested_against_its_build(tpm: attest.SoftwareTpm, test_uki: bool) -> None:
+    """An enrolment (the AK, PCR 7) and the build's manifest (PCR 11) are all `verify` needs of
+    a server it reaches over SSH; a test UKI's initrd (the build's, then an overlay) is named by
+    its sha256 and the prediction follows it. The same boot against another enrolment fails."""
+    initrd = SECTIONS[".initrd"] + (b"overlay" if test_uki else b"")
+    booted = {**SECTIONS, ".initrd": initrd}
+    with tpm.serving() as tcti:
+        ak = attest.derive_ak(tcti)
+        _extend_pcr11(tcti, booted)  # the stub's measurements; PCR 7 stays zero on this TPM
+        host = _LocalHost(tcti.rsplit("port=", 1)[1])
+        enrolment = attest.Enrolment(
+            ak_pem=ak.decode(),
+            pcr7=ZEROS,
+            initrd_sha256=hashlib.sha256(initrd).hexdigest() if test_uki else None,
+            overlay_sha256=hashlib.sha256(b"overlay").hexdigest() if test_uki else None,
+        )
+        connection = Connection(host="ssh://root@server:22", enrolment=enrolment)
+        record = _attestation(host, connection, _built(SECTIONS))
+        assert record is not None and record.attested, record.reason
+        assert Identity(tpm=record).established_by == ATTESTED
+        assert record.overlay_sha256 == enrolment.overlay_sha256
+        # The prediction without the test UKI's initrd: PCR 11 is not what it says.
+        if test_uki:
+            plain = enrolment.model_copy(update={"initrd_sha256": None})
+            other = _attestation(host, Connection(host="x", enrolment=plain), _built(SECTIONS))
+            assert other is not None and not other.attested and "PCR 11" in other.reason
+        # Another PCR 7 (the firmware's Secure Boot policy is not the one enrolled).
+        moved = enrolment.model_copy(update={"pcr7": "1" * 64})
+        other = _attestation(host, Connection(host="x", enrolment=moved), _built(SECTIONS))
+        assert other is not None and not other.attested and "PCR 7" in other.reason
+    # No build: nothing to predict PCR 11 from, and the report says so rather than "attested".
+    unknown = _attestation(host, connection, None)
+    assert unknown is not None and not unknown.attested and "--build" in unknown.reason
+    assert Identity(tpm=unknown).established_by == REPORTED
+
+
+def test_another_tpms_quote_is_not_attested(tpm: attest.SoftwareTpm, tmp_path: Path) -> None:
+    """A server answering with a TPM that is not the enrolled one (a replaced machine, a relay)."""
+    other = attest.SoftwareTpm(tmp_path / "other")
+    other.create()
+    with other.serving() as tcti:
+        foreign = attest.derive_ak(tcti)
+    with tpm.serving() as tcti:
+        enrolment = attest.Enrolment(ak_pem=foreign.decode(), pcr7=ZEROS)
+        built = _built(SECTIONS)
+        _extend_pcr11(tcti, SECTIONS)
+        record = _attestation(
+            _LocalHost(tcti.rsplit("port=", 1)[1]), Connection(host="x", enrolment=enrolment), built
+        )
+    assert record is not None and not record.attested and "not the enrolled one" in record.reason
+
+
+def a_public_key() -> str:
+    """A P-256 public key, PEM, of no TPM: another machine's AK."""
+    key = ec.generate_private_key(ec.SECP256R1()).public_key()
+    return key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
+
+
+def test_an_enrolment_file_round_trips_and_a_bad_one_is_one_line(tmp_path: Path) -> None:
+    good = attest.Enrolment(ak_pem=a_public_key(), pcr7=ZEROS)
+    path = tmp_path / "vpn1.enrolment.json"
+    path.write_text(good.dump())
+    assert attest.Enrolment.load(path) == good
+    pem = json.dumps(good.ak_pem)
+    for text, words in (
+        ("{", "Invalid JSON"),
+        ("[]", "Input should be an object"),
+        (f'{{"ak_pem": {pem}}}', "pcr7: Field required"),
+        (f'{{"ak_pem": {pem}, "pcr7": "ABC"}}', "pcr7: String should match pattern"),
+        (f'{{"ak_pem": {pem}, "pcr7": "{ZEROS}", "pcr11": "{ZEROS}"}}', "pcr11: Extra inputs"),
+        (f'{{"ak_pem": "-----BEGIN PUBLIC KEY-----", "pcr7": "{ZEROS}"}}', "ak_pem: Value error, not a PEM"),
+    ):
+        path.write_text(text)
+        with pytest.raises(UsageError, match=re.escape(f"--enrolment {path}: ")) as raised:
+            attest.Enrolment.load(path)
+        assert words in raised.value.message and "\n" not in raised.value.message, raised.value.message
+    with pytest.raises(UsageError, match="No such file"):
+        attest.Enrolment.load(tmp_path / "absent.json")

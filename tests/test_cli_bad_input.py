@@ -90,6 +90,10 @@ CASES: list[tuple[str, list[str], int, str]] = [
     ("verify inventory bad", ["verify", "--inventory", "inventory.yml", *REPORT], USAGE, "--inventory"),
     ("verify both", ["verify", "--target", "podman://a", "--inventory", "i.yml"], USAGE, "not allowed with"),
     ("verify memory", ["verify", "--target", "podman://a", "--memory", "0"], USAGE, "--memory"),
+    ("enrolment not ssh", ["verify", "--target", "podman://a", "--enrolment", "notes.txt", *REPORT], USAGE,
+     "--enrolment is for ssh:// targets"),
+    ("enrolment and fleet", ["verify", "--inventory", "inventory.yml", "--enrolment", "notes.txt", *REPORT],
+     USAGE, "amnesiac_enrolment variable"),
     ("verify unreachable", ["verify", "--json", "--target", "ssh://root@127.0.0.1:1", *REPORT], UNREACHABLE,
      "cannot reach"),
     # the command line itself
@@ -167,6 +171,10 @@ BAD_VALUES: dict[str, tuple[list[str], list[str]]] = {
          "ssh://h/p", "ssh://@h", "tftp://h", "file:///etc"],
     ),
     "--inventory": (["verify", "--report", "r"], ["none.yml", "inventory.yml"]),
+    "--enrolment": (
+        ["verify", "--report", "r", "--target", "ssh://root@127.0.0.1:9"],
+        ["none.json", "notes.txt", "photos", "fake-build/manifest.json"],
+    ),
 }  # fmt: skip
 GENERATED = [(opt, [*before, opt, value]) for opt, (before, values) in BAD_VALUES.items() for value in values]
 

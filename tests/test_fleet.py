@@ -148,3 +148,26 @@ def test_the_login_key_is_not_a_verifier_key_by_default(tmp_path: Path) -> None:
     target = targets.parse(options.target)
     with target.reach(verify.reach_options(options, tmp_path, Progress(quiet=True))) as connection:
         assert connection.test_keys == ()
+
+
+def test_each_inventory_host_names_its_own_enrolment(tmp_path: Path) -> None:
+    """`amnesiac_enrolment`, relative to the inventory: read when the inventory is, so that a
+    bad one stops the run before any host is reached, naming the inventory, host and file."""
+    from amnesiac import attest
+    from amnesiac.targets.inventory import ENROLMENT_VARIABLE, members
+    from tests.test_attest import a_public_key
+
+    enrolled = attest.Enrolment(ak_pem=a_public_key(), pcr7="7" * 64)
+    (tmp_path / "tpm").mkdir()
+    (tmp_path / "tpm/vpn1.json").write_text(enrolled.dump())
+    hosts = {"vpn1": {ENROLMENT_VARIABLE: "tpm/vpn1.json"}, "vpn2": {}}
+    inventory = tmp_path / "fleet.yml"
+    inventory.write_text(json.dumps({"all": {"hosts": hosts}}))
+    found = {host.name: host for host in members(inventory, tmp_path)}
+    assert found["vpn1"].enrolment == enrolled and found["vpn2"].enrolment is None
+    hosts["vpn2"] = {ENROLMENT_VARIABLE: "tpm/vpn2.json"}
+    inventory.write_text(json.dumps({"all": {"hosts": hosts}}))
+    with pytest.raises(
+        UsageError, match=rf"--inventory {inventory}: vpn2: {ENROLMENT_VARIABLE} .*vpn2\.json"
+    ):
+        members(inventory, tmp_path)

@@ -27,12 +27,19 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
 
 from cryptography.hazmat.primitives import serialization
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from amnesiac.errors import AmnesiacError, UsageError
-from amnesiac.image.measure import BANK, ZEROS
+from amnesiac.image.measure import BANK, ZEROS, pcr11_of_digests
 from amnesiac.run import run, spawn, stop_group
+
+if TYPE_CHECKING:
+    from amnesiac.image.manifest import Manifest
+
+Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 # The AK: a restricted ECDSA P-256 signing key, primary in the endorsement hierarchy. Every
 # field is fixed, so the TPM's seed alone decides the key (TCG's "AK template" idea, EK-style).
@@ -92,6 +99,78 @@ class Attestation:
                 for i in self.mismatched
             )
         return "attested"
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What a target's quote must show: signed by this AK, these PCR values; and what the
+    report names beside them (a test overlay measured with the image, a deliberate tampering,
+    the Secure Boot certificate the firmware enforces)."""
+
+    ak_pem: bytes
+    expected_pcrs: dict[int, str]
+    overlay_sha256: str | None = None
+    tampered: str | None = None
+    secure_boot: str | None = None
+
+
+class Enrolment(BaseModel):
+    """One server's TPM as the provider enrolled it (docs/attestation.md, "Enrolling a fleet"):
+    a JSON file, read by `verify` for an ssh:// target (--enrolment) or an inventory host (its
+    `amnesiac_enrolment` variable). PCR 11 is not in it: it is the image's, predicted by the
+    build's manifest (--build)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ak_pem: str  # the AK's public half, PEM (tpm2_readpublic -f pem, or the quote tool's ak.der)
+    pcr7: Sha256Hex  # the Secure Boot policy its firmware enforced at enrolment
+    secure_boot: Sha256Hex | None = None  # the db certificate's sha256, when Secure Boot is on
+    # A UKI whose initrd is not the build's own: the harness's test UKI carries the test overlay
+    # after it. That initrd's sha256 replaces the manifest's in the PCR 11 prediction, and the
+    # overlay is named in the report.
+    initrd_sha256: Sha256Hex | None = None
+    overlay_sha256: Sha256Hex | None = None
+
+    @field_validator("ak_pem")
+    @classmethod
+    def _a_public_key(cls, pem: str) -> str:
+        try:
+            serialization.load_pem_public_key(pem.encode())
+        except ValueError:
+            raise ValueError("not a PEM public key") from None
+        return pem
+
+    @classmethod
+    def load(cls, path: Path, *, what: str = "--enrolment") -> Enrolment:
+        """Read one; anything wrong is one UsageError naming the file (and the line or field)."""
+        try:
+            return cls.model_validate_json(path.read_bytes())
+        except OSError as exc:
+            raise UsageError(f"{what} {path}: {exc.strerror or exc}") from None
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "the file"
+            raise UsageError(f"{what} {path}: {where}: {first['msg']}") from None
+
+    def dump(self) -> str:
+        return self.model_dump_json(indent=2, exclude_none=True) + "\n"
+
+    def expected(self, built: Manifest | None) -> Expected:
+        """PCR 7 enrolled, PCR 11 predicted from the build (the test UKI's initrd in place of
+        its own, when named), PCR 12 zero; AttestationError without a build to predict from."""
+        booted = built.measured_boot if built is not None else None
+        if booted is None:
+            why = "no build to predict PCR 11 from (--build)" if built is None else "the build has no UKI"
+            raise AttestationError(f"cannot check the quote: {why}")
+        pcr11 = booted.pcr11_sha256
+        if self.initrd_sha256 is not None:
+            pcr11 = pcr11_of_digests({**booted.sections, ".initrd": self.initrd_sha256})
+        return Expected(
+            ak_pem=self.ak_pem.encode(),
+            expected_pcrs=expected_pcrs(self.pcr7, pcr11),
+            overlay_sha256=self.overlay_sha256,
+            secure_boot=self.secure_boot,
+        )
 
 
 def new_nonce() -> bytes:

@@ -366,6 +366,8 @@ is written then, since nothing was proved either way.""",
         "  amnesiac verify --target qemu:build/ovpn --report report/ovpn\n"
         "  amnesiac verify --policy policies/ivpn.yml --target ssh://root@vpn1.example.net "
         "--ssh-key ~/.ssh/admin --report report/vpn1\n"
+        "  amnesiac verify --target ssh://root@vpn1.example.net --ssh-key ~/.ssh/admin "
+        "--build build/ovpn --enrolment tpm/vpn1.json   # its TPM says what booted\n"
         "  amnesiac verify --inventory fleet.yml --report report/fleet",
     )
     verify.add_argument("--policy", type=Path, default=None, help="policy file (default: policies/ovpn.yml)")
@@ -395,6 +397,15 @@ is written then, since nothing was proved either way.""",
         "you log in with must be one the policy names",
     )
     verify.add_argument("--build", type=Path, default=None, help="the build the target should be running")
+    verify.add_argument(
+        "--enrolment",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="ssh:// targets: the server's TPM as you enrolled it (its attestation key and PCR 7, JSON; "
+        "docs/attestation.md), so that its TPM, not the server, says what booted: needs --build, which "
+        "predicts PCR 11. An inventory names each host's in its amnesiac_enrolment variable",
+    )
     verify.add_argument(
         "--memory", type=_positive_int, default=None, metavar="MIB", help="qemu: targets: guest RAM"
     )
@@ -511,6 +522,7 @@ def _verify(args: argparse.Namespace) -> int:
         build=args.build,
         memory_mib=args.memory,
         verifier_keys=tuple(args.verifier_key),
+        enrolment=args.enrolment,
     )
     progress = Progress(quiet=args.json)
     result = verify(options, progress)

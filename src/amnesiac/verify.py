@@ -38,8 +38,8 @@ from amnesiac.report.model import CheckOutcome, Identity, Report, Verdict
 from amnesiac.report.model import Target as ReportTarget
 from amnesiac.run import run
 from amnesiac.targets import Connection, ReachOptions, Target, parse
-from amnesiac.targets.base import Unreachable
-from amnesiac.targets.inventory import InventoryHost, members
+from amnesiac.targets.base import TargetKind, Unreachable
+from amnesiac.targets.inventory import ENROLMENT_VARIABLE, InventoryHost, members
 
 CHECKS_TIMEOUT = 900  # seconds for the whole check run: a hung SSH session must not hang verify
 
@@ -64,6 +64,9 @@ class VerifyOptions:
     # an operator logs in with must be one the policy names.
     verifier_keys: tuple[Path, ...] = ()
     workers: int | None = None  # pytest-xdist workers; None: one per target, at most the CPUs
+    # ssh:// targets: the server's TPM as the provider enrolled it (attest.Enrolment); an
+    # inventory names each host's in its `amnesiac_enrolment` variable instead.
+    enrolment: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -164,10 +167,17 @@ def verify(options: VerifyOptions, progress: Progress) -> Verification:
 def resolve(options: VerifyOptions, work: Path) -> list[Target]:
     """The targets the command line names: one --target, or every host of --inventory."""
     if options.inventory is not None:
+        if options.enrolment is not None:
+            where = f"each host's goes in its {ENROLMENT_VARIABLE} variable"
+            raise UsageError(f"--enrolment with --inventory: {where}")
         return list(members(options.inventory, work))
     if options.target is None:
         raise VerifyError("nothing to verify: give a target or an inventory")
-    return [parse(options.target)]
+    target = parse(options.target)
+    if options.enrolment is not None and target.kind is not TargetKind.SSH:
+        why = "the harness enrols the TPM it boots" if target.kind is TargetKind.QEMU else "it has no TPM"
+        raise UsageError(f"--enrolment is for ssh:// targets, not {options.target} ({why})")
+    return [target]
 
 
 def reach_options(options: VerifyOptions, work: Path, progress: Progress) -> ReachOptions:
@@ -175,6 +185,7 @@ def reach_options(options: VerifyOptions, work: Path, progress: Progress) -> Rea
     if options.ssh_key is not None and not options.ssh_key.is_file():
         raise UsageError(f"--ssh-key {options.ssh_key}: no such file")
     return ReachOptions(
+        enrolment=attest.Enrolment.load(options.enrolment) if options.enrolment is not None else None,
         work=work,
         progress=progress,
         ssh_key=options.ssh_key,

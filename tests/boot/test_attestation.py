@@ -74,7 +74,7 @@ def test_a_tampered_uki_boots_and_fails_attestation(image: Path, tmp_path: Path)
         nonce = attest.new_nonce()
         answer = attest.parse_guest_output(ssh(machine, key, attest.guest_command(nonce)))
         verdict = attest.check(measured.ak_pem, answer, nonce, measured.expected_pcrs)
-        record = quote_target(_SshHost(machine, key), measured)
+        record = quote_target(_SshHost(machine, key), measured.expected())
     assert verdict.signature_ok and verdict.ak_enrolled, verdict.why()  # a genuine quote ...
     assert verdict.mismatched == [7, 11, 12] and not verdict.attested  # ... of something else
     assert not record.attested and all(f"PCR {n}" in record.reason for n in (7, 11, 12)), record.reason

@@ -4,6 +4,10 @@ The session's OVPN image is booted ONCE in QEMU and the inventory names it twice
 vpn2, both 127.0.0.1:<forwarded port>): one machine serving as two fleet members keeps CI time
 down while still exercising the inventory, the parallel run (pytest-xdist) and the split of
 results by host.
+
+It boots measured (UEFI, swtpm, the test UKI), and the harness, which enrolled the TPM before
+the boot as a provider would before a server enters its fleet, writes each host's enrolment
+(docs/attestation.md): `verify --build` predicts PCR 11, so each host's identity is the TPM's.
 """
 
 from __future__ import annotations
@@ -17,11 +21,14 @@ from typing import Any
 
 import pytest
 
-from amnesiac import boot, policy, targets, verify
+from amnesiac import attest, boot, policy, targets, verify
+from amnesiac.image.manifest import Manifest
 from amnesiac.progress import Progress
 from amnesiac.report import model
+from amnesiac.targets.inventory import ENROLMENT_VARIABLE
 from tests.boot import not_passed
 from tests.images import GUEST_LANE, REPO, amnesiac
+from tests.test_attest import a_public_key
 
 pytestmark = [pytest.mark.boot, GUEST_LANE]
 
@@ -31,18 +38,22 @@ HOSTS = ("vpn1", "vpn2")
 RAM_CHECKS = {"amnesia.session_forgotten", "amnesia.previous_boot_forgotten"}
 
 
+def _build(request: pytest.FixtureRequest) -> Path:
+    build = os.environ.get("AMNESIAC_BOOT_BUILD")
+    return Path(build) if build else request.getfixturevalue("ovpn").out
+
+
 @pytest.fixture(scope="module")
 def inventory(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    build = os.environ.get("AMNESIAC_BOOT_BUILD")
-    out = Path(build) if build else request.getfixturevalue("ovpn").out
+    out = _build(request)
     work = tmp_path_factory.mktemp("fleet")
     key = work / "id_ed25519"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key], check=True)
-    # Netbooted: an inventory's hosts are reached over SSH and not attested (no TPM of theirs is
-    # enrolled), so the firmware and TPM of a measured boot would only add their minute.
-    options = boot.BootOptions(ssh_key=key.with_suffix(".pub"), measured=False)
+    options = boot.BootOptions(ssh_key=key.with_suffix(".pub"), measured=True)
     with boot.running(out, options) as machine:
         machine.wait_ssh(timeout=600)
+        assert machine.measured is not None
+        (work / "tpm.json").write_text(machine.measured.enrolment().dump())
         fleet = work / "fleet.yml"
         fleet.write_text(
             json.dumps(
@@ -56,7 +67,7 @@ def inventory(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
                             "ansible_ssh_common_args": "-o StrictHostKeyChecking=no "
                             "-o UserKnownHostsFile=/dev/null -o LogLevel=ERROR",
                         },
-                        "hosts": {name: {} for name in HOSTS},
+                        "hosts": {name: {ENROLMENT_VARIABLE: "tpm.json"} for name in HOSTS},
                     }
                 }
             )
@@ -65,13 +76,15 @@ def inventory(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
 
 
 @pytest.fixture(scope="module")
-def verified(inventory: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[int, dict[str, Any], Path]:
+def verified(
+    request: pytest.FixtureRequest, inventory: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[int, dict[str, Any], Path]:
     report = tmp_path_factory.mktemp("fleet-report") / "report"
     # The test key came in the boot-time overlay, as a verifier's key would: declared as such.
     key = inventory.with_name("id_ed25519.pub")
     result = amnesiac(
         "verify", "--json", "--policy", str(OVPN), "--inventory", str(inventory), "--report", str(report),
-        "--verifier-key", str(key),
+        "--verifier-key", str(key), "--build", str(_build(request)),
         check=False,
     )  # fmt: skip
     assert result.returncode in (0, 1, 5), result.stderr[-3000:]
@@ -101,6 +114,8 @@ def test_every_host_verifies_every_technical_claim_it_can(verified: tuple[int, d
         assert not_verified == expected, f"{name}: {detail}"
         assert technical <= set(host["claims"]), name
         assert host["verdict"] == "incomplete" and host["identity"]["boot_id"], name
+        # Its TPM said what booted: the enrolled key quoted the PCRs the build predicts.
+        assert host["identity"]["established_by"] == model.ATTESTED, host_report["target"]["identity"]
     assert code == 5 and fleet["verdict"] == "incomplete" and stdout["verdict"] == "incomplete"
 
 
@@ -149,3 +164,28 @@ def test_a_login_key_the_policy_does_not_name_fails_unless_declared(
 def _ssh_keygen_fingerprint(pub: Path) -> str:
     out = subprocess.run(["ssh-keygen", "-l", "-f", pub], capture_output=True, text=True, check=True).stdout
     return out.split()[1]
+
+
+def test_a_server_is_attested_only_by_its_own_enrolment(
+    request: pytest.FixtureRequest, inventory: Path, tmp_path: Path
+) -> None:
+    """The same server as ssh://, enrolled as another TPM (a replaced machine, a relay to
+    another): its quote is genuine but not by the enrolled key, so the target only reports who
+    it is."""
+    hostvars = json.loads(inventory.read_text())["all"]["vars"]
+    enrolled = attest.Enrolment.load(inventory.with_name("tpm.json"))
+    (tmp_path / "other.json").write_text(enrolled.model_copy(update={"ak_pem": a_public_key()}).dump())
+    options = verify.VerifyOptions(
+        policy=OVPN,
+        target=f"ssh://root@127.0.0.1:{hostvars['ansible_port']}",
+        report_dir=tmp_path / "report",
+        ssh_key=Path(hostvars["ansible_ssh_private_key_file"]),
+        enrolment=tmp_path / "other.json",
+    )
+    assert options.target is not None
+    target = targets.parse(options.target)
+    with target.reach(verify.reach_options(options, tmp_path, Progress(quiet=True))) as connection:
+        identity = target.identity(connection, Manifest.load(_build(request)))
+    assert identity.tpm is not None and not identity.tpm.attested
+    assert "not the enrolled one" in identity.tpm.reason, identity.tpm.reason
+    assert identity.established_by == model.REPORTED

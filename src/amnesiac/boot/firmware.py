@@ -45,10 +45,32 @@ class MeasuredBoot:
     expected_pcrs: dict[int, str]  # 7 from the enrolled variables, 11 from manifest.json and the overlay
     ak_pem: bytes  # the attestation key enrolled before the first boot
     overlay_sha256: str | None  # the test overlay measured with the image in PCR 11
+    initrd_sha256: str  # the test UKI's .initrd: the build's initrd, then the overlay
     tampered: str | None = None  # what the harness changed on purpose (negative tests)
     secure_boot: str | None = None  # the enrolled db certificate's sha256, when Secure Boot is on
     stub: str = ""
     timings: dict[str, float] = field(default_factory=dict)
+
+    def expected(self) -> attest.Expected:
+        """What the quote must show, as the harness enrolled and predicted it."""
+        return attest.Expected(
+            ak_pem=self.ak_pem,
+            expected_pcrs=self.expected_pcrs,
+            overlay_sha256=self.overlay_sha256,
+            tampered=self.tampered,
+            secure_boot=self.secure_boot,
+        )
+
+    def enrolment(self) -> attest.Enrolment:
+        """This machine's TPM as a provider would enrol it, for `verify` of it over ssh:// (PCR
+        11 is then predicted from the build and this UKI's initrd)."""
+        return attest.Enrolment(
+            ak_pem=self.ak_pem.decode(),
+            pcr7=self.expected_pcrs[7],
+            secure_boot=self.secure_boot,
+            initrd_sha256=self.initrd_sha256,
+            overlay_sha256=self.overlay_sha256,
+        )
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -57,6 +79,7 @@ class MeasuredBoot:
             "expected_pcrs": {str(k): v for k, v in self.expected_pcrs.items()},
             "ak_sha256": hashlib.sha256(self.ak_pem).hexdigest(),
             "overlay_sha256": self.overlay_sha256,
+            "initrd_sha256": self.initrd_sha256,
             "tampered": self.tampered,
             "secure_boot": self.secure_boot,
             "stub": self.stub,
@@ -220,6 +243,7 @@ def measured_boot(
                 expected_pcrs=attest.expected_pcrs(pcr7, pcr11),
                 ak_pem=ak,
                 overlay_sha256=overlay_sha256,
+                initrd_sha256=test_uki.expected_initrd_sha256,
                 tampered=tamper.describe(),
                 secure_boot=key.fingerprint if key else None,
                 stub=booted.stub if booted else "",

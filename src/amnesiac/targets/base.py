@@ -17,8 +17,8 @@ from amnesiac.checks.meta import Surface
 from amnesiac.errors import UnreachableError, UsageError
 
 if TYPE_CHECKING:
+    from amnesiac.attest import Enrolment, Expected
     from amnesiac.boot import BootedMachine
-    from amnesiac.boot.firmware import MeasuredBoot
     from amnesiac.image.manifest import Manifest
     from amnesiac.progress import Progress
     from amnesiac.report.model import Identity, TpmAttestation
@@ -51,6 +51,7 @@ class ReachOptions:
     progress: Progress
     ssh_key: Path | None = None  # ssh targets: the private key to log in with
     verifier_keys: tuple[str, ...] = ()  # public keys the verifier put on the target (--verifier-key)
+    enrolment: Enrolment | None = None  # ssh:// targets: the server's TPM as enrolled (--enrolment)
     memory_mib: int | None = None  # qemu: guest RAM
     boot_timeout: float = 600.0  # qemu: seconds until SSH answers
 
@@ -79,6 +80,9 @@ class Connection:
     guest_memory: GuestMemory | None = None  # qemu: the checks may dump the server's RAM
     # qemu: the reference provider service the target was given, for the session check.
     provider: ProviderHarness | None = None
+    # ssh://, an inventory host: its TPM as the provider enrolled it (attest.Enrolment), so
+    # that the TPM, not the server, says what booted.
+    enrolment: Enrolment | None = None
 
     def testinfra_host(self) -> Any:
         import testinfra
@@ -155,13 +159,29 @@ class Target(abc.ABC):
             hostname=values["hostname"] or None,
             artifacts=dict(connection.served),
             manifest_sha256_matches=matches,
-            tpm=quote_target(host, connection.machine.measured)
-            if connection.machine is not None and connection.machine.measured is not None
-            else None,
+            tpm=_attestation(host, connection, built),
         )
 
 
-def quote_target(host: Any, measured: MeasuredBoot) -> TpmAttestation:
+def _attestation(host: Any, connection: Connection, built: Manifest | None) -> TpmAttestation | None:
+    """The TPM's word on what booted: asked of a machine the harness booted measured (qemu:) or
+    of a server with an enrolment (ssh://, an inventory host); None where neither is."""
+    from amnesiac import attest
+    from amnesiac.report.model import TpmAttestation
+
+    if connection.machine is not None and connection.machine.measured is not None:
+        return quote_target(host, connection.machine.measured.expected())
+    if connection.enrolment is None:
+        return None
+    try:
+        expected = connection.enrolment.expected(built)
+    except attest.AttestationError as exc:
+        ak = hashlib.sha256(connection.enrolment.ak_pem.encode()).hexdigest()
+        return TpmAttestation(attested=False, reason=exc.message, nonce="", ak_sha256=ak)
+    return quote_target(host, expected)
+
+
+def quote_target(host: Any, expected: Expected) -> TpmAttestation:
     """Ask the target's TPM for a quote over a fresh nonce and check it (attest.py)."""
 
     from amnesiac import attest
@@ -170,11 +190,11 @@ def quote_target(host: Any, measured: MeasuredBoot) -> TpmAttestation:
     nonce = attest.new_nonce()
     record = {
         "nonce": nonce.hex(),
-        "ak_sha256": hashlib.sha256(measured.ak_pem).hexdigest(),
-        "expected_pcrs": {str(k): v for k, v in measured.expected_pcrs.items()},
-        "overlay_sha256": measured.overlay_sha256,
-        "tampered": measured.tampered,
-        "secure_boot": measured.secure_boot,
+        "ak_sha256": hashlib.sha256(expected.ak_pem).hexdigest(),
+        "expected_pcrs": {str(k): v for k, v in expected.expected_pcrs.items()},
+        "overlay_sha256": expected.overlay_sha256,
+        "tampered": expected.tampered,
+        "secure_boot": expected.secure_boot,
     }
     answer = host.run(attest.guest_command(nonce))
     if answer.rc != 0:
@@ -182,7 +202,7 @@ def quote_target(host: Any, measured: MeasuredBoot) -> TpmAttestation:
         return TpmAttestation(attested=False, reason=f"the target gave no quote: {why}", **record)
     try:
         verdict = attest.check(
-            measured.ak_pem, attest.parse_guest_output(answer.stdout), nonce, measured.expected_pcrs
+            expected.ak_pem, attest.parse_guest_output(answer.stdout), nonce, expected.expected_pcrs
         )
     except attest.AttestationError as exc:
         return TpmAttestation(attested=False, reason=exc.message, **record)

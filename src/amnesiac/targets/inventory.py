@@ -17,11 +17,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from amnesiac import ssh
+from amnesiac.attest import Enrolment
 from amnesiac.errors import UsageError
 from amnesiac.targets import mux
 from amnesiac.targets.base import Connection, ReachOptions
 from amnesiac.targets.ssh import SshTarget
 
+ENROLMENT_VARIABLE = "amnesiac_enrolment"  # a host's enrolment file (attest.Enrolment)
 HOST_ID = "ansible://"  # testinfra's id of an inventory host: ansible://<inventory name>
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 
@@ -29,9 +31,19 @@ _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 class InventoryHost(SshTarget):
     """One server of the inventory, reached as the inventory says."""
 
-    def __init__(self, name: str, host: str, port: int, user: str, inventory: Path) -> None:
+    def __init__(
+        self,
+        name: str,
+        host: str,
+        port: int,
+        user: str,
+        inventory: Path,
+        *,
+        enrolment: Enrolment | None = None,
+    ) -> None:
         super().__init__(user, host, port, name=name)
         self.inventory = inventory
+        self.enrolment = enrolment  # its `amnesiac_enrolment` variable, read
 
     @property
     def directory(self) -> str:
@@ -47,6 +59,7 @@ class InventoryHost(SshTarget):
                 ansible_inventory=self.inventory,
                 env=tool_env(options.work),
                 test_keys=options.verifier_keys,
+                enrolment=self.enrolment,
             )
         finally:
             # The fleet's masters share one directory (one ansible.cfg names it): the first
@@ -98,6 +111,10 @@ def members(inventory: Path, work: Path) -> list[InventoryHost]:
     found = []
     for name in names:
         hostvars = runner.get_variables(name)
+        enrolment = None
+        if (path := hostvars.get(ENROLMENT_VARIABLE)) is not None:
+            where = inventory.parent / str(path)  # relative to the inventory, like a playbook's files
+            enrolment = Enrolment.load(where, what=f"--inventory {inventory}: {name}: {ENROLMENT_VARIABLE}")
         found.append(
             InventoryHost(
                 name=name,
@@ -105,6 +122,7 @@ def members(inventory: Path, work: Path) -> list[InventoryHost]:
                 port=int(hostvars.get("ansible_port", 22)),
                 user=str(hostvars.get("ansible_user", "root")),
                 inventory=inventory,
+                enrolment=enrolment,
             )
         )
     if not found:

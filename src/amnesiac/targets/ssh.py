@@ -41,6 +41,7 @@ class SshTarget(Target):
                 pytest_args=(f"--ssh-config={config}",),
                 ssh_config=config,
                 test_keys=options.verifier_keys,
+                enrolment=options.enrolment,
             )
 
 
