@@ -27,19 +27,14 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
 
 from cryptography.hazmat.primitives import serialization
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from amnesiac.errors import AmnesiacError, UsageError
+from amnesiac.image.manifest import Manifest, Sha256
 from amnesiac.image.measure import BANK, ZEROS, pcr11_of_digests
 from amnesiac.run import run, spawn, stop_group
-
-if TYPE_CHECKING:
-    from amnesiac.image.manifest import Manifest
-
-Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 # The AK: a restricted ECDSA P-256 signing key, primary in the endorsement hierarchy. Every
 # field is fixed, so the TPM's seed alone decides the key (TCG's "AK template" idea, EK-style).
@@ -123,13 +118,13 @@ class Enrolment(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     ak_pem: str  # the AK's public half, PEM (tpm2_readpublic -f pem, or the quote tool's ak.der)
-    pcr7: Sha256Hex  # the Secure Boot policy its firmware enforced at enrolment
-    secure_boot: Sha256Hex | None = None  # the db certificate's sha256, when Secure Boot is on
+    pcr7: Sha256  # the Secure Boot policy its firmware enforced at enrolment
+    secure_boot: Sha256 | None = None  # the db certificate's sha256, when Secure Boot is on
     # A UKI whose initrd is not the build's own: the harness's test UKI carries the test overlay
     # after it. That initrd's sha256 replaces the manifest's in the PCR 11 prediction, and the
     # overlay is named in the report.
-    initrd_sha256: Sha256Hex | None = None
-    overlay_sha256: Sha256Hex | None = None
+    initrd_sha256: Sha256 | None = None
+    overlay_sha256: Sha256 | None = None
 
     @field_validator("ak_pem")
     @classmethod

@@ -27,7 +27,7 @@ import pytest
 from amnesiac import attest, boot
 from amnesiac.boot import link, memory
 from amnesiac.boot.emulator import Emulator
-from amnesiac.boot.qemu import KERNEL_STARTED
+from amnesiac.boot.qemu import KERNEL_STARTED, read_log
 from amnesiac.image import uki
 from tests.images import GUEST_LANE, Built
 
@@ -82,7 +82,7 @@ def _die_as_the_emulator_does(process: subprocess.Popen[bytes], serial: Path) ->
     """Once the kernel runs /init: QEMU stopped, an oops line at the end of its console, QEMU
     killed (stopped first, so that it cannot write over the line). Bounded: 300 s."""
     deadline = time.monotonic() + 300
-    while KERNEL_STARTED not in (serial.read_text(errors="replace") if serial.exists() else ""):
+    while KERNEL_STARTED not in read_log(serial):
         if time.monotonic() > deadline or process.poll() is not None:
             return
         time.sleep(0.2)
