@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -209,9 +209,11 @@ def listing(root: Path | str) -> dict[str, Any]:
     return result
 
 
-def amnesiac(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def amnesiac(
+    *args: str, env: dict[str, str] | None = None, within: Sequence[str] = ()
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "amnesiac.cli", *args],
+        [*within, sys.executable, "-m", "amnesiac.cli", *args],
         capture_output=True,
         text=True,
         check=False,
@@ -1275,6 +1277,29 @@ def loop_device(backing: Path) -> Iterator[Path]:
         subprocess.run(["losetup", "--detach", str(device)], check=False)
 
 
+@contextlib.contextmanager
+def private_mount_namespace() -> Iterator[list[str]]:
+    """A mount namespace of the test's own, as the command prefix that enters it.
+
+    A mount made in the host's namespace is copied into every namespace another test creates
+    meanwhile (a chroot build, a podman container), and such a copy keeps the device busy after
+    the test unmounts it: flash's exclusive open would then fail for a reason not its own.
+    """
+    holder = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sleep", "infinity"])
+    try:
+        within = ["nsenter", f"--target={holder.pid}", "--mount"]
+        for _ in range(100):  # until unshare has exec'd sleep inside the new namespace
+            if Path(f"/proc/{holder.pid}/ns/mnt").readlink() != Path("/proc/self/ns/mnt").readlink():
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("unshare made no mount namespace")
+        yield within
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 @needs_usb_tools
 def test_usb_refuses_a_mounted_device_even_forced(builds: list[Path], tmp_path: Path) -> None:
     if os.geteuid() != 0:
@@ -1285,17 +1310,19 @@ def test_usb_refuses_a_mounted_device_even_forced(builds: list[Path], tmp_path: 
     subprocess.run(["mkfs.ext4", "-q", str(backing)], capture_output=True, check=True)
     mount = tmp_path / "mnt"
     mount.mkdir()
-    with loop_device(backing) as device:
-        if (
-            subprocess.run(["mount", str(device), str(mount)], check=False, capture_output=True).returncode
-            != 0
-        ):
+    with loop_device(backing) as device, private_mount_namespace() as within:
+        mounting = subprocess.run(
+            [*within, "mount", str(device), str(mount)], check=False, capture_output=True
+        )
+        if mounting.returncode != 0:
             pytest.skip("cannot mount an ext4 loop device here")
         try:
-            result = amnesiac("flash", str(builds[0]), "--usb", str(device), "--force", "--json")
+            result = amnesiac(
+                "flash", str(builds[0]), "--usb", str(device), "--force", "--json", within=within
+            )
             assert result.returncode == 3 and "it is mounted" in result.stderr, result.stderr
         finally:
-            subprocess.run(["umount", str(mount)], check=True)
+            subprocess.run([*within, "umount", str(mount)], check=True)
         result = amnesiac("flash", str(builds[0]), "--usb", str(device), "--json")
         assert result.returncode == 3 and "holds ext4" in result.stderr
         result = amnesiac("flash", str(builds[0]), "--usb", str(device), "--force", "--json")
