@@ -138,10 +138,9 @@ class Target(abc.ABC):
             host = connection.testinfra_host()
             results = {name: host.run(command) for name, command in IDENTITY_COMMANDS}
         except Exception as exc:
-            raise Unreachable(f"cannot reach {self.spec}: {' '.join(str(exc).split())}") from None
+            raise Unreachable(f"cannot reach {self.spec}: {why_unreachable(exc)}") from None
         if (first := results["kernel_release"]).rc != 0:  # e.g. podman exec into no such container
-            why = " ".join((first.stderr or first.stdout or "").split())[-300:] or f"exit {first.rc}"
-            raise Unreachable(f"cannot reach {self.spec}: {why}")
+            raise Unreachable(f"cannot reach {self.spec}: {why_failed(first)}")
         values = {name: result.stdout.strip() for name, result in results.items()}
         image = next(
             (w.split("=", 1)[1] for w in values["cmdline"].split() if w.startswith("amnesiac.image=")), None
@@ -161,6 +160,19 @@ class Target(abc.ABC):
             manifest_sha256_matches=matches,
             tpm=_attestation(host, connection, built),
         )
+
+
+def why_unreachable(exc: Exception) -> str:
+    """One line for a command that could not be run: testinfra's ssh backend raises with the
+    failed ssh's CommandResult, whose stderr says why ("Connection refused"), not its repr."""
+    result = exc.args[0] if exc.args else None
+    text = getattr(result, "stderr", None) or str(exc)
+    return " ".join(str(text).split())[-300:]
+
+
+def why_failed(result: Any) -> str:
+    """One line for a command that ran and failed: the end of what it said, or its exit code."""
+    return " ".join((result.stderr or result.stdout or "").split())[-300:] or f"exit {result.rc}"
 
 
 def _attestation(host: Any, connection: Connection, built: Manifest | None) -> TpmAttestation | None:
@@ -198,7 +210,7 @@ def quote_target(host: Any, expected: Expected) -> TpmAttestation:
     }
     answer = host.run(attest.guest_command(nonce))
     if answer.rc != 0:
-        why = " ".join((answer.stderr or answer.stdout or "").split())[-300:] or f"exit {answer.rc}"
+        why = why_failed(answer)
         return TpmAttestation(attested=False, reason=f"the target gave no quote: {why}", **record)
     try:
         verdict = attest.check(
