@@ -8,7 +8,6 @@ import json
 import re
 import subprocess
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -21,9 +20,7 @@ from amnesiac.image.manifest import Manifest
 from amnesiac.image.measure import ZEROS
 from amnesiac.report.model import ATTESTED, REPORTED, Identity
 from amnesiac.targets.base import Connection, _attestation
-from tests.images import REPO
-
-QUOTE_TOOL = REPO / "roles/server_base/files/amnesiac-tpm-quote"
+from tests.tpm import QUOTE_TOOL, SwtpmHost
 
 
 @pytest.fixture(scope="module")
@@ -152,21 +149,6 @@ def _built(sections: dict[str, bytes]) -> Manifest:
     )
 
 
-class _LocalHost:
-    """The one method of a testinfra host that quote_target uses: the image's quote tool, run
-    here against swtpm's port instead of a server's /dev/tpmrm0."""
-
-    def __init__(self, port: str) -> None:
-        self.port = port
-
-    def run(self, command: str) -> SimpleNamespace:
-        tool, nonce = command.split()
-        assert tool == attest.GUEST_TOOL
-        argv = ["perl", str(QUOTE_TOOL), nonce, f"127.0.0.1:{self.port}"]
-        done = subprocess.run(argv, capture_output=True, text=True, check=False)
-        return SimpleNamespace(rc=done.returncode, stdout=done.stdout, stderr=done.stderr)
-
-
 @pytest.mark.parametrize("test_uki", [False, True], ids=["the-build's-uki", "a-test-uki"])
 def test_an_enrolled_server_is_attested_against_its_build(tpm: attest.SoftwareTpm, test_uki: bool) -> None:
     """An enrolment (the AK, PCR 7) and the build's manifest (PCR 11) are all `verify` needs of
@@ -177,7 +159,7 @@ def test_an_enrolled_server_is_attested_against_its_build(tpm: attest.SoftwareTp
     with tpm.serving() as tcti:
         ak = attest.derive_ak(tcti)
         _extend_pcr11(tcti, booted)  # the stub's measurements; PCR 7 stays zero on this TPM
-        host = _LocalHost(tcti.rsplit("port=", 1)[1])
+        host = SwtpmHost(tcti)
         enrolment = attest.Enrolment(
             ak_pem=ak.decode(),
             pcr7=ZEROS,
@@ -214,9 +196,7 @@ def test_another_tpms_quote_is_not_attested(tpm: attest.SoftwareTpm, tmp_path: P
         enrolment = attest.Enrolment(ak_pem=foreign.decode(), pcr7=ZEROS)
         built = _built(SECTIONS)
         _extend_pcr11(tcti, SECTIONS)
-        record = _attestation(
-            _LocalHost(tcti.rsplit("port=", 1)[1]), Connection(host="x", enrolment=enrolment), built
-        )
+        record = _attestation(SwtpmHost(tcti), Connection(host="x", enrolment=enrolment), built)
     assert record is not None and not record.attested and "not the enrolled one" in record.reason
 
 

@@ -17,6 +17,7 @@ zeros (no loader command line, credential or add-on replaced what PCR 11 names).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import shutil
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from amnesiac.errors import AmnesiacError, UsageError
@@ -42,10 +44,34 @@ AK_ALGORITHM = "ecc256:ecdsa-sha256:null"
 AK_ATTRIBUTES = "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|restricted|sign|noda"
 QUOTED_PCRS = (7, 11, 12)
 NONCE_BYTES = 20
-HOST_TOOLS = ("tpm2_createprimary", "tpm2_readpublic", "tpm2_quote", "tpm2_checkquote", "tpm2_flushcontext")
+HOST_TOOLS = (
+    "tpm2_createprimary", "tpm2_readpublic", "tpm2_quote", "tpm2_checkquote", "tpm2_flushcontext",
+    "tpm2_makecredential",
+)  # fmt: skip
 QUOTE_FILES = ("ak.pem", "quote.msg", "quote.sig", "quote.pcrs")
 GUEST_TOOL = "/usr/local/libexec/amnesiac/amnesiac-tpm-quote"
 GUEST_FILES = ("ak.der", "quote.msg", "quote.sig", "quote.pcrs")  # what it prints, in hex
+
+# The two keys' public areas (TPMT_PUBLIC) up to their point, as the guest tool's templates make
+# them (TCG TPM 2.0 Part 2, 12.2.4): ECC, name algorithm SHA-256, the object attributes, the
+# authPolicy, the parameters. A key whose area differs in any byte is not one of these.
+_SHA256_ALG = b"\x00\x0b"
+AK_AREA_PREFIX = bytes.fromhex(
+    "0023" "000b"  # ECC, SHA-256
+    "00050472"  # fixedTPM|fixedParent|sensitiveDataOrigin|userWithAuth|noDA|restricted|sign
+    "0000"  # no authPolicy
+    "0010" "0018000b" "0003" "0010"  # no symmetric; ECDSA with SHA-256; NIST P-256; no KDF
+)  # fmt: skip
+# The EK of TCG's EK Credential Profile, template L-1 (RSA 2048): the key every PC-client TPM's
+# maker certifies (NV index 0x01c00002), usable only under PolicySecret(TPM_RH_ENDORSEMENT).
+EK_AREA_PREFIX = bytes.fromhex(
+    "0001" "000b"  # RSA, SHA-256
+    "000300b2"  # fixedTPM|fixedParent|sensitiveDataOrigin|adminWithPolicy|restricted|decrypt
+    "0020" "837197674484b3f81a90cc8d46a5d724fd52d76e06520b64f2a1da1b331469aa"
+    "0006" "0080" "0043" "0010" "0800" "00000000"  # AES-128-CFB; no scheme; 2048 bits; e = 65537
+)  # fmt: skip
+KEY_FILES = ("ek.public", "ak.public", "ak.der")  # what `amnesiac-tpm-quote --keys` prints
+EK_CERTIFICATE = "ek.certificate"  # and this too, where the TPM's maker stored one
 
 
 class AttestationError(AmnesiacError):
@@ -125,10 +151,16 @@ class Enrolment(BaseModel):
     # overlay is named in the report.
     initrd_sha256: Sha256 | None = None
     overlay_sha256: Sha256 | None = None
+    # The endorsement key the AK was bound to at enrolment (`amnesiac enrol`): the TPM's own
+    # identity, which its maker's certificate names. `verify` does not need it.
+    ek_pem: str | None = None
+    ek_certified_by: str | None = None  # the TPM maker's root its EK certificate chains to (--ek-ca)
 
-    @field_validator("ak_pem")
+    @field_validator("ak_pem", "ek_pem")
     @classmethod
-    def _a_public_key(cls, pem: str) -> str:
+    def _a_public_key(cls, pem: str | None) -> str | None:
+        if pem is None:
+            return None
         try:
             serialization.load_pem_public_key(pem.encode())
         except ValueError:
@@ -203,27 +235,127 @@ def guest_command(nonce: bytes) -> str:
 
 
 def parse_guest_output(text: str) -> Quote:
-    """The quote from the guest tool's output: `== name` lines, each followed by its bytes in
-    hex (AttestationError if one is missing or malformed). Its key comes as DER: made PEM here."""
+    """The quote from the guest tool's output (AttestationError if a part is missing or
+    malformed). Its key comes as DER: made PEM here."""
+    files = guest_parts(text, GUEST_FILES)
+    pem = _pem_of_der(files["ak.der"], "ak.der")
+    return Quote(pem, files["quote.msg"], files["quote.sig"], files["quote.pcrs"])
+
+
+def guest_parts(text: str, names: Sequence[str], optional: Sequence[str] = ()) -> dict[str, bytes]:
+    """The guest tool's output: `== name` lines, each followed by its bytes in hex (none for an
+    empty part); every one of `names` must be there."""
     files: dict[str, bytes] = {}
     name = None
     for line in text.splitlines():
         if line.startswith("== "):
             name = line[3:].strip()
-        elif name in GUEST_FILES and line.strip():
+        elif name is not None and name in (*names, *optional) and line.strip():
             try:
                 files[name] = bytes.fromhex(line.strip())
             except ValueError:
                 raise AttestationError(f"the target's {name} is not hex") from None
             name = None
-    if missing := [n for n in GUEST_FILES if n not in files]:
+    if missing := [n for n in names if n not in files]:
         raise AttestationError(f"the target sent no {', '.join(missing)}")
+    return files
+
+
+def _pem_of_der(der: bytes, what: str) -> bytes:
     try:
-        key = serialization.load_der_public_key(files["ak.der"])
+        key = serialization.load_der_public_key(der)
     except ValueError:
-        raise AttestationError("the target's ak.der is not a public key") from None
-    pem = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return Quote(pem, files["quote.msg"], files["quote.sig"], files["quote.pcrs"])
+        raise AttestationError(f"the target's {what} is not a public key") from None
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+# --- binding the AK to the TPM's endorsement key (enrolment) --------------------------------------
+
+
+@dataclass(frozen=True)
+class TpmKeys:
+    """A TPM's EK and AK as its public areas (TPM2B_PUBLIC), checked to be made from the two
+    templates: the AK a restricted signing key that never leaves the TPM, the EK the profile's;
+    and the EK certificate its maker stored, if any (DER, unchecked here)."""
+
+    ek_public: bytes
+    ak_public: bytes
+    ek_certificate: bytes | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> TpmKeys:
+        """From `amnesiac-tpm-quote --keys` (AttestationError for anything but the templates)."""
+        parts = guest_parts(text, KEY_FILES, optional=(EK_CERTIFICATE,))
+        keys = cls(parts["ek.public"], parts["ak.public"], parts.get(EK_CERTIFICATE))
+        if keys.ak_pem != _pem_of_der(parts["ak.der"], "ak.der"):
+            raise AttestationError("the target's ak.der is not the key of its ak.public")
+        keys.ek_key()
+        return keys
+
+    @property
+    def ak_pem(self) -> bytes:
+        x, y = _unique(self.ak_public, AK_AREA_PREFIX, (32, 32), "ak.public")
+        try:
+            key = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), b"\x04" + x + y)
+        except ValueError:
+            raise AttestationError("the target's ak.public is not a point on P-256") from None
+        return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+    def ek_key(self) -> rsa.RSAPublicKey:
+        (modulus,) = _unique(self.ek_public, EK_AREA_PREFIX, (256,), "ek.public")
+        return rsa.RSAPublicNumbers(65537, int.from_bytes(modulus)).public_key()
+
+    @property
+    def ek_pem(self) -> bytes:
+        pem = serialization.Encoding.PEM
+        return self.ek_key().public_bytes(pem, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+    @property
+    def ak_name(self) -> bytes:
+        """The AK's TPM name: its name algorithm, then the digest of its public area."""
+        return _SHA256_ALG + hashlib.sha256(self.ak_public[2:]).digest()
+
+
+def _unique(public: bytes, prefix: bytes, sizes: tuple[int, ...], what: str) -> tuple[bytes, ...]:
+    """The key of a TPM2B_PUBLIC made from the template `prefix` starts: its TPM2B fields of
+    exactly `sizes` (an ECC point's x and y, an RSA modulus), and nothing after them."""
+    area = public[2:]
+    if len(public) < 2 or int.from_bytes(public[:2]) != len(area) or not area.startswith(prefix):
+        raise AttestationError(f"the target's {what} is not a key of its template")
+    fields, at = [], len(prefix)
+    for size in sizes:
+        if area[at : at + 2] != size.to_bytes(2) or len(area) < at + 2 + size:
+            raise AttestationError(f"the target's {what} is not a key of its template")
+        fields.append(area[at + 2 : at + 2 + size])
+        at += 2 + size
+    if at != len(area):
+        raise AttestationError(f"the target's {what} is not a key of its template")
+    return tuple(fields)
+
+
+def make_credential(keys: TpmKeys, secret: bytes) -> tuple[bytes, bytes]:
+    """A credential only the TPM holding `keys`' EK can open, and only with `keys`' AK loaded
+    (TPM2_MakeCredential, done in software by tpm2-tools): the credential blob and the
+    encrypted seed, each a TPM2B, as TPM2_ActivateCredential takes them."""
+    require_host_tools()
+    with tempfile.TemporaryDirectory(prefix="amnesiac-credential-") as work:
+        (Path(work) / "ek.pub").write_bytes(keys.ek_public)
+        (Path(work) / "secret").write_bytes(secret)
+        run(["tpm2_makecredential", "-Q", "--tcti", "none", "-u", f"{work}/ek.pub", "-s", f"{work}/secret",
+             "-n", keys.ak_name.hex(), "-o", f"{work}/blob"], capture=True)  # fmt: skip
+        blob = (Path(work) / "blob").read_bytes()
+    # tpm2-tools' file: magic BADCC0DE, version 1, then the TPM2B_ID_OBJECT and the
+    # TPM2B_ENCRYPTED_SECRET.
+    if blob[:8] != bytes.fromhex("badcc0de00000001"):
+        raise AttestationError("tpm2_makecredential wrote a file of another format")
+    size = int.from_bytes(blob[8:10])
+    return blob[8 : 10 + size], blob[10 + size :]
+
+
+def activate_command(credential: tuple[bytes, bytes]) -> str:
+    """The target's side: TPM2_ActivateCredential with its EK and AK, by the image's tool."""
+    blob, seed = credential
+    return f"{GUEST_TOOL} --activate {blob.hex()} {seed.hex()}"
 
 
 def _tpm2(cmd: Sequence[str], tcti: str) -> subprocess.CompletedProcess[bytes]:

@@ -202,6 +202,7 @@ it counts as quoted when a claim's quote holds it or it holds a quote (policies/
     )
     _boot_parser(sub)
     _verify_parser(sub)
+    _enrol_parser(sub)
     _flash_parser(sub)
     return parser
 
@@ -412,6 +413,54 @@ is written then, since nothing was proved either way.""",
     verify.add_argument("--json", action="store_true", help="no live display; print a JSON summary on stdout")
 
 
+def _enrol_parser(sub: Any) -> None:
+    enrol = sub.add_parser(
+        "enrol",
+        help="enrol a server's TPM (its attestation key, bound to its endorsement key, and PCR 7) "
+        "for verify --enrolment",
+        description="""Read a server's TPM over SSH and write its enrolment: the JSON file that
+`verify --enrolment` (or an inventory host's amnesiac_enrolment) checks its quotes against.
+
+The server's TPM derives its endorsement key (EK, TCG's ECC template) and attestation key
+(AK, amnesiac's template); both templates are checked byte for byte. Its TPM must then open
+a credential made here for that EK and the AK's name (TPM2_ActivateCredential), which a TPM
+does only with that AK inside it, and quote PCR 7 with the AK over a fresh nonce.
+
+Trust on first use: run it once per machine on a network you trust (at delivery, or on its
+first boot in a closed network). The EK is recorded too, and with --ek-ca the EK certificate
+the TPM's maker stored in it must chain to one of those CAs: the AK is then bound to a TPM of
+that maker, not only to whatever answered (docs/attestation.md, "Enrolling a fleet"). An
+existing FILE is never replaced.""",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  amnesiac enrol --target ssh://root@192.0.2.11 --ssh-key ~/.ssh/admin --out fleet/tpm/vpn1.json\n"
+        "  amnesiac enrol --target ssh://root@192.0.2.11 --ssh-key ~/.ssh/admin --secure-boot-cert db.crt "
+        "--ek-ca tpm-makers.pem --out fleet/tpm/vpn1.json --json",
+    )
+    enrol.add_argument("--target", required=True, help="the server: ssh://user@host[:port]")
+    enrol.add_argument("--ssh-key", type=Path, default=None, help="private key to log in with")
+    enrol.add_argument(
+        "--out", type=Path, required=True, metavar="FILE", help="where to write the enrolment (a new file)"
+    )
+    enrol.add_argument(
+        "--secure-boot-cert",
+        type=Path,
+        default=None,
+        metavar="CERT",
+        help="the db certificate (PEM) the server's firmware enforces, to be named in reports; "
+        "leave it out with Secure Boot off",
+    )
+    enrol.add_argument(
+        "--ek-ca",
+        type=Path,
+        default=None,
+        metavar="PEM",
+        help="the TPM makers' CA certificates (roots and intermediates, one PEM file): the EK "
+        "certificate the TPM holds must chain to one, or nothing is written",
+    )
+    enrol.add_argument("--json", action="store_true", help="no live display; print a JSON summary on stdout")
+
+
 def _boot_parser(sub: Any) -> None:
     boot = sub.add_parser(
         "boot",
@@ -556,6 +605,31 @@ def _verify(args: argparse.Namespace) -> int:
             progress.info(f"  [yellow]{claim.status.value}[/] {claim.id}: {escape(claim.reason or '')}")
         progress.info(f"report: {escape(str(files.html))}")
     return result.exit_code
+
+
+def _enrol(args: argparse.Namespace) -> int:
+    from amnesiac.enrol import EnrolOptions, enrol
+    from amnesiac.progress import Progress
+
+    options = EnrolOptions(
+        target=args.target,
+        out=args.out,
+        ssh_key=args.ssh_key,
+        secure_boot_cert=args.secure_boot_cert,
+        ek_ca=args.ek_ca,
+    )
+    progress = Progress(quiet=args.json)
+    enrolled = enrol(options, progress)
+    summary = enrolled.as_dict()
+    if args.json:
+        print(json.dumps({**summary, "target": args.target, "stages": _stages(progress)}, indent=2))
+    else:
+        progress.info(
+            f"[bold green]enrolled[/] {escape(args.target)}: {escape(str(args.out))}, "
+            f"AK {summary['ak_sha256']}, bound to EK {summary['ek_sha256']}, PCR 7 {enrolled.pcrs[7]}; "
+            f"EK certificate: {escape(enrolled.ek_certificate_status)}"
+        )
+    return 0
 
 
 def _say_fleet(fleet: Any, unreachable: dict[str, str], progress: Any, *, json_out: bool) -> None:
@@ -719,6 +793,7 @@ def main(argv: list[str] | None = None) -> int:
         "build": _build,
         "boot": _boot,
         "verify": _verify,
+        "enrol": _enrol,
         "flash": _flash,
         "container-image": _container_image,
     }

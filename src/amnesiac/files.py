@@ -14,6 +14,17 @@ def write_atomic(path: Path, data: str | bytes, *, mode: int = 0o644) -> Path:
     return write_all_atomic({path: data}, mode=mode)[0]
 
 
+def create_atomic(path: Path, data: str | bytes, *, mode: int = 0o644) -> Path:
+    """Create `path` whole, in one link: FileExistsError if something is there (it stays)."""
+    temporary = _stage(path, data.encode("utf-8") if isinstance(data, str) else data, mode)
+    try:
+        os.link(temporary, path)
+        sync_directory(path.parent)
+    finally:
+        temporary.unlink()
+    return path
+
+
 def write_all_atomic(files: Mapping[Path, str | bytes], *, mode: int = 0o644) -> list[Path]:
     """Stage every file first, then rename each into place: a failure leaves every old file as it was.
 

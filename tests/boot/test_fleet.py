@@ -5,9 +5,10 @@ vpn2, both 127.0.0.1:<forwarded port>): one machine serving as two fleet members
 down while still exercising the inventory, the parallel run (pytest-xdist) and the split of
 results by host.
 
-It boots measured (UEFI, swtpm, the test UKI), and the harness, which enrolled the TPM before
-the boot as a provider would before a server enters its fleet, writes each host's enrolment
-(docs/attestation.md): `verify --build` predicts PCR 11, so each host's identity is the TPM's.
+It boots measured (UEFI, swtpm, the test UKI) and is enrolled as a provider enrols a server
+before it enters the fleet: `amnesiac enrol` over SSH reads its AK, bound to its EK, and PCR 7
+(docs/attestation.md), and must agree with what the harness itself enrolled and predicted before
+the boot. `verify --build` predicts PCR 11, so each host's identity is the TPM's.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def inventory(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     with boot.running(out, options) as machine:
         machine.wait_ssh(timeout=600)
         assert machine.measured is not None
-        (work / "tpm.json").write_text(machine.measured.enrolment().dump())
+        (work / "tpm.json").write_text(_enrol(machine, key, work).dump())
         fleet = work / "fleet.yml"
         fleet.write_text(
             json.dumps(
@@ -73,6 +74,27 @@ def inventory(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
             )
         )
         yield fleet
+
+
+def _enrol(machine: boot.BootedMachine, key: Path, work: Path) -> attest.Enrolment:
+    """`amnesiac enrol` of the booted server, checked against the harness's own enrolment; plus
+    what only the harness knows: the test UKI's initrd (the overlay with the test key after the
+    build's), which PCR 11 is predicted from, and the Secure Boot certificate it signed with."""
+    assert machine.measured is not None
+    result = amnesiac(
+        "enrol", "--json", "--target", f"ssh://root@127.0.0.1:{machine.ssh_port}", "--ssh-key", str(key),
+        "--out", str(work / "enrolled.json"),
+        check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    enrolled = attest.Enrolment.load(work / "enrolled.json")
+    harness = machine.measured.enrolment()
+    assert enrolled.ak_pem == harness.ak_pem  # the key the harness derived before the boot
+    assert enrolled.pcr7 == harness.pcr7  # the Secure Boot policy the harness predicted
+    assert enrolled.ek_pem is not None and summary["ek_sha256"] and summary["pcrs"]["12"] == "0" * 64
+    only_the_harness_knows = ("initrd_sha256", "overlay_sha256", "secure_boot")
+    return enrolled.model_copy(update={name: getattr(harness, name) for name in only_the_harness_knows})
 
 
 @pytest.fixture(scope="module")

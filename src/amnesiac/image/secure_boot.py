@@ -92,19 +92,29 @@ def throwaway_key(work: Path, name: str = "amnesiac harness Secure Boot key") ->
         )
     )
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    fingerprint = hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
-    return SigningKey(key_path, cert_path, fingerprint)
+    return SigningKey(key_path, cert_path, fingerprint(cert))
+
+
+def certificate(cert: Path) -> x509.Certificate:
+    """The provider's db certificate (--secure-boot-cert, PEM), or one UsageError."""
+    if not cert.is_file():
+        raise UsageError(f"--secure-boot-cert {cert}: no such file")
+    try:
+        return x509.load_pem_x509_certificate(cert.read_bytes())
+    except ValueError:
+        raise UsageError(f"--secure-boot-cert {cert}: not a PEM certificate") from None
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    """How PCR 7's db entry, the manifest and the report name a certificate: its DER's sha256."""
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
 
 
 def provider_key(key: Path, cert: Path) -> SigningKey:
     """The provider's own db key and certificate (`amnesiac build --secure-boot-key/-cert`)."""
-    for option, path in (("--secure-boot-key", key), ("--secure-boot-cert", cert)):
-        if not path.is_file():
-            raise UsageError(f"{option} {path}: no such file")
-    try:
-        loaded = x509.load_pem_x509_certificate(cert.read_bytes())
-    except ValueError:
-        raise UsageError(f"--secure-boot-cert {cert}: not a PEM certificate") from None
+    if not key.is_file():
+        raise UsageError(f"--secure-boot-key {key}: no such file")
+    loaded = certificate(cert)
     try:
         private = serialization.load_pem_private_key(key.read_bytes(), password=None)
     except (ValueError, TypeError):
@@ -114,7 +124,7 @@ def provider_key(key: Path, cert: Path) -> SigningKey:
         serialization.Encoding.DER, der
     ):
         raise UsageError(f"--secure-boot-key {key}: not the key of --secure-boot-cert {cert}")
-    return SigningKey(key, cert, hashlib.sha256(loaded.public_bytes(serialization.Encoding.DER)).hexdigest())
+    return SigningKey(key, cert, fingerprint(loaded))
 
 
 def sign(uki: Path, key: SigningKey) -> None:
