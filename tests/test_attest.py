@@ -10,38 +10,28 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from amnesiac import attest
 from amnesiac.errors import UsageError
 from amnesiac.image import measure
-from amnesiac.image.manifest import Manifest
 from amnesiac.image.measure import ZEROS
 from amnesiac.report.model import ATTESTED, REPORTED, Identity
 from amnesiac.targets.base import Connection, _attestation
-from tests.tpm import QUOTE_TOOL, SwtpmHost
+from tests.tpm import (
+    QUOTE_TOOL,
+    SECTIONS,
+    SwtpmHost,
+    a_public_key,
+    built,
+    extend,
+    extend_pcr11,
+    software_tpm,
+)
 
 
 @pytest.fixture(scope="module")
 def tpm(tmp_path_factory: pytest.TempPathFactory) -> attest.SoftwareTpm:
-    machine = attest.SoftwareTpm(tmp_path_factory.mktemp("swtpm"))
-    machine.create()
-    return machine
-
-
-def _extend_pcr11(tcti: str, sections: dict[str, bytes]) -> None:
-    """Do to PCR 11 what systemd-stub does at boot (two extends per section)."""
-    for name in measure.STUB_ORDER:
-        if name in sections:
-            for data in (name.encode() + b"\0", sections[name]):
-                _extend(tcti, 11, data)
-
-
-def _extend(tcti: str, pcr: int, data: bytes) -> None:
-    env = {"TPM2TOOLS_TCTI": tcti, "PATH": "/usr/bin:/bin"}
-    extend = ["tpm2_pcrextend", f"{pcr}:sha256={hashlib.sha256(data).hexdigest()}"]
-    subprocess.run(extend, check=True, env=env, capture_output=True)
+    return software_tpm(tmp_path_factory.mktemp("swtpm"))
 
 
 def test_the_ak_is_the_same_key_at_every_derivation_and_differs_per_tpm(
@@ -51,8 +41,7 @@ def test_the_ak_is_the_same_key_at_every_derivation_and_differs_per_tpm(
         first = attest.derive_ak(tcti)
     with tpm.serving() as tcti:  # a new power-on: nothing kept but the TPM's own seeds
         again = attest.derive_ak(tcti)
-    other = attest.SoftwareTpm(tmp_path / "other")
-    other.create()
+    other = software_tpm(tmp_path / "other")
     with other.serving() as tcti:
         foreign = attest.derive_ak(tcti)
     assert first == again
@@ -68,8 +57,8 @@ def test_a_quote_of_the_predicted_pcrs_is_attested_and_anything_else_is_not(
     pcr7 = measure.extend(bytes(32), policy).hex()
     with tpm.serving() as tcti:  # a fresh start: PCRs 7, 11 and 12 are zero
         enrolled = attest.derive_ak(tcti)
-        _extend(tcti, 7, policy)
-        _extend_pcr11(tcti, sections)
+        extend(tcti, 7, policy)
+        extend_pcr11(tcti, sections)
         nonce = attest.new_nonce()
         answer = attest.quote(tcti, nonce)
 
@@ -93,8 +82,7 @@ def test_a_quote_of_the_predicted_pcrs_is_attested_and_anything_else_is_not(
     assert not replay.signature_ok and not replay.attested
 
     # Another machine's key, however the quote reads.
-    other = attest.SoftwareTpm(tmp_path / "other")
-    other.create()
+    other = software_tpm(tmp_path / "other")
     with other.serving() as tcti:
         foreign_ak = attest.derive_ak(tcti)
     foreign = attest.check(foreign_ak, answer, nonce, attest.expected_pcrs(pcr7, predicted))
@@ -126,28 +114,6 @@ def test_the_image_quote_tool_derives_the_enrolled_key_and_its_quote_is_attested
 
 # --- a server's enrolment: what `verify` of an ssh:// target or an inventory host reads ---------
 
-SECTIONS = {".linux": b"kernel", ".osrel": b"ID=debian\n", ".cmdline": b"quiet", ".initrd": b"root"}
-
-
-def _built(sections: dict[str, bytes]) -> Manifest:
-    """A manifest whose measured_boot predicts PCR 11 for these UKI sections."""
-    digests = {name: hashlib.sha256(data).hexdigest() for name, data in sections.items()}
-    zeros = "0" * 64
-    return Manifest.model_validate(
-        {
-            "artifacts": {
-                n: {"sha256": zeros, "size": 1} for n in ("vmlinuz", "initrd.img", "boot.ipxe", "a.efi")
-            },
-            "image": {"sha256": zeros, "cmdline": "quiet"},
-            "measured_boot": {
-                "file": "a.efi",
-                "pcr11_sha256": measure.pcr11(sections),
-                "pcr12_sha256": ZEROS,
-                "sections": digests,
-            },
-        }
-    )
-
 
 @pytest.mark.parametrize("test_uki", [False, True], ids=["the-build's-uki", "a-test-uki"])
 def test_an_enrolled_server_is_attested_against_its_build(tpm: attest.SoftwareTpm, test_uki: bool) -> None:
@@ -158,7 +124,7 @@ def test_an_enrolled_server_is_attested_against_its_build(tpm: attest.SoftwareTp
     booted = {**SECTIONS, ".initrd": initrd}
     with tpm.serving() as tcti:
         ak = attest.derive_ak(tcti)
-        _extend_pcr11(tcti, booted)  # the stub's measurements; PCR 7 stays zero on this TPM
+        extend_pcr11(tcti, booted)  # the stub's measurements; PCR 7 stays zero on this TPM
         host = SwtpmHost(tcti)
         enrolment = attest.Enrolment(
             ak_pem=ak.decode(),
@@ -167,18 +133,18 @@ def test_an_enrolled_server_is_attested_against_its_build(tpm: attest.SoftwareTp
             overlay_sha256=hashlib.sha256(b"overlay").hexdigest() if test_uki else None,
         )
         connection = Connection(host="ssh://root@server:22", enrolment=enrolment)
-        record = _attestation(host, connection, _built(SECTIONS))
+        record = _attestation(host, connection, built(SECTIONS))
         assert record is not None and record.attested, record.reason
         assert Identity(tpm=record).established_by == ATTESTED
         assert record.overlay_sha256 == enrolment.overlay_sha256
         # The prediction without the test UKI's initrd: PCR 11 is not what it says.
         if test_uki:
             plain = enrolment.model_copy(update={"initrd_sha256": None})
-            other = _attestation(host, Connection(host="x", enrolment=plain), _built(SECTIONS))
+            other = _attestation(host, Connection(host="x", enrolment=plain), built(SECTIONS))
             assert other is not None and not other.attested and "PCR 11" in other.reason
         # Another PCR 7 (the firmware's Secure Boot policy is not the one enrolled).
         moved = enrolment.model_copy(update={"pcr7": "1" * 64})
-        other = _attestation(host, Connection(host="x", enrolment=moved), _built(SECTIONS))
+        other = _attestation(host, Connection(host="x", enrolment=moved), built(SECTIONS))
         assert other is not None and not other.attested and "PCR 7" in other.reason
     # No build: nothing to predict PCR 11 from, and the report says so rather than "attested".
     unknown = _attestation(host, connection, None)
@@ -188,24 +154,15 @@ def test_an_enrolled_server_is_attested_against_its_build(tpm: attest.SoftwareTp
 
 def test_another_tpms_quote_is_not_attested(tpm: attest.SoftwareTpm, tmp_path: Path) -> None:
     """A server answering with a TPM that is not the enrolled one (a replaced machine, a relay)."""
-    other = attest.SoftwareTpm(tmp_path / "other")
-    other.create()
+    other = software_tpm(tmp_path / "other")
     with other.serving() as tcti:
         foreign = attest.derive_ak(tcti)
     with tpm.serving() as tcti:
         enrolment = attest.Enrolment(ak_pem=foreign.decode(), pcr7=ZEROS)
-        built = _built(SECTIONS)
-        _extend_pcr11(tcti, SECTIONS)
-        record = _attestation(SwtpmHost(tcti), Connection(host="x", enrolment=enrolment), built)
+        manifest = built(SECTIONS)
+        extend_pcr11(tcti, SECTIONS)
+        record = _attestation(SwtpmHost(tcti), Connection(host="x", enrolment=enrolment), manifest)
     assert record is not None and not record.attested and "not the enrolled one" in record.reason
-
-
-def a_public_key() -> str:
-    """A P-256 public key, PEM, of no TPM: another machine's AK."""
-    key = ec.generate_private_key(ec.SECP256R1()).public_key()
-    return key.public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    ).decode()
 
 
 def test_an_enrolment_file_round_trips_and_a_bad_one_is_one_line(tmp_path: Path) -> None:

@@ -25,22 +25,17 @@ from amnesiac.files import create_atomic
 from amnesiac.image import measure
 from amnesiac.image.measure import ZEROS
 from amnesiac.targets.base import Connection, _attestation
-from tests.test_attest import SECTIONS, _built, _extend, _extend_pcr11, a_public_key
-from tests.tpm import SwtpmHost
+from tests.tpm import SECTIONS, SwtpmHost, a_public_key, built, extend, extend_pcr11, software_tpm
 
 
 @pytest.fixture(scope="module")
 def tpm(tmp_path_factory: pytest.TempPathFactory) -> attest.SoftwareTpm:
-    machine = attest.SoftwareTpm(tmp_path_factory.mktemp("swtpm"))
-    machine.create()
-    return machine
+    return software_tpm(tmp_path_factory.mktemp("swtpm"))
 
 
 @pytest.fixture(scope="module")
 def other_tpm(tmp_path_factory: pytest.TempPathFactory) -> attest.SoftwareTpm:
-    machine = attest.SoftwareTpm(tmp_path_factory.mktemp("swtpm-other"))
-    machine.create()
-    return machine
+    return software_tpm(tmp_path_factory.mktemp("swtpm-other"))
 
 
 def _tpm2_tools_ek(tcti: str, work: Path) -> str:
@@ -57,17 +52,17 @@ def _tpm2_tools_ek(tcti: str, work: Path) -> str:
 def test_an_enrolment_is_this_tpms_ak_bound_to_its_ek(tpm: attest.SoftwareTpm, tmp_path: Path) -> None:
     policy = b"the firmware's Secure Boot policy"
     with tpm.serving() as tcti:
-        _extend(tcti, 7, policy)
+        extend(tcti, 7, policy)
         host = SwtpmHost(tcti)
         enrolled = enrol_host(host, secure_boot="a" * 64)
         ak = attest.derive_ak(tcti)
         ek = _tpm2_tools_ek(tcti, tmp_path)
-        _extend_pcr11(tcti, SECTIONS)
+        extend_pcr11(tcti, SECTIONS)
         # Written and read back as `verify --enrolment` reads it, it attests this server.
         path = create_atomic(tmp_path / "vpn1.json", enrolled.enrolment.dump())
         enrolment = attest.Enrolment.load(path)
         record = _attestation(
-            host, Connection(host="ssh://root@vpn1:22", enrolment=enrolment), _built(SECTIONS)
+            host, Connection(host="ssh://root@vpn1:22", enrolment=enrolment), built(SECTIONS)
         )
     assert enrolment == enrolled.enrolment
     assert enrolment.ak_pem == ak.decode()  # the AK tpm2-tools derives with the same template

@@ -155,7 +155,7 @@ def test_each_inventory_host_names_its_own_enrolment(tmp_path: Path) -> None:
     bad one stops the run before any host is reached, naming the inventory, host and file."""
     from amnesiac import attest
     from amnesiac.targets.inventory import ENROLMENT_VARIABLE, members
-    from tests.test_attest import a_public_key
+    from tests.tpm import a_public_key
 
     enrolled = attest.Enrolment(ak_pem=a_public_key(), pcr7="7" * 64)
     (tmp_path / "tpm").mkdir()

@@ -52,9 +52,10 @@ QUOTE_FILES = ("ak.pem", "quote.msg", "quote.sig", "quote.pcrs")
 GUEST_TOOL = "/usr/local/libexec/amnesiac/amnesiac-tpm-quote"
 GUEST_FILES = ("ak.der", "quote.msg", "quote.sig", "quote.pcrs")  # what it prints, in hex
 
-# The two keys' public areas (TPMT_PUBLIC) up to their point, as the guest tool's templates make
-# them (TCG TPM 2.0 Part 2, 12.2.4): ECC, name algorithm SHA-256, the object attributes, the
-# authPolicy, the parameters. A key whose area differs in any byte is not one of these.
+# The two keys' public areas (TPMT_PUBLIC) up to their unique field (the ECC point, the RSA
+# modulus), as the guest tool's templates make them (TCG TPM 2.0 Part 2, 12.2.4): type, name
+# algorithm, object attributes, authPolicy, parameters. A key whose area differs in any byte is
+# not one of these.
 _SHA256_ALG = b"\x00\x0b"
 AK_AREA_PREFIX = bytes.fromhex(
     "0023" "000b"  # ECC, SHA-256
@@ -350,6 +351,11 @@ def make_credential(keys: TpmKeys, secret: bytes) -> tuple[bytes, bytes]:
         raise AttestationError("tpm2_makecredential wrote a file of another format")
     size = int.from_bytes(blob[8:10])
     return blob[8 : 10 + size], blob[10 + size :]
+
+
+def keys_command() -> str:
+    """The target's side: its EK and AK public areas and EK certificate, by the image's tool."""
+    return f"{GUEST_TOOL} --keys"
 
 
 def activate_command(credential: tuple[bytes, bytes]) -> str:

@@ -38,7 +38,8 @@ from amnesiac.errors import AmnesiacError, UnreachableError, UsageError
 from amnesiac.files import create_atomic
 from amnesiac.image.secure_boot import certificate, fingerprint
 from amnesiac.progress import Progress
-from amnesiac.targets.base import why_failed, why_unreachable
+from amnesiac.targets.base import ReachOptions, why_failed, why_unreachable
+from amnesiac.targets.ssh import SshTarget
 
 
 class EnrolmentError(AmnesiacError):
@@ -85,9 +86,6 @@ class Enrolled:
 def enrol(options: EnrolOptions, progress: Progress) -> Enrolled:
     """Read the target's TPM over SSH and write its enrolment to `options.out` (never over a
     file already there)."""
-    from amnesiac.targets.base import ReachOptions
-    from amnesiac.targets.ssh import SshTarget
-
     if not options.target.startswith(SshTarget.prefix):
         raise UsageError(f"--target {options.target}: enrol reaches a server over SSH ({SshTarget.form})")
     target = SshTarget.parse(options.target.removeprefix(SshTarget.prefix), options.target)
@@ -122,7 +120,7 @@ def enrol_host(
 ) -> Enrolled:
     """The TPM dialogue with any host that runs commands (`host.run`: a testinfra host). With
     `makers`, the EK must carry a certificate that chains to one of them."""
-    keys = attest.TpmKeys.parse(_ask(host, f"{attest.GUEST_TOOL} --keys", "keys"))
+    keys = attest.TpmKeys.parse(_ask(host, attest.keys_command(), "keys"))
     certified_by = ek_certified_by(keys, makers) if makers is not None else None
     secret = os.urandom(32)
     opened = _ask(host, attest.activate_command(attest.make_credential(keys, secret)), "credential")

@@ -29,7 +29,7 @@ from amnesiac.report import model
 from amnesiac.targets.inventory import ENROLMENT_VARIABLE
 from tests.boot import not_passed
 from tests.images import GUEST_LANE, REPO, amnesiac
-from tests.test_attest import a_public_key
+from tests.tpm import a_public_key
 
 pytestmark = [pytest.mark.boot, GUEST_LANE]
 
