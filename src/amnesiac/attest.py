@@ -293,6 +293,22 @@ class TpmKeys:
         keys.ek_key()
         return keys
 
+    @classmethod
+    def of_enrolled(cls, ek_pem: bytes, ak_pem: bytes) -> TpmKeys:
+        """The public areas again from the two keys an enrolment recorded: the templates fix
+        every other byte, so the EK's public key and the AK's decide them (what a verifier needs
+        to make a credential for that TPM without asking it)."""
+        ek = serialization.load_pem_public_key(ek_pem)
+        ak = serialization.load_pem_public_key(ak_pem)
+        if not isinstance(ek, rsa.RSAPublicKey) or ek.key_size != 2048 or ek.public_numbers().e != 65537:
+            raise AttestationError("the enrolled EK is not an RSA 2048 key of template L-1")
+        if not isinstance(ak, ec.EllipticCurvePublicKey) or not isinstance(ak.curve, ec.SECP256R1):
+            raise AttestationError("the enrolled AK is not a P-256 key")
+        numbers = ak.public_numbers()
+        ek_area = EK_AREA_PREFIX + _b2(ek.public_numbers().n.to_bytes(256))
+        ak_area = AK_AREA_PREFIX + _b2(numbers.x.to_bytes(32)) + _b2(numbers.y.to_bytes(32))
+        return cls(_b2(ek_area), _b2(ak_area))
+
     @property
     def ak_pem(self) -> bytes:
         x, y = _unique(self.ak_public, AK_AREA_PREFIX, (32, 32), "ak.public")
@@ -315,6 +331,11 @@ class TpmKeys:
     def ak_name(self) -> bytes:
         """The AK's TPM name: its name algorithm, then the digest of its public area."""
         return _SHA256_ALG + hashlib.sha256(self.ak_public[2:]).digest()
+
+
+def _b2(data: bytes) -> bytes:
+    """A TPM2B: the size, two bytes big-endian, then the bytes."""
+    return len(data).to_bytes(2) + data
 
 
 def _unique(public: bytes, prefix: bytes, sizes: tuple[int, ...], what: str) -> tuple[bytes, ...]:

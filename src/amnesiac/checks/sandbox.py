@@ -22,6 +22,7 @@ EXPOSURE_BOUNDS = {
     "ssh.service": 7.8,  # ssh_admin, as far as a management shell allows: 7.6
     "amnesiac-provider-agent.service": 3.0,  # provider_agent: 2.8
     "amnesiac-provider-wireguard.service": 3.4,  # provider_agent (WireGuard peers): 3.1
+    "amnesiac-identity-release.service": 2.3,  # provider_agent (identity release): 1.9
     "amnesiac-receive-buffers.service": 5.0,  # no_logs: 4.8
 }
 EXPOSURE = re.compile(r"^EXPOSURE (\S+) .*Overall exposure level for \S+: ([0-9.]+)", re.MULTILINE)

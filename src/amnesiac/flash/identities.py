@@ -56,6 +56,9 @@ class IdentitySet:
     signature: bytes | None = None  # source/identities.json.sig, when it is for this very index
     signer: SignatureInfo | None = field(default=None, compare=False)
     stale: bool = False  # a signature is there, over an index that no longer lists these files
+    host_files: dict[str, list[OverlayFile]] = field(
+        default_factory=dict, compare=False
+    )  # what each overlay holds
 
     def files(self) -> dict[str, bytes]:
         """What identities/<set>/ holds: one overlay per host, the index, its signature."""
@@ -81,6 +84,7 @@ def load(source: Path) -> IdentitySet:
         raise UsageError(f"--identities {source}: not a directory")
     overlays: dict[str, bytes] = {}
     paths: dict[str, list[str]] = {}
+    host_files: dict[str, list[OverlayFile]] = {}
     seen: dict[str, str] = {}
     for entry in sorted(source.iterdir()):
         if entry.name in {INDEX, INDEX_SIGNATURE}:
@@ -97,11 +101,12 @@ def load(source: Path) -> IdentitySet:
         files = _host_files(entry)
         overlays[host] = overlay_cpio(files)
         paths[host] = [f.path for f in files]
+        host_files[host] = files
     if not overlays:
         raise UsageError(f"--identities {source}: no host directories in it")
     index = (json.dumps({"format": FORMAT, "hosts": _listing(overlays, paths)}, indent=2) + "\n").encode()
     signature, stale = _signature(source, index)
-    return IdentitySet(source, overlays, paths, index, signature, stale=stale)
+    return IdentitySet(source, overlays, paths, index, signature, stale=stale, host_files=host_files)
 
 
 def _host_files(host: Path) -> list[OverlayFile]:

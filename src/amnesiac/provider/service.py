@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from email.message import Message
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qsl, urlencode
 
 from amnesiac.provider.pki import ProviderPki
@@ -38,6 +38,7 @@ FORM = "application/x-www-form-urlencoded"
 EVENTS = frozenset({"connect", "disconnect"})
 BODY_LIMIT = 64 * 1024
 REDACTED = "<redacted>"
+SECRET_FIELDS = frozenset({"password", "token"})  # never journaled (a token is identity release's)
 # A client that stalls the handshake or a request holds one thread; these bound how long.
 HANDSHAKE_TIMEOUT = 5.0
 REQUEST_TIMEOUT = 10.0
@@ -49,7 +50,7 @@ class Request:
     """One request as the service received and answered it (a refused handshake: method "TLS", status 0).
 
     `fields` are the body's fields in the order and multiplicity they arrived, any `password`
-    value replaced by REDACTED; `password_ok` is the auth verdict (None for other requests).
+    or `token` value replaced by REDACTED; `password_ok` is the auth verdict (None for other requests).
     """
 
     time: float
@@ -121,7 +122,71 @@ def read_journal(path: Path) -> list[Request]:
     return [Request.from_dict(json.loads(line)) for line in complete.decode("utf-8").splitlines() if line]
 
 
-class ReferenceService(InThread):
+class JournaledService(InThread):
+    """An HTTPS service of the provider in a thread, which keeps every request it answers (and
+    every refused TLS handshake) as a `Request`, in memory and, if asked, in a JSON-lines journal."""
+
+    def _start(
+        self,
+        pki: ProviderPki,
+        handler: type[_Handler],
+        *,
+        journal: Path | None,
+        host: str,
+        port: int,
+        client_certificates: bool,
+        name: str,
+    ) -> None:
+        """Call from __init__: listen on (host, port); serve once the `with` block starts."""
+        self.journal = journal
+        self.host = host
+        self._requests: list[Request] = []
+        self._lock = threading.Lock()
+        httpd = _Server((host, port), _server_context(pki, client_certificates), self, handler)
+        self._port = int(httpd.server_address[1])
+        # A short poll interval: shutdown() waits for the loop's next poll, and a context should end promptly.
+        self._serve_in_thread(httpd, name, SHUTDOWN_POLL)
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """The base URL a node's identity names (no trailing slash: the node appends /v1/...)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"https://{host}:{self.port}"
+
+    def requests(self) -> list[Request]:
+        with self._lock:
+            return list(self._requests)
+
+    def wait_for(self, predicate: Callable[[list[Request]], bool], timeout: float) -> bool:
+        """Whether `predicate(requests)` held within `timeout` seconds (polled every 0.1 s)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if predicate(self.requests()):
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            time.sleep(min(0.1, remaining))
+
+    def _record(self, request: Request) -> None:
+        """Keep `request` before it is answered, so a client that has its answer finds it here."""
+        line = (json.dumps(request.as_dict()) + "\n").encode("ascii")
+        with self._lock:
+            self._requests.append(request)
+            if self.journal is not None:
+                # One write per line with O_APPEND: a reader sees whole lines and at most one partial last.
+                fd = os.open(self.journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                try:
+                    os.write(fd, line)
+                finally:
+                    os.close(fd)
+
+
+class ReferenceService(JournaledService):
     """`with ReferenceService(pki, accounts, records) as service:` serves HTTPS in a thread.
 
     `accounts` maps usernames to passwords for /v1/auth; `records` are the record names
@@ -150,14 +215,15 @@ class ReferenceService(InThread):
             if any(not part or any(char.isspace() for char in part) for part in peer):
                 raise ValueError(f"a peer is a public key and an IP/prefix without spaces, not {peer!r}")
         self.peers_file = peers_file
-        self.journal = journal
-        self.host = host
-        self._requests: list[Request] = []
-        self._lock = threading.Lock()
-        # A short poll interval: shutdown() waits for the loop's next poll, and a context should end promptly.
-        httpd = _Server((host, port), _server_context(pki), self)
-        self._port = int(httpd.server_address[1])
-        self._serve_in_thread(httpd, "amnesiac-provider", SHUTDOWN_POLL)
+        self._start(
+            pki,
+            _ReferenceHandler,
+            journal=journal,
+            host=host,
+            port=port,
+            client_certificates=True,
+            name="amnesiac-provider",
+        )
 
     def current_peers(self) -> tuple[tuple[str, str], ...]:
         """The peers to answer with now: the file's lines (missing: none), else `peers`."""
@@ -169,57 +235,21 @@ class ReferenceService(InThread):
             return ()
         return tuple((f[0], f[1]) for f in (line.split() for line in lines) if len(f) == 2)
 
-    @property
-    def port(self) -> int:
-        return self._port
-
-    @property
-    def url(self) -> str:
-        """The base URL a node's identity names (no trailing slash: the node appends /v1/...)."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"https://{host}:{self.port}"
-
-    def requests(self) -> list[Request]:
-        with self._lock:
-            return list(self._requests)
-
-    def wait_for(self, predicate: Callable[[list[Request]], bool], timeout: float) -> bool:
-        """Whether `predicate(requests)` held within `timeout` seconds (polled every 0.1 s)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            if predicate(self.requests()):
-                return True
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            time.sleep(min(0.1, remaining))
-
     def password_ok(self, username: str, password: str) -> bool:
         expected = self.accounts.get(username)
         # compare_digest: no early exit at the first wrong byte; an unknown account is compared too.
         same = hmac.compare_digest((expected or "").encode(), password.encode())
         return same and expected is not None
 
-    def _record(self, request: Request) -> None:
-        """Keep `request` before it is answered, so a client that has its answer finds it here."""
-        line = (json.dumps(request.as_dict()) + "\n").encode("ascii")
-        with self._lock:
-            self._requests.append(request)
-            if self.journal is not None:
-                # One write per line with O_APPEND: a reader sees whole lines and at most one partial last.
-                fd = os.open(self.journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-                try:
-                    os.write(fd, line)
-                finally:
-                    os.close(fd)
 
-
-def _server_context(pki: ProviderPki) -> ssl.SSLContext:
-    """TLS 1.2+, the service's certificate, and clients required to present one from the provider CA."""
+def _server_context(pki: ProviderPki, client_certificates: bool) -> ssl.SSLContext:
+    """TLS 1.2+, the service's certificate, and (with `client_certificates`) clients required to
+    present one from the provider CA."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.verify_mode = ssl.CERT_REQUIRED
-    context.load_verify_locations(cadata=pki.ca.cert.decode("ascii"))
+    if client_certificates:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(cadata=pki.ca.cert.decode("ascii"))
     # load_cert_chain reads files only: the key lives on disk for as long as it takes to load it.
     directory = Path(tempfile.mkdtemp(prefix="amnesiac-provider-"))
     try:
@@ -241,13 +271,19 @@ class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = False
 
-    def __init__(self, address: tuple[str, int], context: ssl.SSLContext, service: ReferenceService) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        context: ssl.SSLContext,
+        service: JournaledService,
+        handler: type[_Handler],
+    ) -> None:
         self.context = context
         self.service = service
         with contextlib.suppress(ValueError):
             if ipaddress.ip_address(address[0]).version == 6:
                 self.address_family = socket.AF_INET6
-        super().__init__(address, _Handler)
+        super().__init__(address, handler)
 
     def get_request(self) -> tuple[Any, Any]:
         sock, address = self.socket.accept()
@@ -301,49 +337,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._dispatch()
 
     def _dispatch(self) -> None:
-        body = self._read_body()  # read first, so an early answer does not reset the connection
-        path = self.path
-        record = _record_name(path)
-        if path == AUTH or record is not None:
-            allowed = "POST"
-        elif path == PEERS:
-            allowed = "GET"
-        else:
-            self._answer(404, "not found")
-            return
-        if self.command != allowed:
-            self._answer(405, "method not allowed", allow=allowed)
-        elif isinstance(body, int):
-            self._answer(body, "body too large" if body == 413 else "malformed request")
-        elif path == PEERS:
-            peers = self.server.service.current_peers()
-            self._answer(200, "".join(f"{key} {allowed_ip}\n" for key, allowed_ip in peers))
-        else:
-            fields = self._form(body)
-            if fields is None:
-                self._answer(400, "malformed body")
-            elif path == AUTH:
-                self._auth(fields)
-            else:
-                self._keep(str(record), fields)
-
-    def _auth(self, fields: list[tuple[str, str]]) -> None:
-        if sorted(name for name, _ in fields) != ["password", "username"]:  # both, once, nothing else
-            self._answer(400, "the body is username and password, nothing else", fields)
-            return
-        form = dict(fields)
-        ok = self.server.service.password_ok(form["username"], form["password"])
-        self._answer(200 if ok else 403, "allow" if ok else "deny", fields, password_ok=ok)
-
-    def _keep(self, record: str, fields: list[tuple[str, str]]) -> None:
-        names = [name for name, _ in fields]
-        events = [value for name, value in fields if name == "event"]
-        if record not in self.server.service.records:
-            self._answer(404, "no such record", fields)
-        elif len(set(names)) != len(names) or len(events) != 1 or events[0] not in EVENTS:
-            self._answer(400, "event is connect or disconnect, and each field is given once", fields)
-        else:
-            self._answer(204, "", fields)
+        raise NotImplementedError  # each service's own handler routes its paths
 
     def _read_body(self) -> bytes | int:
         """The body, or the status that refuses it: 413 over BODY_LIMIT, 400 for odd framing."""
@@ -428,6 +422,59 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         """Silent: the service's one account of what it received is its requests and journal."""
 
 
+class _ReferenceHandler(_Handler):
+    """The paths of this page's interface: /v1/auth, /v1/records/{record}, /v1/wireguard/peers."""
+
+    @property
+    def service(self) -> ReferenceService:
+        return cast(ReferenceService, self.server.service)  # _ReferenceHandler serves only it
+
+    def _dispatch(self) -> None:
+        body = self._read_body()  # read first, so an early answer does not reset the connection
+        path = self.path
+        record = _record_name(path)
+        if path == AUTH or record is not None:
+            allowed = "POST"
+        elif path == PEERS:
+            allowed = "GET"
+        else:
+            self._answer(404, "not found")
+            return
+        if self.command != allowed:
+            self._answer(405, "method not allowed", allow=allowed)
+        elif isinstance(body, int):
+            self._answer(body, "body too large" if body == 413 else "malformed request")
+        elif path == PEERS:
+            peers = self.service.current_peers()
+            self._answer(200, "".join(f"{key} {allowed_ip}\n" for key, allowed_ip in peers))
+        else:
+            fields = self._form(body)
+            if fields is None:
+                self._answer(400, "malformed body")
+            elif path == AUTH:
+                self._auth(fields)
+            else:
+                self._keep(str(record), fields)
+
+    def _auth(self, fields: list[tuple[str, str]]) -> None:
+        if sorted(name for name, _ in fields) != ["password", "username"]:  # both, once, nothing else
+            self._answer(400, "the body is username and password, nothing else", fields)
+            return
+        form = dict(fields)
+        ok = self.service.password_ok(form["username"], form["password"])
+        self._answer(200 if ok else 403, "allow" if ok else "deny", fields, password_ok=ok)
+
+    def _keep(self, record: str, fields: list[tuple[str, str]]) -> None:
+        names = [name for name, _ in fields]
+        events = [value for name, value in fields if name == "event"]
+        if record not in self.service.records:
+            self._answer(404, "no such record", fields)
+        elif len(set(names)) != len(names) or len(events) != 1 or events[0] not in EVENTS:
+            self._answer(400, "event is connect or disconnect, and each field is given once", fields)
+        else:
+            self._answer(204, "", fields)
+
+
 def _record_name(path: str) -> str | None:
     """`record` of a path /v1/records/{record} (one non-empty segment), else None."""
     name = path.removeprefix(RECORDS)
@@ -439,14 +486,14 @@ def _media_type(headers: Message) -> str:
 
 
 def _redact(fields: Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
-    return tuple((name, REDACTED if name == "password" else value) for name, value in fields)
+    return tuple((name, REDACTED if name in SECRET_FIELDS else value) for name, value in fields)
 
 
 def _redact_path(path: str) -> str:
     """The path as received, unless its query carries a password: then that value is redacted."""
     base, mark, query = path.partition("?")
     pairs = parse_qsl(query, keep_blank_values=True)
-    if not mark or all(name != "password" for name, _ in pairs):
+    if not mark or all(name not in SECRET_FIELDS for name, _ in pairs):
         return path
     return f"{base}?{urlencode(_redact(pairs), safe='<>')}"
 
