@@ -26,6 +26,8 @@ from typing import Any
 import pytest
 
 from amnesiac.image.pack import unpack_initrd
+from amnesiac.provider.harness import GUEST_RELEASE
+from amnesiac.provider.pki import Pem, ProviderPki
 
 REPO = Path(__file__).resolve().parent.parent
 SDE = 1_700_000_000  # a fixed SOURCE_DATE_EPOCH: builds of the same inputs must agree byte for byte
@@ -185,6 +187,46 @@ def needs_root() -> None:
 def ovpn(tmp_path_factory: pytest.TempPathFactory, needs_root: None) -> Built:
     """The default image: policies/ovpn.yml as shipped."""
     return session_image(tmp_path_factory, "ovpn")
+
+
+@dataclass(frozen=True)
+class ReleaseImage:
+    """An image that asks for its identity at boot (identity release), and the PKI of the
+    release service it trusts (the CA is built into the image)."""
+
+    out: Path
+    pki: ProviderPki
+    root: Path | None = None  # its root file system unpacked (the session's build only)
+
+
+def session_pki(path: Path) -> ProviderPki:
+    """The release service's PKI kept in `path` (JSON), made by the first worker to ask, under a
+    lock, for a service at GUEST_RELEASE: the image that trusts it is built once per session."""
+    with path.with_suffix(".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.exists():
+            made = ProviderPki.create([GUEST_RELEASE])
+            parts = [made.ca.cert, made.ca.key, made.service.cert, made.service.key]
+            path.write_text(json.dumps([part.decode() for part in parts]))
+    ca_cert, ca_key, cert, key = (part.encode() for part in json.loads(path.read_text()))
+    return ProviderPki(ca=Pem(ca_cert, ca_key), service=Pem(cert, key))
+
+
+def release_args(pki: ProviderPki) -> list[str]:
+    """`amnesiac build` arguments that turn identity release on, trusting `pki`'s CA."""
+    return ["--var", f"provider_agent_release_url=https://{GUEST_RELEASE}",
+            "--var", f"provider_agent_release_ca={json.dumps(pki.ca.cert.decode())}"]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def ovpn_release(tmp_path_factory: pytest.TempPathFactory, needs_root: None) -> ReleaseImage:
+    """policies/ovpn.yml with identity release on (provider_agent_release_url): at boot the
+    server asks the release service at GUEST_RELEASE:443 for its identity, with a TPM quote."""
+    xdist = "PYTEST_XDIST_WORKER" in os.environ
+    shared = tmp_path_factory.getbasetemp().parent if xdist else tmp_path_factory.getbasetemp()
+    pki = session_pki(shared / "ovpn_release.pki.json")
+    built = session_image(tmp_path_factory, "ovpn_release", *release_args(pki))
+    return ReleaseImage(built.out, pki, built.root)
 
 
 @pytest.fixture(scope="session")

@@ -196,8 +196,10 @@ def test_an_enrolment_gives_back_the_tpms_public_areas(tpm: attest.SoftwareTpm, 
     """What the service makes the credential for is the TPM's own EK and AK, byte for byte."""
     with tpm.serving() as tcti:
         keys = attest.TpmKeys.parse(SwtpmHost(tcti).run(attest.keys_command()).stdout)
+        harness = attest.derive_ek(tcti)  # as the boot harness reads it before a boot, with tpm2-tools
     (server,) = provider.fleet.values()
     assert (server.keys.ek_public, server.keys.ak_public) == (keys.ek_public, keys.ak_public)
+    assert harness == keys.ek_public
 
 
 def test_the_unpacker_writes_all_or_nothing_and_replaces_nothing(tmp_path: Path) -> None:

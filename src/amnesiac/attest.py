@@ -46,7 +46,7 @@ QUOTED_PCRS = (7, 11, 12)
 NONCE_BYTES = 20
 HOST_TOOLS = (
     "tpm2_createprimary", "tpm2_readpublic", "tpm2_quote", "tpm2_checkquote", "tpm2_flushcontext",
-    "tpm2_makecredential",
+    "tpm2_makecredential", "tpm2_createek",
 )  # fmt: skip
 QUOTE_FILES = ("ak.pem", "quote.msg", "quote.sig", "quote.pcrs")
 GUEST_TOOL = "/usr/local/libexec/amnesiac/amnesiac-tpm-quote"
@@ -324,8 +324,7 @@ class TpmKeys:
 
     @property
     def ek_pem(self) -> bytes:
-        pem = serialization.Encoding.PEM
-        return self.ek_key().public_bytes(pem, serialization.PublicFormat.SubjectPublicKeyInfo)
+        return ek_pem(self.ek_public)
 
     @property
     def ak_name(self) -> bytes:
@@ -336,6 +335,12 @@ class TpmKeys:
 def _b2(data: bytes) -> bytes:
     """A TPM2B: the size, two bytes big-endian, then the bytes."""
     return len(data).to_bytes(2) + data
+
+
+def ek_pem(public: bytes) -> bytes:
+    """The EK of a TPM2B_PUBLIC made from template L-1, as PEM (AttestationError for another)."""
+    key = TpmKeys(public, b"").ek_key()
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def _unique(public: bytes, prefix: bytes, sizes: tuple[int, ...], what: str) -> tuple[bytes, ...]:
@@ -396,6 +401,16 @@ def derive_ak(tcti: str) -> bytes:
         for cmd in derive_ak_commands(work):
             _tpm2(cmd, tcti)
         return (Path(work) / "ak.pem").read_bytes()
+
+
+def derive_ek(tcti: str) -> bytes:
+    """The EK's public area (TPM2B_PUBLIC, TCG's template L-1) of the TPM at `tcti`: what the
+    image's tool prints as ek.public, made here with tpm2-tools (the harness, before a boot)."""
+    require_host_tools()
+    with tempfile.TemporaryDirectory(prefix="amnesiac-ek-") as work:
+        _tpm2(["tpm2_createek", "-G", "rsa", "-c", f"{work}/ek.ctx", "-u", f"{work}/ek.public"], tcti)
+        _tpm2(["tpm2_flushcontext", "-t"], tcti)
+        return (Path(work) / "ek.public").read_bytes()
 
 
 def quote(tcti: str, nonce: bytes) -> Quote:

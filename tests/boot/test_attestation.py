@@ -2,7 +2,9 @@
 few bytes, on firmware whose Secure Boot was turned off after enrolment, boots and runs (a
 modified server would), and its TPM says so. The quote verifies (right key, right nonce) but
 PCR 11 is not the manifest's prediction and PCR 7 not the enrolled policy, so the identity the
-report gives is "reported by the target" and the identity check fails. One boot carries all
+report gives is "reported by the target" and the identity check fails; the image asks the
+provider's release service for its identity at boot, which refuses the same quote, so the
+server runs without one (tests/boot/release.py). One boot carries all
 three changes (each boot costs minutes under TCG); that each alone moves its PCR is
 tests/test_measure.py's and tests/test_secure_boot.py's, on the same predictions the booted
 PCRs matched in test_boot."""
@@ -18,8 +20,10 @@ import pytest
 from amnesiac import attest, boot
 from amnesiac.boot.firmware import Tamper
 from amnesiac.boot.overlay import OverlayFile, overlay_cpio
+from amnesiac.provider.harness import GUEST_RELEASE
 from amnesiac.report.model import REPORTED, Identity
 from amnesiac.targets.base import quote_target
+from tests.boot.release import ANSWER_TIMEOUT, SAID, release_image, release_service
 from tests.boot.test_boot import SSH_TIMEOUT, image, ssh
 from tests.images import GUEST_LANE
 
@@ -60,26 +64,43 @@ class _SshHost:
         return _Run(result.returncode, result.stdout, result.stderr)
 
 
-def test_a_tampered_uki_boots_and_fails_attestation(image: Path, tmp_path: Path) -> None:
+def test_a_tampered_uki_boots_and_fails_attestation(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """...and gets no identity: the release service, holding the identity for this very TPM,
+    refuses its quote (the image asks for its identity at boot: tests/boot/release.py)."""
     key = tmp_path / "id_ed25519"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
-    options = boot.BootOptions(ssh_key=key.with_suffix(".pub"), tamper=TAMPERED, test_devices=False)
-    with boot.running(image, options) as machine:
-        machine.wait_ssh(SSH_TIMEOUT)
-        measured = machine.measured
-        assert measured is not None and measured.tampered, "the tampering is named"
-        # Both changes took effect: the server runs them.
-        assert "amnesiac.tampered=1" in ssh(machine, key, "cat /proc/cmdline").split()
-        assert ssh(machine, key, "cat /etc/amnesiac-tampered") == "1\n"
-        nonce = attest.new_nonce()
-        answer = attest.parse_guest_output(ssh(machine, key, attest.guest_command(nonce)))
-        verdict = attest.check(measured.ak_pem, answer, nonce, measured.expected_pcrs)
-        record = quote_target(_SshHost(machine, key), measured.expected())
+    image = release_image(request)
+    with release_service(image, tmp_path) as release:
+        options = boot.BootOptions(
+            ssh_key=key.with_suffix(".pub"), tamper=TAMPERED, test_devices=False,
+            guest_services=(release.guest_service,),
+        )  # fmt: skip
+        with boot.running(image.out, options) as machine:
+            release.admit(machine)
+            machine.wait_ssh(SSH_TIMEOUT)
+            machine.wait_console(SAID, timeout=ANSWER_TIMEOUT)
+            measured = machine.measured
+            assert measured is not None and measured.tampered, "the tampering is named"
+            # Both changes took effect: the server runs them.
+            assert "amnesiac.tampered=1" in ssh(machine, key, "cat /proc/cmdline").split()
+            assert ssh(machine, key, "cat /etc/amnesiac-tampered") == "1\n"
+            nonce = attest.new_nonce()
+            answer = attest.parse_guest_output(ssh(machine, key, attest.guest_command(nonce)))
+            verdict = attest.check(measured.ak_pem, answer, nonce, measured.expected_pcrs)
+            record = quote_target(_SshHost(machine, key), measured.expected())
+            console = machine.console()
+            provider_files = ssh(machine, key, "ls -A /etc/amnesiac/provider")
     assert verdict.signature_ok and verdict.ak_enrolled, verdict.why()  # a genuine quote ...
     assert verdict.mismatched == [7, 11, 12] and not verdict.attested  # ... of something else
     assert not record.attested and all(f"PCR {n}" in record.reason for n in (7, 11, 12)), record.reason
     assert record.tampered == measured.tampered
     assert Identity(tpm=record).established_by == REPORTED
+    # The release service saw the same at boot, and sent no identity.
+    assert release.paths() == [("/v1/identity/challenge", 200), ("/v1/identity/quote", 403)]
+    refused = f"amnesiac: identity release: https://{GUEST_RELEASE} refused the quote: not attested: PCR 7 is"
+    assert refused in console, console[-3000:]
+    assert "amnesiac: no provider identity" in console
+    assert provider_files == ""
 
 
 def test_under_secure_boot_an_unsigned_uki_never_starts(image: Path) -> None:

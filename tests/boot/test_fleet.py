@@ -1,22 +1,26 @@
-"""verify --inventory: every host of an Ansible inventory checked in one parallel run.
+"""verify --inventory: every host of an Ansible inventory checked in one parallel run, on a
+server that got its identity as a fleet's servers do when the PXE server holds none: released
+by the provider's release service for a TPM quote of what booted (tests/boot/release.py).
 
-The session's OVPN image is booted ONCE in QEMU and the inventory names it twice (vpn1 and
-vpn2, both 127.0.0.1:<forwarded port>): one machine serving as two fleet members keeps CI time
-down while still exercising the inventory, the parallel run (pytest-xdist) and the split of
-results by host.
+The session's OVPN image with identity release on is booted ONCE in QEMU and the inventory
+names it twice (vpn1 and vpn2, both 127.0.0.1:<forwarded port>): one machine serving as two
+fleet members keeps CI time down while still exercising the inventory, the parallel run
+(pytest-xdist) and the split of results by host.
 
 It boots measured (UEFI, swtpm, the test UKI) and is enrolled as a provider enrols a server
 before it enters the fleet: `amnesiac enrol` over SSH reads its AK, bound to its EK, and PCR 7
 (docs/attestation.md), and must agree with what the harness itself enrolled and predicted before
-the boot. `verify --build` predicts PCR 11, so each host's identity is the TPM's.
+the boot (which the release service held the identity for). `verify --build` predicts PCR 11,
+so each host's identity is the TPM's.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 import subprocess
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +32,8 @@ from amnesiac.progress import Progress
 from amnesiac.report import model
 from amnesiac.targets.inventory import ENROLMENT_VARIABLE
 from tests.boot import not_passed
+from tests.boot.release import ANSWER_TIMEOUT, CONSOLE, SAID, Release, release_image, release_service
+from tests.boot.test_boot import ssh
 from tests.images import GUEST_LANE, REPO, amnesiac
 from tests.tpm import a_public_key
 
@@ -39,41 +45,79 @@ HOSTS = ("vpn1", "vpn2")
 RAM_CHECKS = {"amnesia.session_forgotten", "amnesia.previous_boot_forgotten"}
 
 
-def _build(request: pytest.FixtureRequest) -> Path:
-    build = os.environ.get("AMNESIAC_BOOT_BUILD")
-    return Path(build) if build else request.getfixturevalue("ovpn").out
+@dataclass(frozen=True)
+class Booted:
+    machine: boot.BootedMachine
+    key: Path  # the test's SSH key, the only file of its boot-time overlay
+    work: Path
+    release: Release
+    out: Path  # the build
 
 
 @pytest.fixture(scope="module")
-def inventory(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    out = _build(request)
+def booted(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Booted]:
+    """The fleet's server, booted measured with no identity of its own: the release service
+    holds it for the server's TPM."""
+    image = release_image(request)
     work = tmp_path_factory.mktemp("fleet")
     key = work / "id_ed25519"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key], check=True)
-    options = boot.BootOptions(ssh_key=key.with_suffix(".pub"), measured=True)
-    with boot.running(out, options) as machine:
-        machine.wait_ssh(timeout=600)
-        assert machine.measured is not None
-        (work / "tpm.json").write_text(_enrol(machine, key, work).dump())
-        fleet = work / "fleet.yml"
-        fleet.write_text(
-            json.dumps(
-                {
-                    "all": {
-                        "vars": {
-                            "ansible_host": "127.0.0.1",
-                            "ansible_port": machine.ssh_port,
-                            "ansible_user": "root",
-                            "ansible_ssh_private_key_file": str(key),
-                            "ansible_ssh_common_args": "-o StrictHostKeyChecking=no "
-                            "-o UserKnownHostsFile=/dev/null -o LogLevel=ERROR",
-                        },
-                        "hosts": {name: {ENROLMENT_VARIABLE: "tpm.json"} for name in HOSTS},
-                    }
-                }
-            )
+    with release_service(image, work) as release:
+        options = boot.BootOptions(
+            ssh_key=key.with_suffix(".pub"), measured=True, guest_services=(release.guest_service,)
         )
-        yield fleet
+        with boot.running(image.out, options) as machine:
+            release.admit(machine)  # enrolled as the harness made its TPM, before the boot
+            machine.wait_ssh(timeout=600)
+            machine.wait_console(SAID, timeout=ANSWER_TIMEOUT)
+            assert machine.measured is not None
+            yield Booted(machine, key, work, release, image.out)
+
+
+@pytest.fixture(scope="module")
+def inventory(booted: Booted) -> Path:
+    machine, work = booted.machine, booted.work
+    (work / "tpm.json").write_text(_enrol(machine, booted.key, work).dump())
+    fleet = work / "fleet.yml"
+    fleet.write_text(
+        json.dumps(
+            {
+                "all": {
+                    "vars": {
+                        "ansible_host": "127.0.0.1",
+                        "ansible_port": machine.ssh_port,
+                        "ansible_user": "root",
+                        "ansible_ssh_private_key_file": str(booted.key),
+                        "ansible_ssh_common_args": "-o StrictHostKeyChecking=no "
+                        "-o UserKnownHostsFile=/dev/null -o LogLevel=ERROR",
+                    },
+                    "hosts": {name: {ENROLMENT_VARIABLE: "tpm.json"} for name in HOSTS},
+                }
+            }
+        )
+    )
+    return fleet
+
+
+def test_the_server_got_its_identity_for_a_quote_of_what_booted(booted: Booted) -> None:
+    """Its boot carried no identity (the overlay holds the test key only): the release service
+    sent it once the TPM quoted the build's UKI (PCR 11), the firmware's enrolled Secure Boot
+    policy (PCR 7) and nothing from the loader (PCR 12), with the enrolled AK, and only that TPM
+    opened the credential holding the token for it."""
+    booted.machine.wait_console(
+        "amnesiac: provider identity present", timeout=120
+    )  # read by the units after it
+    assert CONSOLE in booted.machine.console()
+    assert booted.release.paths() == [
+        ("/v1/identity/challenge", 200),
+        ("/v1/identity/quote", 200),
+        ("/v1/identity", 200),
+    ]
+    listing = ssh(booted.machine, booted.key, "cd /etc/amnesiac/provider && stat -c '%n %a' * && sha256sum *")
+    want = {f.path.rsplit("/", 1)[1]: f for f in booted.release.files}
+    for name, item in want.items():
+        assert f"{name} {item.mode:o}" in listing, listing
+        assert f"{hashlib.sha256(item.data).hexdigest()}  {name}" in listing, listing
 
 
 def _enrol(machine: boot.BootedMachine, key: Path, work: Path) -> attest.Enrolment:
@@ -92,6 +136,7 @@ def _enrol(machine: boot.BootedMachine, key: Path, work: Path) -> attest.Enrolme
     harness = machine.measured.enrolment()
     assert enrolled.ak_pem == harness.ak_pem  # the key the harness derived before the boot
     assert enrolled.pcr7 == harness.pcr7  # the Secure Boot policy the harness predicted
+    assert enrolled.ek_pem == harness.ek_pem  # the EK the release service made its credential for
     assert enrolled.ek_pem is not None and summary["ek_sha256"] and summary["pcrs"]["12"] == "0" * 64
     only_the_harness_knows = ("initrd_sha256", "overlay_sha256", "secure_boot")
     return enrolled.model_copy(update={name: getattr(harness, name) for name in only_the_harness_knows})
@@ -99,14 +144,14 @@ def _enrol(machine: boot.BootedMachine, key: Path, work: Path) -> attest.Enrolme
 
 @pytest.fixture(scope="module")
 def verified(
-    request: pytest.FixtureRequest, inventory: Path, tmp_path_factory: pytest.TempPathFactory
+    booted: Booted, inventory: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[int, dict[str, Any], Path]:
     report = tmp_path_factory.mktemp("fleet-report") / "report"
     # The test key came in the boot-time overlay, as a verifier's key would: declared as such.
     key = inventory.with_name("id_ed25519.pub")
     result = amnesiac(
         "verify", "--json", "--policy", str(OVPN), "--inventory", str(inventory), "--report", str(report),
-        "--verifier-key", str(key), "--build", str(_build(request)),
+        "--verifier-key", str(key), "--build", str(booted.out),
         check=False,
     )  # fmt: skip
     assert result.returncode in (0, 1, 5), result.stderr[-3000:]
@@ -189,7 +234,7 @@ def _ssh_keygen_fingerprint(pub: Path) -> str:
 
 
 def test_a_server_is_attested_only_by_its_own_enrolment(
-    request: pytest.FixtureRequest, inventory: Path, tmp_path: Path
+    booted: Booted, inventory: Path, tmp_path: Path
 ) -> None:
     """The same server as ssh://, enrolled as another TPM (a replaced machine, a relay to
     another): its quote is genuine but not by the enrolled key, so the target only reports who
@@ -207,7 +252,7 @@ def test_a_server_is_attested_only_by_its_own_enrolment(
     assert options.target is not None
     target = targets.parse(options.target)
     with target.reach(verify.reach_options(options, tmp_path, Progress(quiet=True))) as connection:
-        identity = target.identity(connection, Manifest.load(_build(request)))
+        identity = target.identity(connection, Manifest.load(booted.out))
     assert identity.tpm is not None and not identity.tpm.attested
     assert "not the enrolled one" in identity.tpm.reason, identity.tpm.reason
     assert identity.established_by == model.REPORTED

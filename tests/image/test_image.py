@@ -15,7 +15,18 @@ import pytest
 
 from amnesiac import paths
 from amnesiac.image import measure, uki
-from tests.images import BUILD_LANE, REPO, SDE, Built, amnesiac, build, build_and_unpack, rootfs_only_cache
+from amnesiac.provider.harness import GUEST_RELEASE
+from tests.images import (
+    BUILD_LANE,
+    REPO,
+    SDE,
+    Built,
+    ReleaseImage,
+    amnesiac,
+    build,
+    build_and_unpack,
+    rootfs_only_cache,
+)
 
 pytestmark = [pytest.mark.build, BUILD_LANE]
 
@@ -89,6 +100,25 @@ def test_the_uki_holds_the_build_and_its_pcr11_is_predicted(ovpn: Built) -> None
     assert booted["sections"] == {name: hashlib.sha256(body).hexdigest() for name, body in sections.items()}
     tools = ovpn.manifest["tools"]
     assert tools["uki:systemd-boot-efi"] == booted["stub"] and "uki:systemd-ukify" in tools
+
+
+def test_identity_release_is_built_in_with_its_ca_and_no_identity(
+    ovpn_release: ReleaseImage, ovpn: Built
+) -> None:
+    """Built early in the build lane: the guest lane boots it (test_attestation, test_fleet)."""
+    root = ovpn_release.root
+    assert root is not None
+    release = root / "etc/amnesiac/release"
+    assert (release / "url").read_text() == f"https://{GUEST_RELEASE}\n"
+    assert (release / "ca.crt").read_bytes() == ovpn_release.pki.ca.cert  # the CA it trusts: measured with it
+    wants = root / "etc/systemd/system/multi-user.target.wants/amnesiac-identity-release.service"
+    assert wants.is_symlink()
+    for tool in ("identity-release", "identity-unpack", "amnesiac-tpm-quote"):
+        assert (root / "usr/local/libexec/amnesiac" / tool).stat().st_mode & 0o111, tool
+    assert list((root / "etc/amnesiac/provider").iterdir()) == []  # no identity in the image
+    # Off by default: the shipped image has none of it.
+    assert not (ovpn.root / "etc/amnesiac/release").exists()
+    assert not (ovpn.root / "etc/systemd/system/amnesiac-identity-release.service").exists()
 
 
 def test_early_init_archive(ovpn: Built) -> None:

@@ -44,6 +44,7 @@ class MeasuredBoot:
     parts: dict[str, str]  # what went into it: vmlinuz, initrd.img, overlay.cpio -> sha256
     expected_pcrs: dict[int, str]  # 7 from the enrolled variables, 11 from manifest.json and the overlay
     ak_pem: bytes  # the attestation key enrolled before the first boot
+    ek_pem: bytes  # the endorsement key it is bound to (TCG's template L-1), read before it too
     overlay_sha256: str | None  # the test overlay measured with the image in PCR 11
     initrd_sha256: str  # the test UKI's .initrd: the build's initrd, then the overlay
     tampered: str | None = None  # what the harness changed on purpose (negative tests)
@@ -70,6 +71,7 @@ class MeasuredBoot:
             secure_boot=self.secure_boot,
             initrd_sha256=self.initrd_sha256,
             overlay_sha256=self.overlay_sha256,
+            ek_pem=self.ek_pem.decode(),
         )
 
     def as_dict(self) -> dict[str, object]:
@@ -170,12 +172,13 @@ def _test_uki(image: BootImage, work: Path, overlay: bytes, tamper: Tamper) -> _
     return _TestUki(made.path, made.sections[".linux"], shipped.hexdigest(), joined.hexdigest())
 
 
-def _enrol(work: Path) -> tuple[attest.SoftwareTpm, bytes]:
-    """A new TPM and its attestation key, derived before the machine's first boot."""
+def _enrol(work: Path) -> tuple[attest.SoftwareTpm, bytes, bytes]:
+    """A new TPM, its attestation key and its endorsement key (PEM), derived before the
+    machine's first boot."""
     tpm = attest.SoftwareTpm(work / "tpm")
     tpm.create()
     with tpm.serving() as tcti:
-        return tpm, attest.derive_ak(tcti)
+        return tpm, attest.derive_ak(tcti), attest.ek_pem(attest.derive_ek(tcti))
 
 
 @contextlib.contextmanager
@@ -197,7 +200,7 @@ def measured_boot(
     test_uki = _test_uki(image, work, overlay, tamper)
     timings["test_uki_seconds"] = round(time.monotonic() - started, 1)
     started = time.monotonic()
-    tpm, ak = _enrol(work)
+    tpm, ak, ek = _enrol(work)
     timings["enrol_seconds"] = round(time.monotonic() - started, 1)
 
     started = time.monotonic()
@@ -242,6 +245,7 @@ def measured_boot(
                 parts=parts,
                 expected_pcrs=attest.expected_pcrs(pcr7, pcr11),
                 ak_pem=ak,
+                ek_pem=ek,
                 overlay_sha256=overlay_sha256,
                 initrd_sha256=test_uki.expected_initrd_sha256,
                 tampered=tamper.describe(),

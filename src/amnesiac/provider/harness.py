@@ -24,6 +24,7 @@ from amnesiac.provider.pki import ProviderPki, node_identity_files
 from amnesiac.provider.service import ReferenceService
 
 GUEST_PROVIDER = "10.0.2.101"  # where the guest finds the service (10.0.2.100 is the HTTP server)
+GUEST_RELEASE = "10.0.2.103"  # where a test finds an identity release service (10.0.2.102: boot.sink)
 IDENTITY_DIR = "etc/amnesiac/provider"  # provider_agent_identity_dir, relative to /
 NODE_NAME = "amnesiac-verify-node"
 

@@ -65,15 +65,21 @@ def servers(
         enrolment = enrolments.get(host)
         if enrolment is None:
             raise UsageError(f"{identities.source}/{host}: no enrolment for this host (amnesiac enrol)")
-        if enrolment.ek_pem is None:
-            raise UsageError(f"the enrolment of {host} has no ek_pem: enrol it with `amnesiac enrol`")
-        try:
-            expected = enrolment.expected(built)
-            keys = attest.TpmKeys.of_enrolled(enrolment.ek_pem.encode(), enrolment.ak_pem.encode())
-        except attest.AttestationError as exc:
-            raise UsageError(f"the enrolment of {host}: {exc}") from None
-        fleet[host] = Server(expected, keys, tuple(files))
+        fleet[host] = server(host, built, enrolment, files)
     return fleet
+
+
+def server(host: str, built: Manifest, enrolment: attest.Enrolment, files: Sequence[OverlayFile]) -> Server:
+    """One host as the service holds it; a UsageError for an enrolment without an EK (made by
+    hand, not by `amnesiac enrol`) or a build without a UKI to predict PCR 11 from."""
+    if enrolment.ek_pem is None:
+        raise UsageError(f"the enrolment of {host} has no ek_pem: enrol it with `amnesiac enrol`")
+    try:
+        expected = enrolment.expected(built)
+        keys = attest.TpmKeys.of_enrolled(enrolment.ek_pem.encode(), enrolment.ak_pem.encode())
+    except attest.AttestationError as exc:
+        raise UsageError(f"the enrolment of {host}: {exc}") from None
+    return Server(expected, keys, tuple(files))
 
 
 def bundle(files: Sequence[OverlayFile]) -> str:
@@ -114,9 +120,16 @@ class IdentityRelease(JournaledService):
             name="amnesiac-identity-release",
         )  # fmt: skip
 
+    def admit(self, host: str, server: Server) -> None:
+        """Hold `host` from now on (a server enrolled while the service runs)."""
+        with self._state:
+            self.fleet[host] = server
+            self._by_ek[server.keys.ek_public.hex()] = host
+
     def host_of(self, ek: str) -> str | None:
         """The host whose enrolled EK has this public area (hex), if any."""
-        return self._by_ek.get(ek.lower())
+        with self._state:
+            return self._by_ek.get(ek.lower())
 
     def challenge(self, host: str) -> bytes:
         """A fresh nonce for `host` (replacing any it was sent before)."""
@@ -128,7 +141,8 @@ class IdentityRelease(JournaledService):
     def attest(self, host: str, answer: str) -> tuple[bytes, bytes] | str:
         """The credential (blob, encrypted seed) for `host`'s TPM if `answer` is its quote over its
         challenge showing the build's PCRs; else why not. Either way the challenge is spent."""
-        server = self.fleet[host]
+        with self._state:
+            server = self.fleet[host]
         pending = self._take(self._nonces, host)
         if pending is None:
             return "no challenge for this host, or it expired: ask again"
@@ -151,7 +165,8 @@ class IdentityRelease(JournaledService):
         pending = self._take(self._tokens, host)
         if pending is None or not hmac.compare_digest(pending.secret, hashlib.sha256(token).digest()):
             return None
-        return self.fleet[host].files
+        with self._state:
+            return self.fleet[host].files
 
     def _take(self, table: dict[str, _Pending], host: str) -> _Pending | None:
         with self._state:
