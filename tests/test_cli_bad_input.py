@@ -103,6 +103,8 @@ CASES: list[tuple[str, list[str], int, str]] = [
     ("enrol bad cert", ["enrol", "--target", "ssh://h", "--out", "n.json", "--secure-boot-cert", "notes.txt"],
      USAGE, "not a PEM certificate"),
     ("enrol no out", ["enrol", "--target", "ssh://h"], USAGE, "--out"),
+    ("enrol key missing", ["enrol", "--target", "ssh://h", "--out", "n.json", "--ssh-key", "nokey"], USAGE,
+     "--ssh-key nokey: no such file"),
     ("enrol bad ek ca", ["enrol", "--target", "ssh://h", "--out", "n.json", "--ek-ca", "notes.txt"], USAGE,
      "--ek-ca notes.txt: no PEM certificate"),
     ("enrol no ek ca", ["enrol", "--target", "ssh://h", "--out", "n.json", "--ek-ca", "none.pem"], USAGE,

@@ -421,16 +421,17 @@ def _enrol_parser(sub: Any) -> None:
         description="""Read a server's TPM over SSH and write its enrolment: the JSON file that
 `verify --enrolment` (or an inventory host's amnesiac_enrolment) checks its quotes against.
 
-The server's TPM derives its endorsement key (EK, TCG's ECC template) and attestation key
-(AK, amnesiac's template); both templates are checked byte for byte. Its TPM must then open
+The server's TPM derives its endorsement key (EK, TCG's RSA 2048 template L-1) and attestation
+key (AK, amnesiac's template); both templates are checked byte for byte. Its TPM must then open
 a credential made here for that EK and the AK's name (TPM2_ActivateCredential), which a TPM
 does only with that AK inside it, and quote PCR 7 with the AK over a fresh nonce.
 
 Trust on first use: run it once per machine on a network you trust (at delivery, or on its
 first boot in a closed network). The EK is recorded too, and with --ek-ca the EK certificate
 the TPM's maker stored in it must chain to one of those CAs: the AK is then bound to a TPM of
-that maker, not only to whatever answered (docs/attestation.md, "Enrolling a fleet"). An
-existing FILE is never replaced.""",
+that maker, not only to whatever answered (docs/attestation.md, "Enrolling a fleet"). The EK
+is what a release service makes a server's identity credential for (identity release,
+docs/provider-interface.md). An existing FILE is never replaced.""",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
         "  amnesiac enrol --target ssh://root@192.0.2.11 --ssh-key ~/.ssh/admin --out fleet/tpm/vpn1.json\n"

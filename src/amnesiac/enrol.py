@@ -33,7 +33,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from amnesiac import attest
+from amnesiac import attest, ssh
 from amnesiac.errors import AmnesiacError, UnreachableError, UsageError
 from amnesiac.files import create_atomic
 from amnesiac.image.secure_boot import certificate, fingerprint
@@ -100,9 +100,10 @@ def enrol(options: EnrolOptions, progress: Progress) -> Enrolled:
     if not options.out.parent.is_dir():
         raise UsageError(f"--out {options.out}: no directory {options.out.parent}")
     makers = load_ek_cas(options.ek_ca) if options.ek_ca is not None else None
+    ssh_key = ssh.private_key(options.ssh_key)
     attest.require_host_tools()
     with tempfile.TemporaryDirectory(prefix="amnesiac-enrol-") as work:
-        reach = ReachOptions(work=Path(work), progress=progress, ssh_key=options.ssh_key)
+        reach = ReachOptions(work=Path(work), progress=progress, ssh_key=ssh_key)
         with target.reach(reach) as connection:
             with progress.stage("reach", f"reach {target.spec}"):
                 host = _reached(connection, target.spec)

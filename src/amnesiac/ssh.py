@@ -136,6 +136,14 @@ def client_args() -> list[str]:
     return [arg for option in CLIENT_OPTIONS for arg in ("-o", option.replace(" ", "=", 1))]
 
 
+def private_key(path: Path | None) -> Path | None:
+    """--ssh-key as given, checked before anything is reached: a missing key is bad input (exit
+    2), not a server that cannot be reached."""
+    if path is not None and not path.is_file():
+        raise UsageError(f"--ssh-key {path}: no such file")
+    return path
+
+
 def public_keys(pub: Path, option: str = "--ssh-key") -> list[str]:
     """The OpenSSH public keys in a file, one per line; a private key is refused, never read on.
 

@@ -182,13 +182,11 @@ def resolve(options: VerifyOptions, work: Path) -> list[Target]:
 
 def reach_options(options: VerifyOptions, work: Path, progress: Progress) -> ReachOptions:
     """What reaching a target may use, from the command line (keys read and checked here)."""
-    if options.ssh_key is not None and not options.ssh_key.is_file():
-        raise UsageError(f"--ssh-key {options.ssh_key}: no such file")
     return ReachOptions(
         enrolment=attest.Enrolment.load(options.enrolment) if options.enrolment is not None else None,
         work=work,
         progress=progress,
-        ssh_key=options.ssh_key,
+        ssh_key=ssh.private_key(options.ssh_key),
         verifier_keys=tuple(read_verifier_keys(options.verifier_keys)),
         memory_mib=options.memory_mib,
         boot_timeout=options.boot_timeout,
