@@ -20,13 +20,16 @@ HOST_TOOLS := mmdebstrap:mmdebstrap zstd:zstd cpio:cpio chroot:coreutils dpkg-qu
 	sbsign:sbsigntool
 HOST_FILES := /usr/lib/ipxe/qemu/efi-virtio.rom:ipxe-qemu /usr/share/doc/python3-venv:python3-venv \
 	/usr/lib/systemd/boot/efi/systemd-bootx64.efi:systemd-boot-efi /usr/share/OVMF/OVMF_CODE_4M.fd:ovmf \
-	/usr/sbin/sshd:openssh-server /usr/lib/x86_64-linux-gnu/libtss2-tcti-swtpm.so.0:libtss2-tcti-swtpm0
+	/usr/sbin/sshd:openssh-server /usr/lib/x86_64-linux-gnu/libtss2-tcti-swtpm.so.0:libtss2-tcti-swtpm0 \
+	/usr/lib/ipxe/ipxe.efi:ipxe
 # openvpn and wireguard-go are the real clients of verify's session check
 # (provider.session_records_observed), run in a namespace of the check's own (OpenVPN with
 # --dev null); Debian's openvpn.service starts nothing without a configuration in /etc/openvpn.
 # swtpm (+ swtpm-tools to manufacture one) is the harness's TPM; tpm2-tools, with its TCTI for swtpm,
 # derives attestation keys and checks quotes (attest.py); sbsign signs the harness's UKI for Secure
 # Boot (image/secure_boot.py; virt-firmware, from PyPI, enrols the key in OVMF's variables).
+# ipxe's ipxe.efi, signed with a test key like a provider signs its own, is what a UEFI server
+# netboots the published UKI with (tests/boot/test_flash_e2e.py).
 # diffoscope (its minimal package: no optional comparators) says where two builds that should be
 # equal differ (tests/image/test_image.py, the cold rebuild).
 # openssh-server is only for the ssh:// flash tests, which start their own sshd on 127.0.0.1. When

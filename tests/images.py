@@ -25,7 +25,9 @@ from typing import Any
 
 import pytest
 
+from amnesiac.image import secure_boot
 from amnesiac.image.pack import unpack_initrd
+from amnesiac.image.secure_boot import SigningKey
 from amnesiac.provider.harness import GUEST_RELEASE
 from amnesiac.provider.pki import Pem, ProviderPki
 
@@ -191,31 +193,43 @@ def ovpn(tmp_path_factory: pytest.TempPathFactory, needs_root: None) -> Built:
 
 @dataclass(frozen=True)
 class ReleaseImage:
-    """An image that asks for its identity at boot (identity release), and the PKI of the
-    release service it trusts (the CA is built into the image)."""
+    """An image that asks for its identity at boot (identity release), signed for Secure Boot:
+    what a fleet's UEFI servers netboot. `pki` is the release service's (its CA is built into
+    the image), `secure_boot` the provider's db key that signed the UKI."""
 
     out: Path
     pki: ProviderPki
+    secure_boot: SigningKey
     root: Path | None = None  # its root file system unpacked (the session's build only)
 
 
-def session_pki(path: Path) -> ProviderPki:
-    """The release service's PKI kept in `path` (JSON), made by the first worker to ask, under a
-    lock, for a service at GUEST_RELEASE: the image that trusts it is built once per session."""
-    with path.with_suffix(".lock").open("w") as lock:
+def release_setup(directory: Path) -> tuple[ProviderPki, SigningKey]:
+    """The release service's PKI (for a service at GUEST_RELEASE) and a provider Secure Boot key,
+    kept in `directory`, made by the first worker to ask, under a lock: the image that trusts
+    and carries them is built once per session."""
+    directory.mkdir(parents=True, exist_ok=True)
+    pki_file = directory / "pki.json"
+    with (directory / "lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not path.exists():
+        if not pki_file.exists():
+            secure_boot.throwaway_key(directory, "amnesiac test provider db key")
             made = ProviderPki.create([GUEST_RELEASE])
             parts = [made.ca.cert, made.ca.key, made.service.cert, made.service.key]
-            path.write_text(json.dumps([part.decode() for part in parts]))
-    ca_cert, ca_key, cert, key = (part.encode() for part in json.loads(path.read_text()))
-    return ProviderPki(ca=Pem(ca_cert, ca_key), service=Pem(cert, key))
+            pki_file.write_text(json.dumps([part.decode() for part in parts]))
+    ca_cert, ca_key, cert, key = (part.encode() for part in json.loads(pki_file.read_text()))
+    signing = SigningKey(directory / "sb.key", directory / "sb.crt", "")
+    fingerprint = secure_boot.fingerprint(secure_boot.certificate(signing.cert))
+    return ProviderPki(ca=Pem(ca_cert, ca_key), service=Pem(cert, key)), SigningKey(
+        signing.key, signing.cert, fingerprint
+    )
 
 
-def release_args(pki: ProviderPki) -> list[str]:
-    """`amnesiac build` arguments that turn identity release on, trusting `pki`'s CA."""
+def release_args(pki: ProviderPki, key: SigningKey) -> list[str]:
+    """`amnesiac build` arguments that turn identity release on, trusting `pki`'s CA, and sign
+    the UKI with `key`."""
     return ["--var", f"provider_agent_release_url=https://{GUEST_RELEASE}",
-            "--var", f"provider_agent_release_ca={json.dumps(pki.ca.cert.decode())}"]  # fmt: skip
+            "--var", f"provider_agent_release_ca={json.dumps(pki.ca.cert.decode())}",
+            "--secure-boot-key", str(key.key), "--secure-boot-cert", str(key.cert)]  # fmt: skip
 
 
 @pytest.fixture(scope="session")
@@ -224,9 +238,9 @@ def ovpn_release(tmp_path_factory: pytest.TempPathFactory, needs_root: None) -> 
     server asks the release service at GUEST_RELEASE:443 for its identity, with a TPM quote."""
     xdist = "PYTEST_XDIST_WORKER" in os.environ
     shared = tmp_path_factory.getbasetemp().parent if xdist else tmp_path_factory.getbasetemp()
-    pki = session_pki(shared / "ovpn_release.pki.json")
-    built = session_image(tmp_path_factory, "ovpn_release", *release_args(pki))
-    return ReleaseImage(built.out, pki, built.root)
+    pki, key = release_setup(shared / "ovpn_release.keys")
+    built = session_image(tmp_path_factory, "ovpn_release", *release_args(pki, key))
+    return ReleaseImage(built.out, pki, key, built.root)
 
 
 @pytest.fixture(scope="session")

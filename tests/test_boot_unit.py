@@ -26,6 +26,7 @@ from amnesiac.boot import image as boot_image
 from amnesiac.boot.emulator import Emulator
 from amnesiac.boot.http import FileServer, Served, Source
 from amnesiac.errors import UsageError
+from amnesiac.image import secure_boot
 from amnesiac.image.manifest import Manifest
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeFakeFakeFakeFakeFakeFakeFakeFakeFakeFake test@amnesiac"
@@ -204,6 +205,34 @@ def test_qemu_argv_isolates_the_guest(tmp_path: Path) -> None:
     assert argv[argv.index("-accel") + 1] == "tcg" and argv[argv.index("-cpu") + 1] == "max"
     assert argv[argv.index("-m") + 1] == "384" and argv[argv.index("-smp") + 1] == "2"
     assert "a,,b/serial.log" in argv[argv.index("-chardev") + 1], "commas in paths are escaped"
+
+
+def test_qemu_argv_for_a_uefi_netboot_has_no_nic_rom(tmp_path: Path) -> None:
+    """Secure Boot would refuse iPXE's unsigned option ROM: the signed iPXE drives the NIC."""
+    common = {
+        "qemu": "qemu-system-x86_64", "relay": "/bin/busybox", "accel": "tcg", "memory_mib": 384, "cpus": 2,
+        "http_port": 40000, "first_script": "boot.ipxe", "forwards": [("tcp", 40022, 22)],
+        "serial_log": tmp_path / "serial.log", "qmp_socket": tmp_path / "qmp.sock",
+    }  # fmt: skip
+    with_rom = qemu.qemu_argv(**common)  # type: ignore[arg-type]
+    without = qemu.qemu_argv(**common, nic_rom=False)  # type: ignore[arg-type]
+    assert with_rom[with_rom.index("-device", with_rom.index("-netdev")) + 1] == "virtio-net-pci,netdev=n0"
+    assert (
+        without[without.index("-device", without.index("-netdev")) + 1] == "virtio-net-pci,netdev=n0,romfile="
+    )
+
+
+def test_a_uefi_netboot_is_of_a_pxe_root_and_takes_no_overlay(tmp_path: Path) -> None:
+    netboot = boot.UefiNetboot(
+        tmp_path / "ipxe.efi", secure_boot.SigningKey(tmp_path / "k", tmp_path / "c", "")
+    )
+    options = boot.BootOptions(uefi_netboot=netboot, ssh_key=tmp_path / "id.pub")
+    served = boot.ServedFiles(image=None, table={})  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="no overlay"):
+        machine._uefi_netboot(served, options, [boot.OverlayFile("root/.ssh/authorized_keys", b"k")])
+    with pytest.raises(UsageError, match="of a PXE root"):
+        machine._uefi_netboot(tmp_path, options, [])
+    assert machine._uefi_netboot(served, options, []) is netboot
 
 
 def test_qemu_argv_without_network_has_no_nic(tmp_path: Path) -> None:

@@ -77,14 +77,17 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def make_build(path: Path, name: str, *, initrd_mib: int = 3) -> Path:
-    """A build directory with small random artifacts and a manifest.json that lists them."""
+def make_build(path: Path, name: str, *, initrd_mib: int = 3, uki: bool = False) -> Path:
+    """A build directory with small random artifacts and a manifest.json that lists them (with
+    `uki`, an amnesiac.efi too, named by measured_boot as a real build's is)."""
     path.mkdir(parents=True)
     files = {
         "vmlinuz": os.urandom(64 * 1024),
         "initrd.img": os.urandom(initrd_mib * MIB),
         "boot.ipxe": b"#!ipxe\nkernel vmlinuz initrd=initrd.img console=ttyS0\ninitrd initrd.img\nboot\n",
     }
+    if uki:
+        files["amnesiac.efi"] = b"MZ" + os.urandom(64 * 1024)
     for file_name, data in files.items():
         (path / file_name).write_bytes(data)
     manifest = {
@@ -99,6 +102,12 @@ def make_build(path: Path, name: str, *, initrd_mib: int = 3) -> Path:
         "source_date_epoch": 1_700_000_000,
         "built": f"2023-11-14T22:13:20+00:00 {name}",
     }
+    if uki:
+        manifest["measured_boot"] = {
+            "file": "amnesiac.efi",
+            "pcr11_sha256": "1" * 64,
+            "pcr12_sha256": "0" * 64,
+        }
     (path / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return path
 
@@ -266,6 +275,37 @@ def test_publish_layout_entry_point_and_record(builds: list[Path], root: Path) -
     assert not (root / ".staging").exists()
     log = [json.loads(line) for line in (root / "flash.log").read_text().splitlines()]
     assert log[-1]["action"] == "publish" and log[-1]["signed_by"].startswith("release@example.net")
+
+
+def test_a_build_with_a_uki_is_chained_by_uefi_machines_and_never_falls_back(
+    builds: list[Path], root: Path, tmp_path: Path, keys: dict[str, Path]
+) -> None:
+    """UEFI machines chain the signed, measured UKI; BIOS ones boot.ipxe with their overlay. A
+    UEFI machine whose UKI does not start gets nothing else (a failed chain ends the script)."""
+    build = make_build(tmp_path / "uki", "uki", uki=True)
+    (build / "report.json").write_bytes(make_report(build))
+    command(FlashOptions(build=build, sign=keys["ops"], json=True))
+    assert publish(build, root) == 0
+    script = (root / ROOT_SCRIPT).read_text()
+    state = parse_root_script(script, "x")
+    assert state is not None and state.uki
+    version = root / "versions" / state.current
+    assert (version / "amnesiac.efi").read_bytes() == (build / "amnesiac.efi").read_bytes()
+    lines = script.splitlines()
+    branch = lines.index("iseq ${platform} efi && goto uefi ||")
+    bios = lines.index(f"chain versions/{state.current}/boot.ipxe")
+    assert branch < bios and lines[bios + 1 :] == [":uefi", f"chain versions/{state.current}/amnesiac.efi"]
+    # A script that says it has a UKI but does not chain it is not flash's.
+    broken = script.replace(f"chain versions/{state.current}/amnesiac.efi", "")
+    with pytest.raises(FlashError, match=r"does not chain the current version's amnesiac\.efi"):
+        parse_root_script(broken, "x")
+    # A version without one: BIOS only; a rollback to the one with it: the UEFI branch again.
+    assert publish(builds[0], root) == 0
+    without = parse_root_script((root / ROOT_SCRIPT).read_text(), "x")
+    assert without is not None and not without.uki and "goto uefi" not in (root / ROOT_SCRIPT).read_text()
+    assert command(FlashOptions(to=str(root), rollback="", json=True)) == 0
+    rolled = parse_root_script((root / ROOT_SCRIPT).read_text(), "x")
+    assert rolled is not None and rolled.current == state.current and rolled.uki
 
 
 def test_list_shows_policy_build_date_report_and_signer(builds: list[Path], root: Path) -> None:

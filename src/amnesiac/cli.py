@@ -213,13 +213,15 @@ def _flash_parser(sub: Any) -> None:
         help="publish a verified, signed build to PXE boot servers atomically; list, roll back; USB media",
         description="""\
 Publish BUILD_DIR to a PXE root (a local directory, or ssh://user@host[:port]/path on a
-boot server) that a fleet netboots from. The files go to PXE_ROOT/versions/<version>/, named
-by a hash of all of them, each checked against manifest.json after the copy; only then is
-PXE_ROOT/boot.ipxe, which chains into one version, replaced by an atomic rename. The same image
-with another boot.ipxe, kernel, manifest, signature or report is another version; a build whose
-every file is already served is "already current". A machine that netboots meanwhile gets
-the old image or the new one, never a mix; a publish killed at any point (or a full disk)
-leaves the previous image served. Concurrent flashes to one root wait for its lock.
+boot server) that a fleet netboots from: BIOS servers get boot.ipxe (kernel and initrd), UEFI
+servers the signed, measured amnesiac.efi (docs/identities.md). The files go to
+PXE_ROOT/versions/<version>/, named by a hash of all of them, each checked against
+manifest.json after the copy; only then is PXE_ROOT/boot.ipxe, which chains into one version,
+replaced by an atomic rename. The same image with another boot.ipxe, kernel, manifest,
+signature or report is another version; a build whose every file is already served is
+"already current". A machine that netboots meanwhile gets the old image or the new one, never
+a mix; a publish killed at any point (or a full disk) leaves the previous image served.
+Concurrent flashes to one root wait for its lock.
 
 The gate: a build is published only with a passing `amnesiac verify` report for this very
 image (--report, default BUILD_DIR/report.json) and a manifest.json signed by a key that the

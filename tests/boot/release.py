@@ -22,7 +22,7 @@ from amnesiac.flash import identities
 from amnesiac.image.manifest import Manifest
 from amnesiac.provider.harness import GUEST_RELEASE
 from amnesiac.provider.release import IdentityRelease, server
-from tests.images import ReleaseImage, session_pki
+from tests.images import ReleaseImage, release_setup
 from tests.test_flash_identities import identity_dir
 
 MAC = "52-54-00-12-34-56"  # QEMU's first NIC, the host directory the identity is filed under
@@ -53,13 +53,13 @@ class Release:
 
 
 def release_image(request: pytest.FixtureRequest) -> ReleaseImage:
-    """$AMNESIAC_RELEASE_BUILD (a build made with the release variables of tests.images'
-    ovpn_release, its PKI in BUILD.pki.json), else the session's."""
+    """$AMNESIAC_RELEASE_BUILD (a build made with tests.images.release_args of the keys in
+    BUILD.keys/), else the session's."""
     build = os.environ.get("AMNESIAC_RELEASE_BUILD")
     if not build:
         image: ReleaseImage = request.getfixturevalue("ovpn_release")
         return image
-    return ReleaseImage(Path(build), session_pki(Path(f"{build}.pki.json")))
+    return ReleaseImage(Path(build), *release_setup(Path(f"{build}.keys")))
 
 
 @contextlib.contextmanager

@@ -8,6 +8,10 @@ published with `amnesiac flash`. QEMU's iPXE fetches the root's boot.ipxe, which
 machine's identity (`--identities`, by its MAC address) and chains into versions/<version>/: the
 boot harness checks that the kernel and initrd it served are the expected image's, and the
 machine's host name, command line and identity files say which one runs and who it is.
+
+The same root serves UEFI servers the version's UKI (the root script's UEFI branch): the last
+test netboots the session's identity release image that way, with Secure Boot and a signed
+iPXE, and the server gets its identity from the release service, not from the PXE root.
 """
 
 from __future__ import annotations
@@ -25,7 +29,10 @@ from pathlib import Path
 import pytest
 
 from amnesiac import boot
+from amnesiac.flash.model import parse_root_script
+from amnesiac.image import secure_boot
 from amnesiac.image.manifest import Manifest
+from tests.boot.release import CONSOLE, release_image, release_service
 from tests.images import GUEST_LANE, Built, build
 from tests.test_flash import keygen, make_report
 from tests.test_flash_identities import identity_dir
@@ -91,7 +98,7 @@ def images(
     for name, source in (("a", a), ("b", b)):
         copy = base / name
         copy.mkdir()
-        for file_name in ("vmlinuz", "initrd.img", "boot.ipxe", "manifest.json"):
+        for file_name in ("vmlinuz", "initrd.img", "boot.ipxe", "amnesiac.efi", "manifest.json"):
             shutil.copy2(source / file_name, copy / file_name)
         (copy / "report.json").write_bytes(make_report(copy, policy_sha=manifest(copy)["policy"]["sha256"]))
         flash(str(copy), "--sign", str(key))
@@ -270,3 +277,61 @@ def test_usb_image_boots_under_uefi(images: dict[str, Path], allowed: Path, tmp_
     assert banner.startswith("SSH-2.0-")
     assert "EFI stub: Loaded initrd from command line option" in console
     assert f"Command line: {built['image']['cmdline']}" in console  # type: ignore[index]
+
+
+IPXE_EFI = Path("/usr/lib/ipxe/ipxe.efi")  # Debian's iPXE for UEFI (package ipxe)
+
+
+def test_a_uefi_server_netboots_the_published_uki_and_gets_its_identity_released(
+    request: pytest.FixtureRequest, needs_qemu: None, key: Path, allowed: Path, tmp_path: Path
+) -> None:
+    """The fleet's path under UEFI with Secure Boot: the firmware, enrolled with the provider's
+    db key, starts Debian's iPXE signed with that key; iPXE runs the PXE root's boot.ipxe, whose
+    UEFI branch chains the published amnesiac.efi (signed at build), never vmlinuz or
+    initrd.img; the server, which its boot gave no identity and no test key, gets its identity
+    from the release service for a quote of the manifest's own PCR 11 (there is no test overlay
+    to account for) and the enrolled PCR 7."""
+    if not IPXE_EFI.is_file():
+        pytest.fail(f"{IPXE_EFI} is missing: run `make setup` (Debian's ipxe)")
+    image = release_image(request)
+    build_copy = tmp_path / "build"
+    build_copy.mkdir()
+    for file_name in ("vmlinuz", "initrd.img", "boot.ipxe", "amnesiac.efi", "manifest.json"):
+        shutil.copy2(image.out / file_name, build_copy / file_name)
+    policy_sha = manifest(build_copy)["policy"]["sha256"]  # type: ignore[index]
+    (build_copy / "report.json").write_bytes(make_report(build_copy, policy_sha=policy_sha))
+    flash(str(build_copy), "--sign", str(key))
+    root = tmp_path / "pxe"
+    root.mkdir()
+    shutil.copy(allowed, root / "allowed_signers")
+    flash(str(build_copy), "--to", str(root))
+    state = parse_root_script((root / "boot.ipxe").read_text(), "test")
+    assert state is not None and state.uki
+    ipxe = tmp_path / "ipxe.efi"  # signed as the provider signs its own iPXE
+    shutil.copy(IPXE_EFI, ipxe)
+    secure_boot.sign(ipxe, image.secure_boot)
+
+    with release_service(image, tmp_path) as release:
+        options = boot.BootOptions(
+            uefi_netboot=boot.UefiNetboot(ipxe, image.secure_boot),
+            guest_services=(release.guest_service,),
+            test_devices=False,
+        )
+        with boot.running(boot.served_from_pxe_root(root, build_copy), options) as machine:
+            release.admit(machine)
+            machine.wait_console("amnesiac: provider identity present", timeout=SSH_TIMEOUT)
+            machine.check_served()  # amnesiac.efi served whole, the manifest's
+            served = [r.name for r in machine.served() if r.status == 200]
+            console = machine.console()
+            measured = machine.measured
+    print(f"\nUEFI netboot: identity released after {measured.timings if measured else None}")
+    assert served == ["boot.ipxe", f"versions/{state.current}/amnesiac.efi"], served
+    assert CONSOLE in console, console[-3000:]
+    assert release.paths() == [
+        ("/v1/identity/challenge", 200),
+        ("/v1/identity/quote", 200),
+        ("/v1/identity", 200),
+    ]
+    built = Manifest.load(build_copy).measured_boot
+    assert measured is not None and built is not None
+    assert measured.expected_pcrs[11] == built.pcr11_sha256  # the published UKI's, no overlay

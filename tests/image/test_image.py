@@ -105,7 +105,10 @@ def test_the_uki_holds_the_build_and_its_pcr11_is_predicted(ovpn: Built) -> None
 def test_identity_release_is_built_in_with_its_ca_and_no_identity(
     ovpn_release: ReleaseImage, ovpn: Built
 ) -> None:
-    """Built early in the build lane: the guest lane boots it (test_attestation, test_fleet)."""
+    """Built early in the build lane: the guest lane boots it (test_attestation, test_fleet,
+    test_flash_e2e's UEFI netboot, which needs its UKI signed with the provider's key)."""
+    built = json.loads((ovpn_release.out / "manifest.json").read_text())["measured_boot"]
+    assert built["signed_by"] == ovpn_release.secure_boot.fingerprint
     root = ovpn_release.root
     assert root is not None
     release = root / "etc/amnesiac/release"

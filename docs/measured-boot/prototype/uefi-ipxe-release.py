@@ -8,7 +8,7 @@ the release service for its identity, which sends it only for PCR 7 as predicted
 enrolled variables, PCR 11 as the manifest predicts (no test overlay at all) and PCR 12 zero.
 
 Run from the repository with PYTHONPATH=. after building build/ovpn_release with the release
-variables of tests/images.py (its PKI in build/ovpn_release.pki.json) and
+variables of tests/images.py (release_args; its keys in build/ovpn_release.keys/) and
 `apt-get download ipxe && dpkg-deb -x ipxe_*.deb /tmp/uefi-exp/ipxe-pkg`."""
 import shutil, subprocess, sys, time
 from pathlib import Path
@@ -19,7 +19,7 @@ from amnesiac.image import secure_boot
 from amnesiac.image.manifest import Manifest
 from amnesiac.provider.release import IdentityRelease, server
 from amnesiac.flash import identities
-from tests.images import session_pki
+from tests.images import release_setup
 from tests.boot.release import MAC, NODE
 from tests.test_flash_identities import identity_dir
 
@@ -36,7 +36,7 @@ with tpm.serving() as tcti:
     ak = attest.derive_ak(tcti); ek = attest.ek_pem(attest.derive_ek(tcti))
 enrolment = attest.Enrolment(ak_pem=ak.decode(), pcr7=pcr7, ek_pem=ek.decode())
 manifest = Manifest.load(build)
-pki = session_pki(Path("/work/main/build/ovpn_release.pki.json"))
+pki, _ = release_setup(Path("/work/main/build/ovpn_release.keys"))
 source = identity_dir(work / "ids", {MAC: NODE}, wireguard=False)
 files = identities.load(source).host_files[MAC]
 script = b"#!ipxe\necho amnesiac: chaining the UKI\nchain http://10.0.2.100/amnesiac.efi\n"

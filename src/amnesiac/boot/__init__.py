@@ -10,11 +10,14 @@
 - `machine`: `running()`, the booted machine and its cleanup (the API verify uses)
 - `command`: `amnesiac boot`
 - `errors`: BootError, and ImageMismatch when what would boot is not what was built
+- `firmware`: measured boots under UEFI with a TPM: the test UKI, or a PXE root netbooted by a
+  signed iPXE (`UefiNetboot`)
 """
 
 from amnesiac.boot.accel import choose_accel
 from amnesiac.boot.command import command
 from amnesiac.boot.errors import BootError, ImageMismatch
+from amnesiac.boot.firmware import UefiNetboot
 from amnesiac.boot.image import ServedFiles, memory_mib, served_from_pxe_root
 from amnesiac.boot.machine import BootedMachine, BootOptions, running
 from amnesiac.boot.overlay import OverlayFile
@@ -30,6 +33,7 @@ __all__ = [
     "ImageMismatch",
     "OverlayFile",
     "ServedFiles",
+    "UefiNetboot",
     "choose_accel",
     "command",
     "memory_mib",

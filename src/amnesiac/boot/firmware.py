@@ -51,6 +51,8 @@ class MeasuredBoot:
     secure_boot: str | None = None  # the enrolled db certificate's sha256, when Secure Boot is on
     stub: str = ""
     timings: dict[str, float] = field(default_factory=dict)
+    netbooted: str | None = None  # UefiNetboot: the UKI's name, which iPXE fetched from the root
+    uki_size: int = 0
 
     def expected(self) -> attest.Expected:
         """What the quote must show, as the harness enrolled and predicted it."""
@@ -114,6 +116,18 @@ class Tamper:
         return ", ".join(parts) or None
 
 
+@dataclass(frozen=True)
+class UefiNetboot:
+    """A PXE root netbooted as a fleet's UEFI server boots it (docs/attestation.md): firmware
+    whose PK, KEK and db hold the provider's certificate starts `ipxe`, an iPXE EFI binary
+    signed with the provider's key (Debian's ipxe.efi, sbsign), which runs the root's boot.ipxe;
+    its UEFI branch chains the published, signed amnesiac.efi as it is: no test UKI and no
+    overlay, so PCR 11 must be the manifest's own prediction, and no test access either."""
+
+    ipxe: Path
+    key: secure_boot.SigningKey  # its certificate is enrolled; the key signed `ipxe` and the UKI
+
+
 def find_ovmf() -> tuple[Path, Path]:
     for path in (OVMF_CODE, OVMF_VARS):
         if not path.is_file():
@@ -136,6 +150,21 @@ class _TestUki:
     linux_sha256: str  # the kernel as put in it
     initrd_sha256: str  # the build's initrd as copied into it (the manifest's, or refused)
     expected_initrd_sha256: str  # .initrd as PCR 11 must name it: that initrd, then the overlay
+
+
+def _published_uki(image: BootImage) -> _TestUki:
+    """The build's own UKI, as a netbooted server gets it: PCR 11 is the manifest's prediction."""
+    booted = image.manifest.measured_boot
+    if booted is None:
+        raise UsageError(f"{image.dir}: the build has no unified kernel image", hint="build it again")
+    if booted.signed_by is None:
+        raise UsageError(
+            f"{image.dir}: its amnesiac.efi is not signed; a UEFI server with Secure Boot would refuse it",
+            hint="build it with --secure-boot-key and --secure-boot-cert",
+        )
+    image.manifest.check_artifacts(image.dir, (booted.file,))
+    initrd = booted.sections[".initrd"]
+    return _TestUki(image.path(booted.file), booted.sections[".linux"], initrd, initrd)
 
 
 def _test_uki(image: BootImage, work: Path, overlay: bytes, tamper: Tamper) -> _TestUki:
@@ -183,28 +212,40 @@ def _enrol(work: Path) -> tuple[attest.SoftwareTpm, bytes, bytes]:
 
 @contextlib.contextmanager
 def measured_boot(
-    image: BootImage, work: Path, overlay: bytes, tamper: Tamper | None = None, *, secure: bool = True
+    image: BootImage,
+    work: Path,
+    overlay: bytes,
+    tamper: Tamper | None = None,
+    *,
+    secure: bool = True,
+    netboot: UefiNetboot | None = None,
 ) -> Iterator[tuple[MeasuredBoot, list[str], Callable[[], None]]]:
     """Make the test UKI and an enrolled swtpm for one boot (with `secure`, the firmware enrolled
     with a provider key and the UKI signed with it: image/secure_boot.py); yields what to expect,
     QEMU's arguments (firmware, TPM, `-kernel`) and what starts the TPM again before QEMU starts
-    again (a QEMU that exits shuts its swtpm down). swtpm stops when the context ends."""
+    again (a QEMU that exits shuts its swtpm down). swtpm stops when the context ends. With
+    `netboot`, no test UKI: the firmware starts the signed iPXE, which netboots the build's UKI."""
     code, vars_template = find_ovmf()
-    if secure:
+    if secure or netboot:
         secure_boot.require_tools()
         code = secure_boot.OVMF_CODE
     tamper = tamper or Tamper()
     timings: dict[str, float] = {}
 
     started = time.monotonic()
-    test_uki = _test_uki(image, work, overlay, tamper)
+    test_uki = _test_uki(image, work, overlay, tamper) if netboot is None else _published_uki(image)
     timings["test_uki_seconds"] = round(time.monotonic() - started, 1)
     started = time.monotonic()
     tpm, ak, ek = _enrol(work)
     timings["enrol_seconds"] = round(time.monotonic() - started, 1)
 
     started = time.monotonic()
-    variables, key, pcr7 = _firmware_variables(work, vars_template, test_uki.path, tamper, secure=secure)
+    if netboot is None:
+        variables, key, pcr7 = _firmware_variables(work, vars_template, test_uki.path, tamper, secure=secure)
+    else:
+        key, variables = netboot.key, work / "OVMF_VARS.fd"
+        secure_boot.enrolled_variables(vars_template, key, variables)
+        pcr7 = secure_boot.expected_pcr7(variables, key)  # one db entry verified iPXE and the UKI
     timings["secure_boot_seconds"] = round(time.monotonic() - started, 1)
 
     socket_path = work / "swtpm.sock"
@@ -227,13 +268,15 @@ def measured_boot(
             "-chardev", f"socket,id=chrtpm,path={opt(socket_path)}",
             "-tpmdev", "emulator,id=tpm0,chardev=chrtpm",
             "-device", "tpm-tis,tpmdev=tpm0",
-            "-kernel", str(test_uki.path),
+            "-kernel", str(test_uki.path if netboot is None else netboot.ipxe),
         ]  # fmt: skip
         if tamper.loader_cmdline_suffix:
             args += ["-append", image.cmdline + tamper.cmdline_suffix + tamper.loader_cmdline_suffix]
-        if secure:  # the variable store only writable from SMM, as Secure Boot requires
+        if secure or netboot:  # the variable store only writable from SMM, as Secure Boot requires
             args += ["-machine", "smm=on", "-global", "driver=cfi.pflash01,property=secure,value=on"]
         parts = {"vmlinuz": test_uki.linux_sha256, "initrd.img": test_uki.initrd_sha256}
+        if netboot is not None:
+            parts = {test_uki.path.name: image.expected(test_uki.path.name)}
         overlay_sha256 = hashlib.sha256(overlay).hexdigest() if overlay else None
         if overlay_sha256:
             parts["overlay.cpio"] = overlay_sha256
@@ -252,6 +295,8 @@ def measured_boot(
                 secure_boot=key.fingerprint if key else None,
                 stub=booted.stub if booted else "",
                 timings=timings,
+                netbooted=test_uki.path.name if netboot is not None else None,
+                uki_size=test_uki.path.stat().st_size,
             ),
             args,
             start_tpm,

@@ -29,7 +29,7 @@ from amnesiac import ssh
 from amnesiac.boot.accel import Accel, AccelChoice, choose_accel
 from amnesiac.boot.emulator import Emulator
 from amnesiac.boot.errors import BootError, ImageMismatch
-from amnesiac.boot.firmware import TEST_UKI, MeasuredBoot, Tamper, measured_boot
+from amnesiac.boot.firmware import TEST_UKI, MeasuredBoot, Tamper, UefiNetboot, measured_boot
 from amnesiac.boot.http import FileServer, Served
 from amnesiac.boot.image import MUST_MATCH, BootImage, ServedFiles, memory_mib, served_from_build, served_name
 from amnesiac.boot.link import ClientLink, attach, client_link
@@ -47,6 +47,7 @@ from amnesiac.boot.qemu import (
 )
 from amnesiac.boot.qmp import Qmp
 from amnesiac.boot.reset import boot_again
+from amnesiac.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,9 @@ class BootOptions:
     measured: bool | None = None
     tamper: Tamper | None = None  # a deliberate change to the measured UKI (negative tests)
     secure_boot: bool = True  # measured: the firmware enrolled with a key, the UKI signed with it
+    # A PXE root netbooted as a fleet's UEFI server (Secure Boot, a signed iPXE, the published
+    # UKI): measured, with no overlay and so no test access (boot/firmware.py).
+    uefi_netboot: UefiNetboot | None = None
     network: bool = True  # False: no NIC (no SSH either): a boot only watched on its console
 
 
@@ -200,11 +204,12 @@ class BootedMachine:
 
     def check_served(self) -> None:
         """vmlinuz and initrd.img were served whole and match manifest.json (a measured boot
-        serves nothing: its UKI is checked before it starts, and the TPM attests what ran)."""
-        if self.measured is not None:
+        serves nothing: its UKI is checked before it starts, and the TPM attests what ran; a
+        UEFI netboot, the UKI alone)."""
+        if self.measured is not None and self.measured.netbooted is None:
             return
         records = self.served()
-        for name in MUST_MATCH:
+        for name in (self.measured.netbooted,) if self.measured and self.measured.netbooted else MUST_MATCH:
             done = [r for r in records if served_name(r.name) == name and r.status == 200 and r.bytes]
             if not done:
                 raise BootError(f"{name} was never served to the guest")
@@ -313,7 +318,8 @@ def running(build: Path | ServedFiles, options: BootOptions | None = None) -> It
     qemu, busybox = find_tools()
     accel = choose_accel(options.accel, image.path("vmlinuz"))
     memory = options.memory_mib or memory_mib(image.manifest)
-    measured_wanted = options.measured
+    netboot = _uefi_netboot(build, options, overlay_files)
+    measured_wanted = options.measured if netboot is None else True
     if measured_wanted is None:
         measured_wanted = not isinstance(build, ServedFiles) and image.manifest.measured_boot is not None
     ssh_port = options.ssh_port or _free_port()
@@ -325,15 +331,20 @@ def running(build: Path | ServedFiles, options: BootOptions | None = None) -> It
         sde = image.manifest.source_date_epoch or 0
         first = harness(overlay_files, sde)
         # A measured boot is served nothing: should the firmware refuse the UKI, it must not
-        # fall back to netbooting the same build unmeasured.
-        server = stack.enter_context(FileServer({} if measured_wanted else {**served.table, **first.files}))
+        # fall back to netbooting the same build unmeasured. A UEFI netboot is served the root.
+        table = (
+            {**served.table, **first.files} if not measured_wanted else dict(served.table) if netboot else {}
+        )
+        server = stack.enter_context(FileServer(table))
         measured, firmware_args, restart_tpm = None, list[str](), None
         if measured_wanted:
             overlay = overlay_cpio(overlay_files, sde) if overlay_files else b""
             measured, firmware_args, restart_tpm = stack.enter_context(
-                measured_boot(image, work, overlay, options.tamper, secure=options.secure_boot)
+                measured_boot(
+                    image, work, overlay, options.tamper, secure=options.secure_boot, netboot=netboot
+                )
             )
-            memory = options.memory_mib or memory + _uki_memory_mib(work)
+            memory = options.memory_mib or memory + _uki_memory_mib(work, measured)
 
         devices, device_args = emulated_devices(work) if options.test_devices else ([], [])
         link = stack.enter_context(client_link(work)) if options.client_link else None
@@ -358,6 +369,8 @@ def running(build: Path | ServedFiles, options: BootOptions | None = None) -> It
             device_args=device_args,
             firmware_args=firmware_args,
             network=options.network,
+            nic_rom=netboot
+            is None,  # iPXE's unsigned ROM: Secure Boot would refuse it; the signed iPXE drives the NIC
         )
         if link is not None:
             attach(link, work)  # before QEMU starts: it is given the tap as an open descriptor
@@ -394,6 +407,15 @@ def running(build: Path | ServedFiles, options: BootOptions | None = None) -> It
             stack.close()
 
 
+def _uefi_netboot(
+    build: Path | ServedFiles, options: BootOptions, overlay_files: list[OverlayFile]
+) -> UefiNetboot | None:
+    """options.uefi_netboot, when it can be done: of a PXE root, with nothing the UKI cannot take."""
+    if options.uefi_netboot is not None and (not isinstance(build, ServedFiles) or overlay_files):
+        raise UsageError("a UEFI netboot is of a PXE root, with no overlay: the UKI takes none (no test key)")
+    return options.uefi_netboot
+
+
 def _emulator(
     argv: list[str],
     work: Path,
@@ -420,9 +442,12 @@ def _emulator(
     )
 
 
-def _uki_memory_mib(work: Path) -> int:
-    """What a UKI boot needs beyond a netboot: the firmware holds the UKI while the kernel starts."""
-    return -(-(work / TEST_UKI).stat().st_size // (32 * 1024**2)) * 32
+def _uki_memory_mib(work: Path, measured: MeasuredBoot) -> int:
+    """What a UKI boot needs beyond a netboot: the firmware holds the UKI while the kernel starts
+    (a netbooted one twice: as iPXE downloaded it, and as the firmware loaded it)."""
+    if measured.netbooted is None:
+        return -(-(work / TEST_UKI).stat().st_size // (32 * 1024**2)) * 32
+    return 2 * -(-measured.uki_size // (32 * 1024**2)) * 32
 
 
 # The longest name of a socket in a boot's work directory (QEMU's monitors, swtpm's).

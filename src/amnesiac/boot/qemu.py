@@ -86,6 +86,7 @@ def qemu_argv(
     device_args: Sequence[str] = (),
     firmware_args: Sequence[str] = (),
     network: bool = True,
+    nic_rom: bool = True,
 ) -> list[str]:
     """The QEMU command line. `forwards` are (protocol, host port, guest port). Without
     `firmware_args` SeaBIOS netboots the NIC's iPXE; with them (boot/firmware.py: OVMF, a TPM
@@ -103,6 +104,9 @@ def qemu_argv(
         ),
         *(f"hostfwd={proto}:127.0.0.1:{host}-:{guest}" for proto, host, guest in forwards),
     ]
+    # Without the NIC's option ROM (an unsigned iPXE that Secure Boot refuses) a signed iPXE
+    # given as -kernel drives the NIC itself.
+    nic = f"virtio-net-pci,netdev={NETDEV}" + ("" if nic_rom else ",romfile=")
     return [
         qemu,
         "-name", "amnesiac-boot",
@@ -125,7 +129,7 @@ def qemu_argv(
         *(["-qmp", f"unix:{opt(checks_qmp_socket)},server=on,wait=off"] if checks_qmp_socket else []),
         # QEMU finds Debian's iPXE ROM by itself; naming it with romfile= stops SeaBIOS from
         # booting it (measured with QEMU 7.2), so find_tools() only checks that it is there.
-        *(["-netdev", _opt_join(netdev), "-device", f"virtio-net-pci,netdev={NETDEV}"] if network else []),
+        *(["-netdev", _opt_join(netdev), "-device", nic] if network else []),
         *device_args,
     ]  # fmt: skip
 

@@ -21,6 +21,7 @@ from amnesiac.flash.model import (
     MANIFEST,
     REPORT,
     SIGNATURE,
+    UKI,
     FileInfo,
     PublishRecord,
     Refused,
@@ -113,13 +114,15 @@ def load(build: Path, report: Path | None = None) -> Candidate:
             "it is never published, whatever --force says",
             hint="build it again without --profile",
         )
+    # The UKI too, when the build made one: what UEFI machines boot (model.root_script).
+    boot_files = (*BOOT_FILES, UKI) if manifest.measured_boot is not None else BOOT_FILES
     try:
-        manifest.check_artifacts(build, BOOT_FILES)
+        manifest.check_artifacts(build, boot_files)
     except ArtifactMismatch as exc:
         raise Refused(f"{exc.message}; refusing to publish it", hint=exc.hint) from None
     expected: dict[str, FileInfo] = {}
     files: dict[str, Source] = {}
-    for name in BOOT_FILES:
+    for name in boot_files:
         meta = manifest.artifacts[name]
         files[name] = build / name
         expected[name] = FileInfo(sha256=meta.sha256, size=meta.size)

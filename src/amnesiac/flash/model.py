@@ -63,6 +63,7 @@ SIGNATURE = "manifest.json.sig"
 REPORT = "report.json"
 RECORD = "publish.json"
 BOOT_FILES = ("vmlinuz", "initrd.img", "boot.ipxe")  # listed with their sha256 in manifest.json
+UKI = "amnesiac.efi"  # the unified kernel image, published too when the build has one (UEFI machines)
 STATE_MARK = "# amnesiac-flash-state: "
 FORMAT: Literal[1] = 1
 
@@ -112,6 +113,7 @@ class State(_Model):
     by: str  # user@host of the flash that switched
     identities: Sha256 | None = None  # the identity set machines load, if any
     previous_identities: Sha256 | None = None  # the one before it (kept until the next switch)
+    uki: bool = False  # the current version holds amnesiac.efi: UEFI machines chain it
 
 
 def identity_line(identities: str) -> str:
@@ -127,16 +129,29 @@ def root_script(state: State) -> str:
     """The entry point: a comment carrying the state, the identity, a chain into the current version.
 
     iPXE keeps the identity overlay it loaded across `chain` and hands it to the kernel before
-    initrd.img (boot/overlay.py): the image's early init copies it over the root.
+    initrd.img (boot/overlay.py): the image's early init copies it over the root. When the
+    version holds a UKI, a machine that booted iPXE under UEFI chains that instead: measured by
+    the firmware and the stub, started only if its signature is in the firmware's db (Secure
+    Boot), and given no overlay (a UKI takes none; its identity comes by release, docs/
+    attestation.md). A failed `chain` ends the script: a UEFI machine never falls back to the
+    unmeasured kernel.
     """
     identity = f"{identity_line(state.identities)}\n" if state.identities else ""
+    uefi = "iseq ${platform} efi && goto uefi ||\n" if state.uki else ""
+    uki = f":uefi\n{uki_line(state.current)}\n" if state.uki else ""
     return (
         "#!ipxe\n"
         "# Written by `amnesiac flash`, replaced atomically on every publish and rollback: do not edit.\n"
         f"{STATE_MARK}{state.model_dump_json()}\n"
+        f"{uefi}"
         f"{identity}"
         f"chain {VERSIONS}/{state.current}/boot.ipxe\n"
+        f"{uki}"
     )
+
+
+def uki_line(version: str) -> str:
+    return f"chain {VERSIONS}/{version}/{UKI}"
 
 
 def parse_root_script(text: str, where: str) -> State | None:
@@ -153,6 +168,8 @@ def parse_root_script(text: str, where: str) -> State | None:
         raise FlashError(f"{where}: its chain line does not name the current version {state.current[:12]}")
     if state.identities and identity_line(state.identities) not in lines:
         raise FlashError(f"{where}: it does not load the identity set {state.identities[:12]} it names")
+    if state.uki and uki_line(state.current) not in lines:
+        raise FlashError(f"{where}: it does not chain the current version's {UKI} under UEFI")
     return state
 
 

@@ -35,6 +35,7 @@ from amnesiac.flash.model import (
     RECORD,
     ROOT_SCRIPT,
     SIGNATURE,
+    UKI,
     VERSIONS,
     FileInfo,
     FlashError,
@@ -321,6 +322,7 @@ def publish(
                         if identities_changed
                         else (state.previous_identities if state else None)
                     ),
+                    uki=UKI in candidate.expected if candidate else bool(state and state.uki),
                 )
                 _guard(store, "switching boot.ipxe", lambda: store.switch(root_script(new).encode()))
                 switched = True
@@ -555,6 +557,7 @@ def rollback(
                 by=operator(),
                 identities=state.identities,  # a rollback is of the image; the identities stay
                 previous_identities=state.previous_identities,
+                uki=UKI in entry.record.files,
             )
             _guard(store, "switching boot.ipxe", lambda: store.switch(root_script(new).encode()))
             stage.note = f"{state.current[:12]} -> {target[:12]}"
