@@ -233,9 +233,11 @@ def release_args(pki: ProviderPki, key: SigningKey) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def ovpn_release(tmp_path_factory: pytest.TempPathFactory, needs_root: None) -> ReleaseImage:
+def ovpn_release(tmp_path_factory: pytest.TempPathFactory, ovpn: Built) -> ReleaseImage:
     """policies/ovpn.yml with identity release on (provider_agent_release_url): at boot the
-    server asks the release service at GUEST_RELEASE:443 for its identity, with a TPM quote."""
+    server asks the release service at GUEST_RELEASE:443 for its identity, with a TPM quote.
+    Built after `ovpn`, from its cached root and role layers (only provider_agent's and those
+    after it run again), rather than beside it from a cold cache."""
     xdist = "PYTEST_XDIST_WORKER" in os.environ
     shared = tmp_path_factory.getbasetemp().parent if xdist else tmp_path_factory.getbasetemp()
     pki, key = release_setup(shared / "ovpn_release.keys")

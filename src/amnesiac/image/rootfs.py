@@ -94,7 +94,8 @@ def ensure(plan: BuildPlan, cache: Path, *, refresh: bool = False) -> CachedRoot
             "release_date": release_date,
             "packages": list(plan.packages),
         }
-        tmp_meta = meta_file.with_name(f".{meta_file.name}.partial")
+        # Named by this process: a build beside this one, of the same key, writes its own.
+        tmp_meta = meta_file.with_name(f".{meta_file.name}.{os.getpid()}.partial")
         tmp_meta.write_text(json.dumps(meta, indent=2) + "\n")
         tmp_meta.rename(meta_file)
     finally:

@@ -89,7 +89,12 @@ def tools_root(suite: str, mirror: str, cache: Path, *, refresh: bool = False) -
                 ],
                 capture=True,
             )
-            partial.rename(root)
+            try:
+                partial.rename(root)
+            except OSError:
+                if not root.is_dir():
+                    raise
+                # A build beside this one made the same root first (same key, same inputs): use it.
         finally:
             shutil.rmtree(partial, ignore_errors=True)
     return ToolsRoot(root, key, _versions(root, TOOLS_PACKAGES))
