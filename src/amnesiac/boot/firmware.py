@@ -52,7 +52,7 @@ class MeasuredBoot:
     stub: str = ""
     timings: dict[str, float] = field(default_factory=dict)
     netbooted: str | None = None  # UefiNetboot: the UKI's name, which iPXE fetched from the root
-    uki_size: int = 0
+    uki_size: int = 0  # the UKI's bytes: the firmware (and, netbooted, iPXE) holds them in RAM
 
     def expected(self) -> attest.Expected:
         """What the quote must show, as the harness enrolled and predicted it."""
@@ -145,14 +145,16 @@ def expected_pcr11(image: BootImage, initrd_sha256: str) -> str:
 
 
 @dataclass(frozen=True)
-class _TestUki:
+class _Uki:
+    """The UKI a measured boot starts: the test UKI made for it, or (a UEFI netboot) the build's own."""
+
     path: Path
     linux_sha256: str  # the kernel as put in it
     initrd_sha256: str  # the build's initrd as copied into it (the manifest's, or refused)
     expected_initrd_sha256: str  # .initrd as PCR 11 must name it: that initrd, then the overlay
 
 
-def _published_uki(image: BootImage) -> _TestUki:
+def _published_uki(image: BootImage) -> _Uki:
     """The build's own UKI, as a netbooted server gets it: PCR 11 is the manifest's prediction."""
     booted = image.manifest.measured_boot
     if booted is None:
@@ -164,10 +166,10 @@ def _published_uki(image: BootImage) -> _TestUki:
         )
     image.manifest.check_artifacts(image.dir, (booted.file,))
     initrd = booted.sections[".initrd"]
-    return _TestUki(image.path(booted.file), booted.sections[".linux"], initrd, initrd)
+    return _Uki(image.path(booted.file), booted.sections[".linux"], initrd, initrd)
 
 
-def _test_uki(image: BootImage, work: Path, overlay: bytes, tamper: Tamper) -> _TestUki:
+def _test_uki(image: BootImage, work: Path, overlay: bytes, tamper: Tamper) -> _Uki:
     booted, debian = image.manifest.measured_boot, image.manifest.debian
     if booted is None or debian is None:
         raise UsageError(
@@ -198,7 +200,7 @@ def _test_uki(image: BootImage, work: Path, overlay: bytes, tamper: Tamper) -> _
         source_date_epoch=image.manifest.source_date_epoch or 0,
     )
     initrd.unlink()
-    return _TestUki(made.path, made.sections[".linux"], shipped.hexdigest(), joined.hexdigest())
+    return _Uki(made.path, made.sections[".linux"], shipped.hexdigest(), joined.hexdigest())
 
 
 def _enrol(work: Path) -> tuple[attest.SoftwareTpm, bytes, bytes]:

@@ -30,7 +30,7 @@ from amnesiac.boot.accel import Accel, AccelChoice, choose_accel
 from amnesiac.boot.emulator import Emulator
 from amnesiac.boot.errors import BootError, ImageMismatch
 from amnesiac.boot.firmware import TEST_UKI, MeasuredBoot, Tamper, UefiNetboot, measured_boot
-from amnesiac.boot.http import FileServer, Served
+from amnesiac.boot.http import FileServer, Served, Source
 from amnesiac.boot.image import MUST_MATCH, BootImage, ServedFiles, memory_mib, served_from_build, served_name
 from amnesiac.boot.link import ClientLink, attach, client_link
 from amnesiac.boot.memory import MemorySearch, search_guest
@@ -330,12 +330,7 @@ def running(build: Path | ServedFiles, options: BootOptions | None = None) -> It
     try:
         sde = image.manifest.source_date_epoch or 0
         first = harness(overlay_files, sde)
-        # A measured boot is served nothing: should the firmware refuse the UKI, it must not
-        # fall back to netbooting the same build unmeasured. A UEFI netboot is served the root.
-        table = (
-            {**served.table, **first.files} if not measured_wanted else dict(served.table) if netboot else {}
-        )
-        server = stack.enter_context(FileServer(table))
+        server = stack.enter_context(FileServer(_served_table(served, first.files, measured_wanted, netboot)))
         measured, firmware_args, restart_tpm = None, list[str](), None
         if measured_wanted:
             overlay = overlay_cpio(overlay_files, sde) if overlay_files else b""
@@ -369,8 +364,8 @@ def running(build: Path | ServedFiles, options: BootOptions | None = None) -> It
             device_args=device_args,
             firmware_args=firmware_args,
             network=options.network,
-            nic_rom=netboot
-            is None,  # iPXE's unsigned ROM: Secure Boot would refuse it; the signed iPXE drives the NIC
+            # Secure Boot refuses iPXE's unsigned ROM: the signed iPXE drives the NIC itself.
+            nic_rom=netboot is None,
         )
         if link is not None:
             attach(link, work)  # before QEMU starts: it is given the tap as an open descriptor
@@ -405,6 +400,18 @@ def running(build: Path | ServedFiles, options: BootOptions | None = None) -> It
     finally:
         with _shielded():
             stack.close()
+
+
+def _served_table(
+    served: ServedFiles, harness_files: dict[str, Source], measured: bool, netboot: UefiNetboot | None
+) -> dict[str, Source]:
+    """What the boot's HTTP server serves. A measured boot of a build, nothing: should the
+    firmware refuse the UKI, it must not fall back to netbooting the same build unmeasured. A
+    UEFI netboot, the PXE root as it is (its script sends UEFI machines to the UKI only). A
+    netboot, the build or root and the harness's script and overlay."""
+    if netboot is not None:
+        return dict(served.table)
+    return {} if measured else {**served.table, **harness_files}
 
 
 def _uefi_netboot(
