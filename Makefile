@@ -72,17 +72,20 @@ build: setup
 # tiers run in two lanes (tests/images.py): the guest lane boots one TCG guest at a time (two
 # would slow each other's boots), the build lane builds beside it, niced; each image is built
 # once per session and shared by both.
-# The slowest tests are listed at the end of each slow tier (--durations): where the time goes.
+# The slowest tests are listed at the end of each slow tier (--durations), then each lane's tests in
+# order with the CPU time used (--timeline, tests/timeline.py): where the time goes.
 test: setup
 	$(BIN)/pytest -n auto -p no:cacheprovider
-	$(BIN)/pytest -m 'build or boot or browser' -n 2 --dist loadgroup -p no:cacheprovider --durations=30
+	$(BIN)/pytest -m 'build or boot or browser' -n 2 --dist loadgroup -p no:cacheprovider --durations=30 \
+		--timeline=build/timeline-slow.jsonl
 	$(MOLECULE_TESTS)
 
 # The molecule tier alone: every role's scenario and the whole image playbook's, each a
 # `molecule test` in a systemd container (podman) from the base image `amnesiac container-image`
 # builds and caches (no registry), one scenario per CPU at a time (about 6 min on 2 cores).
 # One scenario, for development: molecule/run test -s no_logs (molecule/README.md).
-MOLECULE_TESTS = $(BIN)/pytest -m molecule -n auto -p no:cacheprovider --durations=15 tests/molecule
+MOLECULE_TESTS = $(BIN)/pytest -m molecule -n auto -p no:cacheprovider --durations=15 \
+	--timeline=build/timeline-molecule.jsonl tests/molecule
 molecule: setup
 	$(MOLECULE_TESTS)
 

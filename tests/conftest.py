@@ -9,6 +9,8 @@ from amnesiac.roles import Role, RoleVariable
 # Real images (slow tiers): built once per session, shared by the build, boot and verify tests.
 from tests.images import cloudvpn, ivpn, needs_root, ovpn, ovpn_release, ovpn_without_controls
 
+pytest_plugins = ["tests.timeline"]  # --timeline: each lane's tests in order (make test)
+
 __all__ = ["cloudvpn", "ivpn", "needs_root", "ovpn", "ovpn_release", "ovpn_without_controls"]
 
 REPO = Path(__file__).resolve().parent.parent
