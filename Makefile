@@ -66,28 +66,26 @@ $(BIN)/.installed: pyproject.toml
 build: setup
 	$(BIN)/amnesiac build --policy $(POLICY) --out $(OUT)
 
-# Every tier: fast (unit, lint; on every CPU), build (real images), boot (QEMU + verify),
-# browser (the HTML report in Chromium), then molecule (every role in a container). 50 to 75
-# min on 2 cores, as fast as the machine (benchmarks/README.md has each run's tiers). The slow
+# Every tier: fast (unit, lint; on every CPU), then in one run build (real images), boot (QEMU +
+# verify), browser (the HTML report in Chromium) and molecule (every role in a container). About
+# 40 min on 2 cores, as fast as the machine (benchmarks/README.md has each run's tiers). The slow
 # tiers run in two lanes (tests/images.py): the guest lane boots one TCG guest at a time (two
-# would slow each other's boots), the build lane builds beside it, niced; each image is built
-# once per session and shared by both.
-# The slowest tests are listed at the end of each slow tier (--durations), then each lane's tests in
-# order with the CPU time used (--timeline, tests/timeline.py): where the time goes.
+# would slow each other's boots); the build lane builds beside it, niced, each image once per
+# session for both lanes, then runs the molecule scenarios one at a time, niced too: the guest
+# lane's boots are the longest path, and the build lane would otherwise idle beside them.
+# The slowest tests are listed at the end (--durations), then each lane's tests in order with
+# the CPU time used (--timeline, tests/timeline.py): where the time goes.
 test: setup
 	$(BIN)/pytest -n auto -p no:cacheprovider
-	$(BIN)/pytest -m 'build or boot or browser' -n 2 --dist loadgroup -p no:cacheprovider --durations=30 \
-		--timeline=build/timeline-slow.jsonl
-	$(MOLECULE_TESTS)
+	$(BIN)/pytest -m 'build or boot or browser or molecule' -n 2 --dist loadgroup -p no:cacheprovider \
+		--durations=40 --timeline=build/timeline-slow.jsonl
 
 # The molecule tier alone: every role's scenario and the whole image playbook's, each a
 # `molecule test` in a systemd container (podman) from the base image `amnesiac container-image`
 # builds and caches (no registry), one scenario per CPU at a time (about 6 min on 2 cores).
 # One scenario, for development: molecule/run test -s no_logs (molecule/README.md).
-MOLECULE_TESTS = $(BIN)/pytest -m molecule -n auto -p no:cacheprovider --durations=15 \
-	--timeline=build/timeline-molecule.jsonl tests/molecule
 molecule: setup
-	$(MOLECULE_TESTS)
+	$(BIN)/pytest -m molecule -n auto -p no:cacheprovider --durations=15 tests/molecule
 
 test-fast: venv
 	$(BIN)/pytest

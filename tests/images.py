@@ -6,9 +6,10 @@ added): the image the negative tests prove the checks fail on.
 
 `make test` runs the slow tiers on two pytest-xdist workers, one lane each (`xdist_group`): the
 guest lane boots (one TCG guest at a time, so boot timings stay comparable), the build lane
-builds. Each image is built once per session whichever lane asks first, under a lock in the
-directory the workers share; the other lane waits for it and reuses it. Builds run niced: a
-booted guest beside them keeps the CPU it needs.
+builds, then runs the molecule scenarios (tests/molecule), which would otherwise wait for the
+guest lane's last boot. Each image is built once per session whichever lane asks first, under a
+lock in the directory the workers share; the other lane waits for it and reuses it. Builds and
+scenarios run niced: a booted guest beside them keeps the CPU it needs.
 """
 
 from __future__ import annotations
