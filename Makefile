@@ -67,8 +67,8 @@ build: setup
 	$(BIN)/amnesiac build --policy $(POLICY) --out $(OUT)
 
 # Every tier: fast (unit, lint; on every CPU), then in one run build (real images), boot (QEMU +
-# verify), browser (the HTML report in Chromium) and molecule (every role in a container). About
-# 40 min on 2 cores, as fast as the machine (benchmarks/README.md has each run's tiers). The slow
+# verify), browser (the HTML report in Chromium) and molecule (every role in a container). 35 to
+# 55 min on 2 cores, as fast as the machine (benchmarks/README.md has each run's tiers). The slow
 # tiers run in two lanes (tests/images.py): the guest lane boots one TCG guest at a time (two
 # would slow each other's boots); the build lane builds beside it, niced, each image once per
 # session for both lanes, then runs the molecule scenarios one at a time, niced too: the guest
