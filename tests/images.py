@@ -95,6 +95,11 @@ GUEST_LANE = pytest.mark.xdist_group("guest")
 BUILD_LANE = pytest.mark.xdist_group("build")
 
 
+# How the build lane's work runs (builds, molecule scenarios) beside a booted guest: the guest gets
+# the larger share of the CPU, not all of it (benchmarks/README.md, "The lanes, timed").
+NICE = ("nice", "-n", "10")
+
+
 def amnesiac(
     *args: str, check: bool = True, nice: bool = False, tmpdir: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
@@ -103,7 +108,7 @@ def amnesiac(
     argv = [sys.executable, "-m", "amnesiac.cli", *args]
     env = {**os.environ, "TMPDIR": str(tmpdir)} if tmpdir else None
     result = subprocess.run(
-        ["nice", "-n", "10", *argv] if nice else argv,
+        [*NICE, *argv] if nice else argv,
         capture_output=True,
         text=True,
         check=False,

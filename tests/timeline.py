@@ -37,6 +37,10 @@ def _is_controller(config: pytest.Config) -> bool:
     return not hasattr(config, "workerinput")
 
 
+# The session's start on the controller: wall time and CPU ticks.
+_START = pytest.StashKey[tuple[float, tuple[int, int]]]()
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
     config = session.config
     path = config.getoption("timeline")
@@ -44,9 +48,6 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text("")
         config.stash[_START] = (time.time(), _cpu_ticks())
-
-
-_START = pytest.StashKey[tuple[float, tuple[int, int]]]()
 
 
 @pytest.hookimpl(wrapper=True)

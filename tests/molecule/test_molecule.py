@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from amnesiac import container
-from tests.images import BUILD_LANE
+from tests.images import BUILD_LANE, NICE
 from tests.molecule import scenarios
 
 # In `make test` the scenarios run on the build lane once its images are built (tests/images.py):
@@ -74,9 +74,8 @@ def molecule_test(
         "PY_COLORS": "0",
         "ANSIBLE_NOCOLOR": "1",
     }
-    # Niced like the builds: a TCG guest booting beside it keeps the CPU its timeouts expect.
     extra = ["--", *ansible_args] if ansible_args else []
-    cmd = ["nice", "-n", "10", BIN / "molecule", "test", "-s", scenario, *extra]
+    cmd = [*NICE, BIN / "molecule", "test", "-s", scenario, *extra]  # niced like the builds
     with log.open("wb") as out:
         proc = subprocess.Popen(
             cmd, cwd=scenarios.REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
