@@ -330,8 +330,12 @@ def test_a_uefi_server_netboots_the_published_uki_and_gets_its_identity_released
             served = [r.name for r in machine.served() if r.status == 200]
             console = machine.console()
             measured = machine.measured
-    print(f"\nUEFI netboot: identity released after {measured.timings if measured else None}")
-    assert served == ["boot.ipxe", f"versions/{state.current}/amnesiac.efi"], served
+            lost = machine.emulator_retry
+    print(f"\nUEFI netboot: identity released after {measured.timings if measured else None}; lost: {lost}")
+    # Each boot fetched the root's script and the UKI, nothing else; a boot the emulator lost
+    # (a TCG oops, boot/emulator.py; CI's run of 3c81559 had one here) fetched them once more.
+    boots = 1 if lost is None else 2
+    assert served == ["boot.ipxe", f"versions/{state.current}/amnesiac.efi"] * boots, (served, lost)
     assert CONSOLE in console, console[-3000:]
     assert release.paths() == [
         ("/v1/identity/challenge", 200),
