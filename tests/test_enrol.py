@@ -73,6 +73,8 @@ def test_an_enrolment_is_this_tpms_ak_bound_to_its_ek(tpm: attest.SoftwareTpm, t
     assert enrolled.pcrs[12] == ZEROS
     assert [c.split()[1] for c in host.commands[:2]] == ["--keys", "--activate"]
     assert record is not None and record.attested, record.reason
+    # The report names the TPM the AK was bound to, unvouched for: swtpm has no EK certificate.
+    assert record.ek_sha256 == hashlib.sha256(ek.encode()).hexdigest() and record.ek_certified_by is None
 
 
 class _Relay(SwtpmHost):
@@ -232,8 +234,12 @@ def test_an_ek_certificate_chains_the_ak_to_the_tpms_maker(
         # The root alone: the maker's issuing CA must be in the bundle too.
         with pytest.raises(EnrolmentError, match=r"issuer CN=swtpm-localca.* chains to no --ek-ca"):
             enrol_host(SwtpmHost(tcti), makers=makers[:1])
+        record = _attestation(
+            SwtpmHost(tcti), Connection(host="ssh://root@vpn1:22", enrolment=enrolled.enrolment), None
+        )
     root = makers[0].subject.rfc4514_string()
     assert enrolled.enrolment.ek_certified_by == root
+    assert record is not None and record.ek_certified_by == root  # what the report shows
     assert enrolled.as_dict()["ek_certificate"] == f"chains to {root}"
     assert unchecked.ek_certificate and unchecked.enrolment.ek_certified_by is None
     assert unchecked.enrolment.ek_pem == enrolled.enrolment.ek_pem

@@ -840,20 +840,25 @@ def test_html_warns_when_the_image_is_not_the_built_one(example_policy: Policy) 
     assert "do not match the build manifest" in render_html(report)
 
 
+def report_with_tpm(policy: Policy, tpm: TpmAttestation | None) -> Report:
+    """A passing report of a qemu: target whose identity holds `tpm`."""
+    identity = qemu_target().identity.model_copy(update={"tpm": tpm})
+    return build_report(
+        policy,
+        qemu_target().model_copy(update={"identity": identity}),
+        passing_results(policy),
+        integrity=INTEGRITY,
+        generated=GENERATED,
+        tool_version="0",
+    )
+
+
 def test_the_identity_says_attested_only_when_the_tpm_did(example_policy: Policy) -> None:
     """ "attested by the TPM" and "reported by the target" are never the same words: a report
     without a quote, with a failed one and with a good one, in HTML, JSON and JUnit."""
 
     def page(tpm: TpmAttestation | None) -> tuple[str, str, Report]:
-        identity = qemu_target().identity.model_copy(update={"tpm": tpm})
-        report = build_report(
-            example_policy,
-            qemu_target().model_copy(update={"identity": identity}),
-            passing_results(example_policy),
-            integrity=INTEGRITY,
-            generated=GENERATED,
-            tool_version="0",
-        )
+        report = report_with_tpm(example_policy, tpm)
         return render_html(report), render_junit(report).decode(), report
 
     pcrs = {"11": "1" * 64, "12": "0" * 64}
@@ -877,9 +882,31 @@ def test_the_identity_says_attested_only_when_the_tpm_did(example_policy: Policy
     html, junit, report = page(good)
     assert "✓ attested by the TPM" in html and "= predicted" in html and "e" * 64 in html
     assert 'name="target.identity" value="attested by the TPM"' in junit
+    assert "Attestation key's TPM" not in html  # the harness's swtpm: no enrolment to name
     data = json.loads(report.model_dump_json())
     assert data["target"]["identity"]["established_by"] == "attested by the TPM"
     assert Report.model_validate_json(report.model_dump_json()) == report  # read back as written
+
+
+def test_the_identity_names_the_tpm_the_attestation_key_was_bound_to(example_policy: Policy) -> None:
+    """An enrolled server's quote is worth what its enrolment was: the report says which
+    endorsement key the AK was bound to, and whether a TPM maker's certificate vouched for it
+    or it was trusted on first use."""
+    pcrs = {"11": "1" * 64}
+    attested = TpmAttestation(
+        attested=True, reason="attested", nonce="ab" * 20, ak_sha256="d" * 64,
+        quoted_pcrs=pcrs, expected_pcrs=pcrs, ek_sha256="f" * 64,
+    )  # fmt: skip
+    maker = "CN=Example TPM Root CA,O=Example"
+    for tpm, says in (
+        (attested, "not checked against a TPM maker's certificate"),
+        (attested.model_copy(update={"ek_certified_by": maker}), f"chains to the TPM maker's root {maker}"),
+    ):
+        report = report_with_tpm(example_policy, tpm)
+        html, junit = render_html(report), render_junit(report).decode()
+        assert "Attestation key's TPM" in html and "f" * 16 in html and says in html, says
+        assert f'name="target.tpm.ek_sha256" value="{"f" * 64}"' in junit
+        assert (f'name="target.tpm.ek_certified_by" value="{maker}"' in junit) is bool(tpm.ek_certified_by)
 
 
 # --- writing -----------------------------------------------------------------------------------

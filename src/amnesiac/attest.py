@@ -153,7 +153,7 @@ class Enrolment(BaseModel):
     initrd_sha256: Sha256 | None = None
     overlay_sha256: Sha256 | None = None
     # The endorsement key the AK was bound to at enrolment (`amnesiac enrol`): the TPM's own
-    # identity, which its maker's certificate names. `verify` does not need it.
+    # identity, which its maker's certificate names. `verify` names it in the report.
     ek_pem: str | None = None
     ek_certified_by: str | None = None  # the TPM maker's root its EK certificate chains to (--ek-ca)
 

@@ -227,6 +227,9 @@ def read_identities(
             stage.note = f"{identity.established_by}, boot {identity.boot_id or '-'}"
             if identity.tpm is not None and not identity.tpm.attested:
                 stage.note += f"; not attested: {identity.tpm.reason}"
+            if identity.tpm is not None and identity.tpm.ek_sha256 is not None:
+                maker = identity.tpm.ek_certified_by
+                stage.note += f"; its TPM's EK {f'chains to {maker}' if maker else 'unchecked (no --ek-ca)'}"
         else:
             stage.note = f"{len(identities)} reachable, {len(unreachable)} not"
     return identities, unreachable

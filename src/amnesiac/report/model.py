@@ -234,6 +234,11 @@ class TpmAttestation(_Model):
     overlay_sha256: str | None = None
     tampered: str | None = None  # what the harness changed on purpose (a negative test)
     secure_boot: str | None = None  # sha256 of the db certificate the firmware enforced, if any
+    # Whose TPM the enrolled AK is (ssh:// and inventory hosts; attest.Enrolment): the endorsement
+    # key it was bound to at enrolment, and the maker's root that key's certificate chains to
+    # (None: not checked, trust on first use). None for the harness's own swtpm (qemu:).
+    ek_sha256: str | None = None
+    ek_certified_by: str | None = None
 
 
 class Identity(_Model):

@@ -259,6 +259,8 @@ def _properties(report: Report) -> list[tuple[str, str]]:
     pairs += [(f"target.artifact.{name}", digest) for name, digest in identity.artifacts.items()]
     if identity.tpm is not None:
         pairs.append(("target.tpm.reason", identity.tpm.reason))
+        pairs.append(("target.tpm.ek_sha256", identity.tpm.ek_sha256))
+        pairs.append(("target.tpm.ek_certified_by", identity.tpm.ek_certified_by))
         pairs += [(f"target.tpm.pcr{index}", value) for index, value in identity.tpm.quoted_pcrs.items()]
     pairs += [(f"claim.{c.id}", str(c.status)) for c in [report.integrity, *report.claims]]
     return [(k, v) for k, v in pairs if v is not None]

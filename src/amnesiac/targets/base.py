@@ -185,12 +185,17 @@ def _attestation(host: Any, connection: Connection, built: Manifest | None) -> T
         return quote_target(host, connection.machine.measured.expected())
     if connection.enrolment is None:
         return None
+    enrolled = connection.enrolment
+    bound = {
+        "ek_sha256": hashlib.sha256(enrolled.ek_pem.encode()).hexdigest() if enrolled.ek_pem else None,
+        "ek_certified_by": enrolled.ek_certified_by,
+    }
     try:
-        expected = connection.enrolment.expected(built)
+        expected = enrolled.expected(built)
     except attest.AttestationError as exc:
-        ak = hashlib.sha256(connection.enrolment.ak_pem.encode()).hexdigest()
-        return TpmAttestation(attested=False, reason=exc.message, nonce="", ak_sha256=ak)
-    return quote_target(host, expected)
+        ak = hashlib.sha256(enrolled.ak_pem.encode()).hexdigest()
+        return TpmAttestation(attested=False, reason=exc.message, nonce="", ak_sha256=ak, **bound)
+    return quote_target(host, expected).model_copy(update=bound)
 
 
 def quote_target(host: Any, expected: Expected) -> TpmAttestation:
