@@ -51,14 +51,11 @@ class IdentitySet:
 
     source: Path
     overlays: dict[str, bytes]  # host (52-54-00-12-34-56) -> its overlay cpio
-    paths: dict[str, list[str]]  # host -> the files its overlay delivers (relative to /)
+    host_files: dict[str, list[OverlayFile]]  # host -> what its overlay holds (paths relative to /)
     index: bytes
     signature: bytes | None = None  # source/identities.json.sig, when it is for this very index
     signer: SignatureInfo | None = field(default=None, compare=False)
     stale: bool = False  # a signature is there, over an index that no longer lists these files
-    host_files: dict[str, list[OverlayFile]] = field(
-        default_factory=dict, compare=False
-    )  # what each overlay holds
 
     def files(self) -> dict[str, bytes]:
         """What identities/<set>/ holds: one overlay per host, the index, its signature."""
@@ -83,7 +80,6 @@ def load(source: Path) -> IdentitySet:
     if not source.is_dir():
         raise UsageError(f"--identities {source}: not a directory")
     overlays: dict[str, bytes] = {}
-    paths: dict[str, list[str]] = {}
     host_files: dict[str, list[OverlayFile]] = {}
     seen: dict[str, str] = {}
     for entry in sorted(source.iterdir()):
@@ -100,13 +96,14 @@ def load(source: Path) -> IdentitySet:
         seen[host] = entry.name
         files = _host_files(entry)
         overlays[host] = overlay_cpio(files)
-        paths[host] = [f.path for f in files]
         host_files[host] = files
     if not overlays:
         raise UsageError(f"--identities {source}: no host directories in it")
-    index = (json.dumps({"format": FORMAT, "hosts": _listing(overlays, paths)}, indent=2) + "\n").encode()
+    index = (
+        json.dumps({"format": FORMAT, "hosts": _listing(overlays, host_files)}, indent=2) + "\n"
+    ).encode()
     signature, stale = _signature(source, index)
-    return IdentitySet(source, overlays, paths, index, signature, stale=stale, host_files=host_files)
+    return IdentitySet(source, overlays, host_files, index, signature, stale=stale)
 
 
 def _host_files(host: Path) -> list[OverlayFile]:
@@ -137,9 +134,10 @@ def _host_files(host: Path) -> list[OverlayFile]:
     return files
 
 
-def _listing(overlays: dict[str, bytes], paths: dict[str, list[str]]) -> dict[str, object]:
+def _listing(overlays: dict[str, bytes], host_files: dict[str, list[OverlayFile]]) -> dict[str, object]:
     return {
-        host: {**_info(data).model_dump(), "files": paths[host]} for host, data in sorted(overlays.items())
+        host: {**_info(data).model_dump(), "files": [f.path for f in host_files[host]]}
+        for host, data in sorted(overlays.items())
     }
 
 

@@ -32,7 +32,7 @@ from amnesiac.errors import UsageError
 from amnesiac.flash.identities import IdentitySet
 from amnesiac.image.manifest import Manifest
 from amnesiac.provider.pki import ProviderPki
-from amnesiac.provider.service import JournaledService, _Handler
+from amnesiac.provider.service import JournaledHandler, JournaledService
 
 CHALLENGE = "/v1/identity/challenge"
 QUOTE = "/v1/identity/quote"
@@ -174,7 +174,7 @@ class IdentityRelease(JournaledService):
         return pending if pending is not None and self._clock() <= pending.deadline else None
 
 
-class _ReleaseHandler(_Handler):
+class _ReleaseHandler(JournaledHandler):
     @property
     def service(self) -> IdentityRelease:
         return cast(IdentityRelease, self.server.service)  # _ReleaseHandler serves only it

@@ -129,7 +129,7 @@ class JournaledService(InThread):
     def _start(
         self,
         pki: ProviderPki,
-        handler: type[_Handler],
+        handler: type[JournaledHandler],
         *,
         journal: Path | None,
         host: str,
@@ -276,7 +276,7 @@ class _Server(http.server.ThreadingHTTPServer):
         address: tuple[str, int],
         context: ssl.SSLContext,
         service: JournaledService,
-        handler: type[_Handler],
+        handler: type[JournaledHandler],
     ) -> None:
         self.context = context
         self.service = service
@@ -306,7 +306,11 @@ class _Server(http.server.ThreadingHTTPServer):
         """Stay quiet: a client that goes away mid-request is not the service's error to print."""
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
+class JournaledHandler(http.server.BaseHTTPRequestHandler):
+    """What every JournaledService's handler shares: each method routed to `_dispatch`, bodies
+    read within limits, answers and errors written one way. The reference service's and the
+    identity release's (provider/release.py) handlers route their own paths."""
+
     # HTTP/1.1 as the interface says, one request per connection (a node makes one per curl).
     protocol_version = "HTTP/1.1"
     server_version = "amnesiac-reference-provider"
@@ -422,7 +426,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         """Silent: the service's one account of what it received is its requests and journal."""
 
 
-class _ReferenceHandler(_Handler):
+class _ReferenceHandler(JournaledHandler):
     """The paths of this page's interface: /v1/auth, /v1/records/{record}, /v1/wireguard/peers."""
 
     @property
