@@ -173,6 +173,39 @@ def test_memory_has_a_floor_and_grows_with_the_image() -> None:
     assert need <= big < need + 32
 
 
+def test_a_measured_boot_needs_room_for_its_uki_too() -> None:
+    """Booted measured, the firmware holds the UKI while its kernel starts: 352 MiB, enough to
+    netboot the OVPN image, stopped OVMF on "Out of resources" (benchmarks.boot, 2026-12-04)."""
+    netboot = _manifest(40, 141)
+    floor = boot_image.memory_mib(netboot)
+    uki = {"sha256": "0" * 64, "size": 54_033_408}  # the OVPN build's amnesiac.efi, 51.5 MiB
+    data = netboot.model_dump(mode="json")
+    measured = Manifest.model_validate({**data, "artifacts": {**data["artifacts"], "amnesiac.efi": uki}})
+    boot_image.refuse_too_little_memory(measured, floor, measured=False, what="--memory")
+    boot_image.refuse_too_little_memory(netboot, floor, measured=True, what="--memory")  # no UKI
+    boot_image.refuse_too_little_memory(measured, floor + 64, measured=True, what="--memory")
+    with pytest.raises(UsageError, match=rf"--memory {floor}: .* at least {floor + 64} MiB booted measured"):
+        boot_image.refuse_too_little_memory(measured, floor, measured=True, what="--memory")
+
+
+def test_the_firmware_stopping_for_good_is_told_from_the_console() -> None:
+    """OVMF waiting for a key, or systemd-stub unable to start its kernel, ends the boot at once
+    with the firmware's words, not at the SSH timeout (QEMU itself runs on)."""
+    stub = (
+        "EFI stub: ERROR: Failed to load initrd: 0x8000000000000009\r\n"
+        "EFI stub: ERROR: efi_stub_entry() failed!\r\n"
+        "\x1b[1m../src/boot/linux.c:153@linux_exec: Error starting kernel image: Out of resources\r\n"
+        "!!!! X64 Exception Type - 0D(#GP - General Protection)  CPU Apic ID - 00000000 !!!!\r\n"
+    )
+    assert qemu.firmware_failure(stub) == (
+        "the firmware could not start the UKI's kernel (Error starting kernel image: Out of resources)"
+    )
+    assert "Error starting kernel image: Out of resources" in machine.failure_summary(stub).split(" / ")[0]
+    gave_up = "BdsDxe: No bootable option or device was found.\r\n"
+    assert qemu.firmware_failure(gave_up) == "the firmware found nothing it would boot"
+    assert qemu.firmware_failure("EFI stub: UEFI Secure Boot is enabled.\r\n[    0.000000] Linux") is None
+
+
 def test_harness_script_chains_the_build_script() -> None:
     with_overlay = overlay.harness_script(overlay=True).splitlines()
     assert with_overlay[0] == "#!ipxe"

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from amnesiac.errors import ExitCode
+from amnesiac.image.manifest import Manifest
 
 REPO = Path(__file__).resolve().parent.parent
 USAGE, UNREACHABLE = ExitCode.USAGE, ExitCode.UNREACHABLE
@@ -43,7 +44,31 @@ def place(tmp_path: Path) -> Path:
     (tmp_path / "badshape").mkdir()
     (tmp_path / "badshape" / "manifest.json").write_text("[1, 2]")
     (tmp_path / "inventory.yml").write_text("this is: [not an inventory\n")
+    (tmp_path / "measured-build").mkdir()  # a build with a UKI, booted measured: 352 + 64 MiB
+    (tmp_path / "measured-build" / "manifest.json").write_text(MEASURED_MANIFEST)
     return tmp_path
+
+
+def _artifact(size: int) -> dict[str, object]:
+    return {"sha256": "0" * 64, "size": size}
+
+
+MEASURED_MANIFEST = Manifest.model_validate(
+    {
+        "artifacts": {
+            "vmlinuz": _artifact(1000),
+            "boot.ipxe": _artifact(1000),
+            "initrd.img": _artifact(40 * 1024**2),
+            "amnesiac.efi": _artifact(54_033_408),
+        },
+        "image": {
+            "sha256": "0" * 64,
+            "cmdline": "",
+            "root_unpacked_bytes": 141 * 1024**2,
+            "root_tmpfs_size_bytes": 384 * 1024**2,
+        },
+    }
+).model_dump_json()
 
 
 CASES: list[tuple[str, list[str], int, str]] = [
@@ -90,6 +115,8 @@ CASES: list[tuple[str, list[str], int, str]] = [
     ("verify inventory bad", ["verify", "--inventory", "inventory.yml", *REPORT], USAGE, "--inventory"),
     ("verify both", ["verify", "--target", "podman://a", "--inventory", "i.yml"], USAGE, "not allowed with"),
     ("verify memory", ["verify", "--target", "podman://a", "--memory", "0"], USAGE, "--memory"),
+    ("verify memory for a uki", ["verify", "--target", "qemu:measured-build", "--memory", "400", *REPORT],
+     USAGE, "--memory 400: this image needs at least 416 MiB"),
     ("enrolment not ssh", ["verify", "--target", "podman://a", "--enrolment", "notes.txt", *REPORT], USAGE,
      "--enrolment is for ssh:// targets"),
     ("enrolment and fleet", ["verify", "--inventory", "inventory.yml", "--enrolment", "notes.txt", *REPORT],

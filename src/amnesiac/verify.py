@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from amnesiac import __version__, attest, policy, ssh
+from amnesiac.boot.image import refuse_too_little_memory
 from amnesiac.checks import DIRECTORY as CHECKS_DIR
 from amnesiac.checks import MODULES
 from amnesiac.checks.expectations import Expectations, PermittedRecord
@@ -177,6 +178,9 @@ def resolve(options: VerifyOptions, work: Path) -> list[Target]:
     if options.enrolment is not None and target.kind is not TargetKind.SSH:
         why = "the harness enrols the TPM it boots" if target.kind is TargetKind.QEMU else "it has no TPM"
         raise UsageError(f"--enrolment is for ssh:// targets, not {options.target} ({why})")
+    if options.memory_mib is not None and target.kind is TargetKind.QEMU and target.build_dir is not None:
+        built = Manifest.load(target.build_dir)  # booted measured when the build has a UKI
+        refuse_too_little_memory(built, options.memory_mib, measured=True, what="--memory")
     return [target]
 
 

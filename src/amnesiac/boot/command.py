@@ -8,10 +8,9 @@ from pathlib import Path
 from rich.markup import escape
 
 from amnesiac.boot.errors import BootError
-from amnesiac.boot.image import memory_mib
+from amnesiac.boot.image import refuse_too_little_memory
 from amnesiac.boot.machine import BootOptions, running
 from amnesiac.boot.qemu import GUEST_HTTP
-from amnesiac.errors import UsageError
 from amnesiac.image.manifest import Manifest
 from amnesiac.progress import Progress
 
@@ -25,10 +24,9 @@ def command(build_dir: Path, options: BootOptions, *, wait: bool, json_out: bool
             progress.console.print(text, soft_wrap=True)
 
     if options.memory_mib is not None:
-        # Too little RAM does not fail loudly: the root's unpacking stops short of the whole tree.
-        need = memory_mib(Manifest.load(build_dir))
-        if options.memory_mib < need:
-            raise UsageError(f"--memory {options.memory_mib}: this image needs at least {need} MiB")
+        built = Manifest.load(build_dir)
+        measured = options.measured is not False and built.measured_boot is not None
+        refuse_too_little_memory(built, options.memory_mib, measured=measured, what="--memory")
     with running(build_dir, options) as machine:
         say(
             f"[bold]booting[/] {escape(str(machine.image.dir))} (image {machine.image.sha256[:12]}): "

@@ -111,6 +111,30 @@ def memory_mib(manifest: Manifest) -> int:
     return max(MIN_MEMORY_MIB, math.ceil(need / MIB / 32) * 32)
 
 
+def uki_memory_mib(uki_bytes: int) -> int:
+    """The memory (MiB, a multiple of 32) a UKI of `uki_bytes` takes while the firmware holds it."""
+    return -(-uki_bytes // (32 * MIB)) * 32
+
+
+# A measured boot's test UKI is the build's with the harness's overlay after its initrd (a public
+# key, an identity: a few KiB).
+OVERLAY_ALLOWANCE = 64 * 1024
+
+
+def refuse_too_little_memory(manifest: Manifest, memory: int, *, measured: bool, what: str) -> None:
+    """A UsageError naming `what` (the option) when `memory` MiB is below what this build needs
+    booted: the root's unpack (memory_mib) and, booted measured, the UKI the firmware holds while
+    the kernel starts. Too little fails quietly otherwise: the unpack stops short of the tree, or
+    the firmware stops on "Out of resources" with nothing on the network."""
+    need = memory_mib(manifest)
+    uki = manifest.artifacts.get("amnesiac.efi")
+    if measured and uki is not None:
+        need += uki_memory_mib(uki.size + OVERLAY_ALLOWANCE)
+    if memory < need:
+        how = "booted measured (the UKI too)" if measured and uki is not None else "netbooted"
+        raise UsageError(f"{what} {memory}: this image needs at least {need} MiB {how}")
+
+
 def served_name(name: str) -> str:
     """A served path without its directories: versions/<version>/initrd.img is an initrd.img."""
     return name.rsplit("/", 1)[-1]

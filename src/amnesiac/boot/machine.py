@@ -31,17 +31,25 @@ from amnesiac.boot.emulator import Emulator
 from amnesiac.boot.errors import BootError, ImageMismatch
 from amnesiac.boot.firmware import TEST_UKI, MeasuredBoot, Tamper, UefiNetboot, measured_boot
 from amnesiac.boot.http import FileServer, Served, Source
-from amnesiac.boot.image import MUST_MATCH, BootImage, ServedFiles, memory_mib, served_from_build, served_name
+from amnesiac.boot.image import (
+    MUST_MATCH,
+    BootImage,
+    ServedFiles,
+    memory_mib,
+    served_from_build,
+    served_name,
+    uki_memory_mib,
+)
 from amnesiac.boot.link import ClientLink, attach, client_link
 from amnesiac.boot.memory import MemorySearch, search_guest
 from amnesiac.boot.overlay import OverlayFile, authorized_key, harness, overlay_cpio
 from amnesiac.boot.qemu import (
-    FIRMWARE_GAVE_UP,
     GUEST_HTTP,
     EmulatedDevice,
     GuestService,
     emulated_devices,
     find_tools,
+    firmware_failure,
     qemu_argv,
     read_log,
 )
@@ -260,8 +268,8 @@ class BootedMachine:
         done to it, a boot the emulator lost is booted again instead (boot/emulator.py)."""
         code = self.process.poll()
         if code is None:
-            if FIRMWARE_GAVE_UP.search(read_log(self.serial_log) if console is None else console):
-                raise BootError(f"the firmware found nothing it would boot {when}: {self._tail()}")
+            if why := firmware_failure(read_log(self.serial_log) if console is None else console):
+                raise BootError(f"{why} {when}: {self._tail()}")
             return
         self._refuse_mismatch()  # the likeliest reason, when it applies
         if not self._observed and self._boot_again():
@@ -453,8 +461,8 @@ def _uki_memory_mib(work: Path, measured: MeasuredBoot) -> int:
     """What a UKI boot needs beyond a netboot: the firmware holds the UKI while the kernel starts
     (a netbooted one twice: as iPXE downloaded it, and as the firmware loaded it)."""
     if measured.netbooted is None:
-        return -(-(work / TEST_UKI).stat().st_size // (32 * 1024**2)) * 32
-    return 2 * -(-measured.uki_size // (32 * 1024**2)) * 32
+        return uki_memory_mib((work / TEST_UKI).stat().st_size)
+    return 2 * uki_memory_mib(measured.uki_size)
 
 
 # The longest name of a socket in a boot's work directory (QEMU's monitors, swtpm's).
@@ -471,7 +479,9 @@ def _work_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="amnesiac-boot-", dir=None if short else fallback))
 
 
-_WHY = re.compile(r"^amnesiac: |Kernel panic|Out of memory|\bFAILED\b|No bootable|Connection reset")
+_WHY = re.compile(
+    r"^amnesiac: |Kernel panic|Out of memory|\bFAILED\b|No bootable|Error starting kernel|Connection reset"
+)
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][0-9A-Za-z]|\r")
 
 

@@ -28,6 +28,21 @@ KERNEL_STARTED = "Run /init as init process"
 # What the firmware says when no boot option is left: OVMF then waits for a key, forever, so a
 # boot that reaches this line fails now rather than at its SSH timeout.
 FIRMWARE_GAVE_UP = re.compile(r"No bootable option or device was found|No bootable device")
+# systemd-stub's line when the UKI it started could not start its kernel ("Out of resources":
+# no room for the initrd, as a measured boot with too little memory shows); OVMF then stops
+# on an exception, and QEMU runs on with nothing to boot.
+UKI_FAILED = re.compile(r"Error starting kernel image: .*")
+
+
+def firmware_failure(console: str) -> str | None:
+    """Why the firmware stopped for good, from its console, or None while it may boot on."""
+    if FIRMWARE_GAVE_UP.search(console):
+        return "the firmware found nothing it would boot"
+    if found := UKI_FAILED.search(console):
+        return f"the firmware could not start the UKI's kernel ({found.group(0).strip()})"
+    return None
+
+
 NETDEV = "n0"  # the guest NIC's user-mode network (QMP's hostfwd_add names it)
 TEST_DISK_BYTES = 64 * MIB
 TEST_STICK_BYTES = 16 * MIB
