@@ -29,6 +29,7 @@ from amnesiac.boot import link, memory
 from amnesiac.boot.emulator import Emulator
 from amnesiac.boot.qemu import KERNEL_STARTED, read_log
 from amnesiac.image import uki
+from tests.boot.shell import ssh
 from tests.images import GUEST_LANE, Built
 
 pytestmark = [pytest.mark.boot, GUEST_LANE]
@@ -59,20 +60,6 @@ def key(tmp_path_factory: pytest.TempPathFactory) -> Path:
         check=True,
     )
     return path
-
-
-def ssh(machine: boot.BootedMachine, key: Path, command: str) -> str:
-    result = subprocess.run(
-        [
-            "ssh", "-i", str(key), "-p", str(machine.ssh_port),
-            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-            "-o", "BatchMode=yes", "-o", "ConnectTimeout=30", "-o", "LogLevel=ERROR",
-            "root@127.0.0.1", command,
-        ],
-        capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
-    assert result.returncode == 0, f"ssh {command!r}: {result.stderr}\nconsole:\n{machine.console(20)}"
-    return result.stdout
 
 
 INJECTED_OOPS = "[    9.999999] Oops: injected by the test (the emulator's failure)\n"

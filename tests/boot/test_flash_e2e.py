@@ -33,6 +33,7 @@ from amnesiac.flash.model import parse_root_script
 from amnesiac.image import secure_boot
 from amnesiac.image.manifest import Manifest
 from tests.boot.release import CONSOLE, release_image, release_service
+from tests.boot.shell import ssh
 from tests.images import GUEST_LANE, Built, build
 from tests.test_flash import keygen, make_report
 from tests.test_flash_identities import identity_dir
@@ -116,20 +117,6 @@ def manifest(build_dir: Path) -> dict[str, object]:
 
 def image(build_dir: Path) -> str:
     return str(json.loads((build_dir / "manifest.json").read_text())["image"]["sha256"])
-
-
-def ssh(machine: boot.BootedMachine, key: Path, command: str) -> str:
-    result = subprocess.run(
-        [
-            "ssh", "-i", str(key), "-p", str(machine.ssh_port),
-            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-            "-o", "BatchMode=yes", "-o", "ConnectTimeout=30", "-o", "LogLevel=ERROR",
-            "root@127.0.0.1", command,
-        ],
-        capture_output=True, text=True, timeout=180, check=False,
-    )  # fmt: skip
-    assert result.returncode == 0, f"ssh {command!r}: {result.stderr}\nconsole:\n{machine.console(20)}"
-    return result.stdout
 
 
 B_IDLE = 31  # image B's provider_agent_wireguard_idle_seconds (A's: the default, 30)
