@@ -87,7 +87,22 @@ WITHOUT_CONTROLS = {
     "provider_agent_fresh_openvpn_when_idle": "false",
     "firewall_vpn_untracked": "false",
     "provider_agent_wireguard_forget_idle_endpoints": "false",
+    "provider_agent_sandbox": "false",
 }
+
+
+def without_controls_args() -> list[str]:
+    """WITHOUT_CONTROLS as `amnesiac build` arguments, and identity release built in (a CA of
+    its own, never served): the release unit is there, unsandboxed, for the sandbox check to
+    find over its bound (a boot given its identity in an overlay never runs it)."""
+    ca = ProviderPki.create([GUEST_RELEASE]).ca.cert.decode()
+    release = {
+        "provider_agent_release_url": f"https://{GUEST_RELEASE}",
+        "provider_agent_release_ca": json.dumps(ca),
+    }
+    return [
+        arg for name, value in {**WITHOUT_CONTROLS, **release}.items() for arg in ("--var", f"{name}={value}")
+    ]
 
 
 # The two lanes of the slow tiers (module marks): xdist's loadgroup keeps each on one worker.
@@ -179,10 +194,6 @@ def rootfs_only_cache(dest: Path) -> Path:
         except OSError:
             shutil.copy2(made, dest / made.name)
     return dest
-
-
-def without_controls_args() -> list[str]:
-    return [arg for name, value in WITHOUT_CONTROLS.items() for arg in ("--var", f"{name}={value}")]
 
 
 @pytest.fixture(scope="session")

@@ -96,6 +96,19 @@ def test_without_controls_every_claim_fails_booted(ovpn_without_controls: Built,
     }
     not_failed = {c: o for c, o in outcomes.items() if o != "failed" and c not in cannot_fail_here}
     assert not_failed == {}, f"checks that do not fail on a booted image without controls: {not_failed}"
+    # Each exposure bound fails by itself: every unsandboxed unit of the image is named over its
+    # bound, the identity release unit too (built in, never run: the overlay gave an identity).
+    sandbox = next(
+        ch
+        for c in [report["integrity"], *report["claims"]]
+        for ch in c["checks"]
+        if ch["id"] == "sandbox.services_sandboxed"
+    )
+    unsandboxed = [
+        "openvpn-server@server.service", "unbound.service", "ssh.service",
+        "amnesiac-provider-agent.service", "amnesiac-identity-release.service",
+    ]  # fmt: skip
+    assert [u for u in unsandboxed if f"'{u}': " not in sandbox["reason"]] == [], sandbox["reason"]
 
 
 @pytest.mark.parametrize("name", ["ivpn", "cloudvpn"])
