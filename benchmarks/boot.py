@@ -8,9 +8,8 @@ Prints the figures; targets (TCG, 2 cores): boot <= 30 s, verify <= 45 s, RAM <=
 reset) is sent from the client link's namespace (boot/link.py) until the server answers with
 its own. A server serves no one until it has its provider identity (#12), so each boot is
 given one as `verify qemu:` gives it: a reference provider on loopback, its node identity in
-the boot overlay. The RAM
-steps start at the harness's own choice (a measured boot holds the UKI too, #14) and go down
-32 MiB at a time until a boot does not serve.
+the boot overlay. The RAM steps start at the harness's own choice (a measured boot holds the
+UKI too, #14) and go down 32 MiB at a time until a boot does not serve.
 """
 
 from __future__ import annotations
@@ -98,9 +97,8 @@ def boot_times(build: Path, memory: int | None, timeout: float) -> tuple[float |
                 asking.kill()
                 asking.wait()
                 return None, None, machine.memory_mib
-            answered = asking.communicate(
-                timeout=max(1.0, timeout - (time.monotonic() - machine.started)) + 5
-            )[0]
+            left = machine.started + timeout - time.monotonic()  # the probe gives up by then
+            answered = asking.communicate(timeout=max(left, 0.0) + 5)[0]
             vpn = float(answered) - machine.started if answered.strip() else None
             return ssh, vpn, machine.memory_mib
 

@@ -173,14 +173,18 @@ def test_memory_has_a_floor_and_grows_with_the_image() -> None:
     assert need <= big < need + 32
 
 
+def measured_manifest() -> Manifest:
+    """The OVPN build's sizes (initrd 40 MiB, root 141 MiB) and its UKI (amnesiac.efi, 51.5 MiB)."""
+    data = _manifest(40, 141).model_dump(mode="json")
+    uki = {"sha256": "0" * 64, "size": 54_033_408}
+    return Manifest.model_validate({**data, "artifacts": {**data["artifacts"], "amnesiac.efi": uki}})
+
+
 def test_a_measured_boot_needs_room_for_its_uki_too() -> None:
     """Booted measured, the firmware holds the UKI while its kernel starts: 352 MiB, enough to
     netboot the OVPN image, stopped OVMF on "Out of resources" (benchmarks.boot, 2026-12-04)."""
-    netboot = _manifest(40, 141)
+    netboot, measured = _manifest(40, 141), measured_manifest()
     floor = boot_image.memory_mib(netboot)
-    uki = {"sha256": "0" * 64, "size": 54_033_408}  # the OVPN build's amnesiac.efi, 51.5 MiB
-    data = netboot.model_dump(mode="json")
-    measured = Manifest.model_validate({**data, "artifacts": {**data["artifacts"], "amnesiac.efi": uki}})
     boot_image.refuse_too_little_memory(measured, floor, measured=False, what="--memory")
     boot_image.refuse_too_little_memory(netboot, floor, measured=True, what="--memory")  # no UKI
     boot_image.refuse_too_little_memory(measured, floor + 64, measured=True, what="--memory")

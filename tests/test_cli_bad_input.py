@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from amnesiac.errors import ExitCode
-from amnesiac.image.manifest import Manifest
+from tests.test_boot_unit import measured_manifest
 
 REPO = Path(__file__).resolve().parent.parent
 USAGE, UNREACHABLE = ExitCode.USAGE, ExitCode.UNREACHABLE
@@ -45,30 +45,8 @@ def place(tmp_path: Path) -> Path:
     (tmp_path / "badshape" / "manifest.json").write_text("[1, 2]")
     (tmp_path / "inventory.yml").write_text("this is: [not an inventory\n")
     (tmp_path / "measured-build").mkdir()  # a build with a UKI, booted measured: 352 + 64 MiB
-    (tmp_path / "measured-build" / "manifest.json").write_text(MEASURED_MANIFEST)
+    (tmp_path / "measured-build" / "manifest.json").write_text(measured_manifest().model_dump_json())
     return tmp_path
-
-
-def _artifact(size: int) -> dict[str, object]:
-    return {"sha256": "0" * 64, "size": size}
-
-
-MEASURED_MANIFEST = Manifest.model_validate(
-    {
-        "artifacts": {
-            "vmlinuz": _artifact(1000),
-            "boot.ipxe": _artifact(1000),
-            "initrd.img": _artifact(40 * 1024**2),
-            "amnesiac.efi": _artifact(54_033_408),
-        },
-        "image": {
-            "sha256": "0" * 64,
-            "cmdline": "",
-            "root_unpacked_bytes": 141 * 1024**2,
-            "root_tmpfs_size_bytes": 384 * 1024**2,
-        },
-    }
-).model_dump_json()
 
 
 CASES: list[tuple[str, list[str], int, str]] = [

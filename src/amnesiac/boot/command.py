@@ -24,9 +24,11 @@ def command(build_dir: Path, options: BootOptions, *, wait: bool, json_out: bool
             progress.console.print(text, soft_wrap=True)
 
     if options.memory_mib is not None:
-        built = Manifest.load(build_dir)
-        measured = options.measured is not False and built.measured_boot is not None
-        refuse_too_little_memory(built, options.memory_mib, measured=measured, what="--memory")
+        # Measured unless --netboot: a build without a UKI is netbooted whatever it is asked.
+        measured = options.measured is not False
+        refuse_too_little_memory(
+            Manifest.load(build_dir), options.memory_mib, measured=measured, what="--memory"
+        )
     with running(build_dir, options) as machine:
         say(
             f"[bold]booting[/] {escape(str(machine.image.dir))} (image {machine.image.sha256[:12]}): "
